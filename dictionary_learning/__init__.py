@@ -1,0 +1,1 @@
+"""Base layer: dictionaries, model loading, data. Never imports the top-level modules."""

@@ -1,0 +1,1 @@
+"""Trainers: TopK pretraining (`top_k`) and SCAE finetuning (`scae`)."""
