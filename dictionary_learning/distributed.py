@@ -1,0 +1,56 @@
+"""Thin torch.distributed helpers, safe to call when distributed is not initialised."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if _active() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0: the only rank that logs and saves."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if _active() and world_size() > 1:
+        dist.barrier()
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """All-reduce-average every gradient over ranks (no-op on one process).
+
+    Gradients are flattened into one buffer per dtype so there is one collective per dtype.
+    """
+    n = world_size()
+    if n <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= n
+        offset = 0
+        for g in gs:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
