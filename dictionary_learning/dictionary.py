@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from .sparse_ops import accumulation_dtype
+
 
 class Features(NamedTuple):
     """Sparse TopK activations: values [B, K] (after ReLU, may contain zeros) and indices [B, K]."""
@@ -42,16 +44,17 @@ def topk_relu(pre_BF: Tensor, k: int) -> Features:
 def sparse_decode(feats: Features, W_dec_DF: Tensor, b_dec_D: Tensor) -> Tensor:
     """W_dec f + b_dec from sparse features, without a dense [B, F] or [B, K, D] tensor.
 
-    embedding_bag needs weights and per-sample weights of one dtype; both run in fp32 so bf16
-    suites keep an fp32 accumulation.
+    embedding_bag needs weights and per-sample weights of one dtype; half-precision suites run it
+    in fp32 so the sum accumulates in fp32.
     """
+    acc = accumulation_dtype(W_dec_DF.dtype)
     out_BD = F_.embedding_bag(
         feats.idx_BK,
-        W_dec_DF.T.float(),
-        per_sample_weights=feats.vals_BK.float(),
+        W_dec_DF.T.to(acc),
+        per_sample_weights=feats.vals_BK.to(acc),
         mode="sum",
     )
-    return (out_BD + b_dec_D.float()).to(W_dec_DF.dtype)
+    return (out_BD + b_dec_D.to(acc)).to(W_dec_DF.dtype)
 
 
 def check_k(k: int, dict_size: int, what: str = "dictionary") -> None:

@@ -1,0 +1,160 @@
+"""Sparse kernels of the pruned pass (SCAE-SPEC §2), each with a plain reference beside it.
+
+The pruned pre-activation of downstream feature i sums, over its connections c,
+
+    f_up[b, J[i, c]] * V[i, c],        V[i, c] = (P w_i) . d_{J[i, c]}
+
+where J [F, C] holds global upstream indices (all upstream dictionaries side by side; the value
+`n_up` marks padding) and V are the "virtual weights". Nothing here builds a dense F x F matrix, a
+[B, K, C, K_up] tensor or, in the all-features mode, a [B, F, C] tensor. The fused kernels work in
+token chunks and recompute in backward, so their memory does not grow with the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor
+
+# Elements per temporary gather buffer; bounds the memory of the chunked kernels.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs (embedding_bag sums in its weights' dtype), else unchanged."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _chunks(n: int, per_item: int) -> tuple[range, int]:
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    return range(0, n, step), step
+
+
+class _SampledDot(torch.autograd.Function):
+    """out[p] = A[rows[p]] . B[cols[p]], in chunks of pairs."""
+
+    @staticmethod
+    def forward(ctx, A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
+        ctx.save_for_backward(A_MD, B_ND, rows_P, cols_P)
+        out_P = A_MD.new_empty(rows_P.shape[0])
+        starts, step = _chunks(rows_P.shape[0], A_MD.shape[1])
+        for s in starts:
+            r, c = rows_P[s : s + step], cols_P[s : s + step]
+            out_P[s : s + step] = (A_MD[r] * B_ND[c]).sum(-1)
+        return out_P
+
+    @staticmethod
+    def backward(ctx, g_P: Tensor):
+        A_MD, B_ND, rows_P, cols_P = ctx.saved_tensors
+        gA_MD = torch.zeros_like(A_MD) if ctx.needs_input_grad[0] else None
+        gB_ND = torch.zeros_like(B_ND) if ctx.needs_input_grad[1] else None
+        starts, step = _chunks(rows_P.shape[0], A_MD.shape[1])
+        for s in starts:
+            r, c, g = rows_P[s : s + step], cols_P[s : s + step], g_P[s : s + step, None]
+            if gA_MD is not None:
+                gA_MD.index_add_(0, r, g * B_ND[c])
+            if gB_ND is not None:
+                gB_ND.index_add_(0, c, g * A_MD[r])
+        return gA_MD, gB_ND, None, None
+
+
+def sampled_dot(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
+    """Dot products A[rows[p]] . B[cols[p]] for a list of pairs, without the dense A @ B.T."""
+    return _SampledDot.apply(A_MD, B_ND, rows_P, cols_P)
+
+
+def sampled_dot_plain(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
+    return (A_MD[rows_P] * B_ND[cols_P]).sum(-1)
+
+
+def upstream_table(vals_BK: Tensor, idx_BK: Tensor, n_up: int) -> Tensor:
+    """Dense upstream activations [B, n_up + 1]; the last column is the zero padding slot."""
+    table_BU = vals_BK.new_zeros(vals_BK.shape[0], n_up + 1)
+    return table_BU.scatter(1, idx_BK, vals_BK)
+
+
+class _CandidateContrib(torch.autograd.Function):
+    """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens."""
+
+    @staticmethod
+    def forward(ctx, vals_BK, idx_BK, V_FC, J_FC, cand_BN, n_up: int):
+        ctx.save_for_backward(vals_BK, idx_BK, V_FC, J_FC, cand_BN)
+        ctx.n_up = n_up
+        B, N = cand_BN.shape
+        C = J_FC.shape[1]
+        out_BN = V_FC.new_empty(B, N)
+        starts, step = _chunks(B, max(N * C, n_up))
+        for s in starts:
+            sl = slice(s, s + step)
+            table_bU = upstream_table(vals_BK[sl], idx_BK[sl], n_up)
+            cand_bN = cand_BN[sl]
+            J_bNC = J_FC[cand_bN]
+            up_bNC = table_bU.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
+            out_BN[sl] = (up_bNC * V_FC[cand_bN]).sum(-1)
+        return out_BN
+
+    @staticmethod
+    def backward(ctx, g_BN):
+        vals_BK, idx_BK, V_FC, J_FC, cand_BN = ctx.saved_tensors
+        n_up = ctx.n_up
+        B, N = cand_BN.shape
+        C = J_FC.shape[1]
+        g_vals_BK = torch.zeros_like(vals_BK) if ctx.needs_input_grad[0] else None
+        g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
+        starts, step = _chunks(B, max(N * C, n_up))
+        for s in starts:
+            sl = slice(s, s + step)
+            cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
+            J_bNC = J_FC[cand_bN]
+            if g_V_FC is not None:
+                table_bU = upstream_table(vals_BK[sl], idx_BK[sl], n_up)
+                up_bNC = table_bU.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
+                g_V_FC.index_add_(0, cand_bN.flatten(), (g_bN1 * up_bNC).flatten(0, 1))
+            if g_vals_BK is not None:
+                g_table_bU = vals_BK.new_zeros(cand_bN.shape[0], n_up + 1)
+                g_table_bU.scatter_add_(1, J_bNC.flatten(1), (g_bN1 * V_FC[cand_bN]).flatten(1))
+                g_vals_BK[sl] = g_table_bU.gather(1, idx_BK[sl])
+        return g_vals_BK, None, g_V_FC, None, None, None
+
+
+def connection_contrib_candidates(
+    vals_BK: Tensor, idx_BK: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
+) -> Tensor:
+    """Connection term for the candidate features of each token, [B, N].
+
+    vals_BK/idx_BK: every upstream dictionary's active features, idx in the global upstream index
+    space [0, n_up). J_FC uses n_up as padding.
+    """
+    return _CandidateContrib.apply(vals_BK, idx_BK, V_FC, J_FC, cand_BN, n_up)
+
+
+def connection_contrib_all(
+    vals_BK: Tensor, idx_BK: Tensor, V_FC: Tensor, J_FC: Tensor, n_up: int
+) -> Tensor:
+    """Connection term for every downstream feature, [B, F], via embedding_bag over token chunks.
+
+    Each downstream feature is one bag (its connections, weighted by V) over the table of upstream
+    activations transposed to [n_up + 1, tokens]: no [B, F, C] tensor is formed.
+    """
+    B = vals_BK.shape[0]
+    F = J_FC.shape[0]
+    acc = accumulation_dtype(V_FC.dtype)
+    out = []
+    starts, step = _chunks(B, n_up + F)
+    for s in starts:
+        table_Ub = upstream_table(vals_BK[s : s + step], idx_BK[s : s + step], n_up).T.to(acc)
+        out_Fb = F_.embedding_bag(
+            J_FC, table_Ub.contiguous(), per_sample_weights=V_FC.to(acc), mode="sum"
+        )
+        out.append(out_Fb.T)
+    return torch.cat(out).to(V_FC.dtype)
+
+
+def connection_contrib_plain(
+    vals_BK: Tensor, idx_BK: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
+) -> Tensor:
+    """Reference for both kernels: gathers the full [B, N, C] tensor."""
+    table_BU = upstream_table(vals_BK, idx_BK, n_up)
+    J_BNC = J_FC[cand_BN]
+    up_BNC = table_BU.gather(1, J_BNC.flatten(1)).view_as(J_BNC)
+    return (up_BNC * V_FC[cand_BN]).sum(-1)
