@@ -1,0 +1,131 @@
+"""Export/import of SAEs in Sam Marks' dictionary_learning format (`ae.pt` + `config.json`).
+
+That library's AutoEncoderTopK encodes relu(encoder(x - b_dec)); ours encodes relu(W_enc x + b_enc')
+(SCAE-SPEC §1). The conversion is exact: b_enc_dl = b_enc' + W_enc b_dec, b_enc' = b_enc_dl - W_enc b_dec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .dictionary import AutoEncoderTopK, TopKDictionary
+
+DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold")
+
+
+def export_dictionary_learning(
+    ae: TopKDictionary,
+    out_dir: str | os.PathLike,
+    *,
+    layer: int,
+    lm_name: str,
+    submodule_name: str,
+    ctx_len: int,
+    extra_buffer_cfg: dict | None = None,
+) -> Path:
+    """Write `ae` as dictionary_learning's `ae.pt` + `config.json` into `out_dir` (atomically)."""
+    if ae.is_transcoder or not isinstance(ae, AutoEncoderTopK):
+        raise TypeError(
+            f"cannot export a {type(ae).__name__} to dictionary_learning's AutoEncoderTopK format: "
+            "its input and output live in different spaces, and that format subtracts b_dec from "
+            "the input. Save transcoders with suite_io.save_suite instead."
+        )
+    out = Path(out_dir)
+    with torch.no_grad():
+        W_FD = ae.encoder.weight.detach().float().cpu()
+        b_dec_D = ae.b_dec.detach().float().cpu()
+        b_enc_dl_F = (
+            ae.encoder.bias.detach().double().cpu() + W_FD.double() @ b_dec_D.double()
+        ).float()  # float64 keeps the round trip within one float32 rounding
+        state = {
+            "encoder.weight": W_FD.clone(),
+            "encoder.bias": b_enc_dl_F,
+            "decoder.weight": ae.decoder.weight.detach().float().cpu().clone(),
+            "b_dec": b_dec_D.clone(),
+            "k": torch.tensor(ae.k, dtype=torch.int64),
+            "threshold": torch.tensor(-1.0),
+        }
+    config = {
+        "trainer": {
+            "dict_class": "AutoEncoderTopK",
+            "activation_dim": ae.d_in,
+            "dict_size": ae.dict_size,
+            "k": ae.k,
+            "layer": layer,
+            "lm_name": lm_name,
+            "submodule_name": submodule_name,
+        },
+        "buffer": {"ctx_len": ctx_len, **(extra_buffer_cfg or {})},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        torch.save(state, tmp / "ae.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` folder to `out`, replacing an existing folder safely."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
+        os.replace(out, old / "x")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "x", out)  # put the previous folder back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def load_dictionary_learning(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoEncoderTopK:
+    """Load a dictionary_learning AutoEncoderTopK folder (or its `ae.pt`) into our convention."""
+    p = Path(path)
+    ae_file = p / "ae.pt" if p.is_dir() else p
+    if not ae_file.is_file():
+        raise FileNotFoundError(f"no dictionary_learning ae.pt at {str(ae_file)!r}")
+    state = torch.load(ae_file, map_location="cpu", weights_only=True)
+    missing = [k for k in DL_KEYS if k not in state and k != "threshold"]
+    unexpected = [k for k in state if k not in DL_KEYS]
+    if missing or unexpected:
+        raise KeyError(
+            f"{ae_file}: not a dictionary_learning AutoEncoderTopK state dict; missing keys "
+            f"{missing}, unexpected keys {unexpected}"
+        )
+    thr = float(state.get("threshold", torch.tensor(-1.0)))
+    if thr >= 0:
+        raise ValueError(
+            f"{ae_file}: threshold={thr} is set (inference-time JumpReLU threshold); our TopK "
+            "dictionaries do not support it. Use the TopK encoding (threshold -1)."
+        )
+    W_FD = state["encoder.weight"].float()
+    F, D = W_FD.shape
+    W_dec_DF = state["decoder.weight"].float()
+    if tuple(W_dec_DF.shape) != (D, F):
+        raise ValueError(
+            f"{ae_file}: decoder.weight has shape {tuple(W_dec_DF.shape)}, expected {(D, F)}"
+        )
+    ae = AutoEncoderTopK(D, F, int(state["k"]))
+    with torch.no_grad():
+        b_dec_D = state["b_dec"].float()
+        ae.encoder.weight.copy_(W_FD)
+        ae.encoder.bias.copy_(
+            (state["encoder.bias"].double() - W_FD.double() @ b_dec_D.double()).float()
+        )
+        ae.decoder.weight.copy_(W_dec_DF)
+        ae.b_dec.copy_(b_dec_D)
+    return ae.to(device=device, dtype=dtype)

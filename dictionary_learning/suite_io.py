@@ -1,0 +1,285 @@
+"""Saving and loading a suite of TopK dictionaries (one per attn_<l> / mlp_<l>).
+
+Our layout (a folder): `config.json` {"dictionaries": {name: dict.config()}, "format": ..., plus
+meta}, `model.safetensors` with keys `<name>.encoder.weight` etc., and optionally `connections.pt`.
+
+`load_suite` also reads the original SCAE fork's layout (`config.json` with `submodule_configs`, and
+`checkpoint.pt` holding `aes.<name>.*`). That fork encoded relu(W (x - b_dec) + b) for SAEs and
+transcoders alike; it is converted exactly to our b_enc' = b - W b_dec (SCAE-SPEC §1, §7).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder, build_dictionary
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "scae-suite"
+FORMAT_VERSION = 1
+PARAM_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")
+NAME_RE = re.compile(r"^(attn|mlp)_(\d+)$")
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class SuiteFiles(NamedTuple):
+    """What `load_suite` returns."""
+
+    dicts: dict[str, TopKDictionary]
+    meta: dict
+    connections: dict | None
+
+
+def check_name(name: str, d: TopKDictionary | None = None) -> tuple[str, int]:
+    """Validate a suite name: `attn_<l>` must be an SAE, `mlp_<l>` a transcoder. Returns (kind, layer)."""
+    m = NAME_RE.match(name)
+    if m is None:
+        raise ValueError(
+            f"dictionary name {name!r} is not of the form 'attn_<layer>' or 'mlp_<layer>'; rename it"
+        )
+    kind, layer = m.group(1), int(m.group(2))
+    if d is not None:
+        if kind == "attn" and not isinstance(d, AutoEncoderTopK):
+            raise TypeError(f"{name!r} must be an AutoEncoderTopK (SAE), got {type(d).__name__}")
+        if kind == "mlp" and not isinstance(d, TopKTranscoder):
+            raise TypeError(f"{name!r} must be a TopKTranscoder, got {type(d).__name__}")
+    return kind, layer
+
+
+def suite_order(names) -> list[str]:
+    """Names sorted in forward order: attn_0, mlp_0, attn_1, ..."""
+    return sorted(names, key=lambda n: (check_name(n)[1], check_name(n)[0] != "attn"))
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that matter for reproducing a suite."""
+    out = {"torch": torch.__version__}
+    for mod in ("transformers", "nnsight", "safetensors"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # not installed or broken: record it, don't fail the save
+            out[mod] = "unavailable"
+    try:
+        from importlib.metadata import version
+
+        out["dictionary_learning"] = version("dictionary_learning")
+    except Exception:
+        out["dictionary_learning"] = "source"
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`; an existing `out` is replaced, restored on failure."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
+    os.replace(out, old / "x")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "x", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_suite(
+    path: str | os.PathLike,
+    dicts: dict[str, TopKDictionary],
+    meta: dict | None = None,
+    connections: dict | None = None,
+) -> Path:
+    """Write a suite folder atomically (temp dir next to it, then rename). Returns the path."""
+    if not dicts:
+        raise ValueError("save_suite: `dicts` is empty; pass at least one dictionary")
+    meta = dict(meta or {})
+    for reserved in ("dictionaries", "format", "format_version"):
+        if reserved in meta:
+            raise ValueError(f"save_suite: meta key {reserved!r} is reserved; rename it")
+    tensors = {}
+    for name in suite_order(dicts):
+        d = dicts[name]
+        check_name(name, d)
+        for key, t in d.state_dict().items():
+            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dictionaries": {n: dicts[n].config() for n in suite_order(dicts)},
+        "dtype": meta.pop("dtype", None) or (dtypes.pop() if len(dtypes) == 1 else sorted(dtypes)),
+        "versions": {**library_versions(), **meta.pop("versions", {})},
+        **meta,
+    }
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if connections is not None:
+            torch.save(connections, tmp / "connections.pt")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _resolve(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local folder, or a Hub snapshot downloaded with the environment's token."""
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo_id)
+    if p.exists():
+        raise NotADirectoryError(f"suite path {s!r} is a file; pass the suite's folder")
+    if not _REPO_ID_RE.match(s) or s.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"suite {s!r} is neither an existing folder nor a Hugging Face repo id ('owner/name')"
+        )
+    no_net = (
+        f"cannot download suite {s!r}: there is no network access to the Hugging Face Hub (or "
+        "HF_HUB_OFFLINE is set). Download the repo's folder on a machine with network "
+        f"(huggingface-cli download {s} --local-dir DIR) and pass its local path."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError(no_net)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(s))  # token from HF_TOKEN / `huggingface-cli login`
+    except Exception as exc:
+        from huggingface_hub.errors import (
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+        )
+
+        if isinstance(exc, RepositoryNotFoundError):
+            raise FileNotFoundError(
+                f"Hugging Face repo {s!r} not found (or private: log in with `huggingface-cli "
+                "login` or set HF_TOKEN)"
+            ) from exc
+        if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError)):
+            raise ConnectionError(no_net) from exc
+        raise
+
+
+def _check_keys(found: set[str], expected: set[str], where: str) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{where}: state dict keys do not match the config. missing keys: {missing}; "
+            f"unexpected keys: {unexpected}"
+        )
+
+
+def load_suite(
+    path_or_repo_id: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SuiteFiles:
+    """Load a suite folder (ours or the original fork's layout) or a Hub repo id."""
+    root = _resolve(path_or_repo_id)
+    cfg_file = root / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{root} has no config.json; is it a suite folder?")
+    config = json.loads(cfg_file.read_text())
+    if "dictionaries" in config and (root / "model.safetensors").is_file():
+        dicts = _load_ours(root, config)
+        meta = {k: v for k, v in config.items() if k != "dictionaries"}
+    elif (root / "checkpoint.pt").is_file():
+        dicts = _load_original(root, config)
+        meta = {k: v for k, v in config.items() if k not in ("submodule_configs", "connections")}
+        meta["source_format"] = "original-scae-fork"
+    else:
+        raise FileNotFoundError(
+            f"{root}: expected model.safetensors (with config 'dictionaries') or checkpoint.pt "
+            "(original fork layout); found neither"
+        )
+    connections = None
+    if (root / "connections.pt").is_file():
+        connections = torch.load(root / "connections.pt", map_location="cpu", weights_only=True)
+    dicts = {n: d.to(device=device, dtype=dtype) for n, d in dicts.items()}
+    return SuiteFiles(dicts, meta, connections)
+
+
+def _load_ours(root: Path, config: dict) -> dict[str, TopKDictionary]:
+    tensors = load_file(str(root / "model.safetensors"))
+    dicts = {}
+    for name, dcfg in config["dictionaries"].items():
+        d = build_dictionary(dcfg)
+        check_name(name, d)
+        dicts[name] = d
+    expected = {f"{n}.{k}" for n, d in dicts.items() for k in d.state_dict()}
+    _check_keys(set(tensors), expected, str(root / "model.safetensors"))
+    for name, d in dicts.items():
+        sd = {k: tensors[f"{name}.{k}"] for k in d.state_dict()}
+        for k, t in sd.items():
+            want = tuple(d.state_dict()[k].shape)
+            if tuple(t.shape) != want:
+                raise ValueError(f"{root}: {name}.{k} has shape {tuple(t.shape)}, expected {want}")
+        d.to(dtype=next(iter(sd.values())).dtype)
+        d.load_state_dict(sd, strict=True)
+    return dicts
+
+
+def _load_original(root: Path, config: dict) -> dict[str, TopKDictionary]:
+    """The original fork: `aes.<name>.{encoder.weight,encoder.bias,decoder.weight,b_dec}`."""
+    ckpt = torch.load(root / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state = ckpt["suite_state"] if isinstance(ckpt, dict) and "suite_state" in ckpt else ckpt
+    if not isinstance(state, dict):
+        raise TypeError(f"{root / 'checkpoint.pt'}: expected a state dict, got {type(state).__name__}")
+    if "submodule_configs" in config:
+        sub = config["submodule_configs"]
+    elif "k" in config and "n_features" in config:  # oldest layout: one k / F for every module
+        names = sorted({k.split(".")[1] for k in state if k.startswith("aes.")})
+        sub = {n: {"dict_size": config["n_features"], "k": config["k"]} for n in names}
+    else:
+        raise KeyError(
+            f"{root / 'config.json'}: no 'submodule_configs' (original fork layout) and no "
+            "'dictionaries' (our layout)"
+        )
+    expected = {f"aes.{n}.{k}" for n in sub for k in PARAM_KEYS}
+    _check_keys(set(state), expected, str(root / "checkpoint.pt"))
+    dicts: dict[str, TopKDictionary] = {}
+    for name in suite_order(sub):
+        c = sub[name]
+        W_FD = state[f"aes.{name}.encoder.weight"].double()
+        b_F = state[f"aes.{name}.encoder.bias"].double()
+        W_dec_DF = state[f"aes.{name}.decoder.weight"]
+        b_dec_D = state[f"aes.{name}.b_dec"].double()
+        F, D_in = W_FD.shape
+        D_out = W_dec_DF.shape[0]
+        if tuple(W_dec_DF.shape) != (D_out, F) or b_dec_D.shape != (D_out,) or b_F.shape != (F,):
+            raise ValueError(
+                f"{root}: {name}: inconsistent shapes encoder.weight {tuple(W_FD.shape)}, "
+                f"encoder.bias {tuple(b_F.shape)}, decoder.weight {tuple(W_dec_DF.shape)}, "
+                f"b_dec {tuple(b_dec_D.shape)}"
+            )
+        if "dict_size" in c and int(c["dict_size"]) != F:
+            raise ValueError(f"{root}: {name}: config dict_size {c['dict_size']} but weights have {F}")
+        if D_in != D_out:
+            raise ValueError(f"{root}: {name}: the fork subtracted b_dec [{D_out}] from a [{D_in}] input")
+        kind, _ = check_name(name)
+        k = int(c["k"])
+        d = AutoEncoderTopK(D_in, F, k) if kind == "attn" else TopKTranscoder(D_in, D_out, F, k)
+        with torch.no_grad():
+            d.encoder.weight.copy_(W_FD)
+            d.encoder.bias.copy_(b_F - W_FD @ b_dec_D)  # relu(W(x - b_dec) + b) = relu(Wx + b')
+            d.decoder.weight.copy_(W_dec_DF)
+            d.b_dec.copy_(b_dec_D)
+        dicts[name] = d
+    return dicts
