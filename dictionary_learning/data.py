@@ -1,0 +1,131 @@
+"""Text sources and packed token contexts (spec section 6).
+
+A text source is any iterator of strings (one document each). `token_contexts` packs documents into
+fixed-length contexts with the end-of-text token prepended as BOS, so no padding ever exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def hf_text_source(
+    path: str = "openwebtext",
+    split: str = "train",
+    field: str = "text",
+    streaming: bool = True,
+    **kwargs,
+) -> Iterator[str]:
+    """Yield the `field` column of a `datasets` dataset, streamed by default (no full download).
+
+    Extra keyword arguments go to `datasets.load_dataset` (e.g. `name=`, `data_files=`).
+    """
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, split=split, streaming=streaming, **kwargs)
+    except Exception as exc:  # network / unknown dataset: re-raise with the fix
+        raise RuntimeError(
+            f"could not load dataset {path!r} (split {split!r}): {exc}. If there is no network, "
+            "pass a local data directory / file (e.g. hf_text_source('json', data_files=...)) or "
+            "use embedded_text_source()."
+        ) from exc
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and field not in columns:
+        raise KeyError(
+            f"dataset {path!r} has no column {field!r}; available columns: {list(columns)}. "
+            "Pass field=<one of them>."
+        )
+    for i, row in enumerate(ds):
+        if field not in row:
+            raise KeyError(
+                f"row {i} of dataset {path!r} has no field {field!r}; available: {list(row)}. "
+                "Pass field=<one of them>."
+            )
+        yield row[field]
+
+
+def text_file_source(paths: str | Path | Sequence[str | Path]) -> Iterator[str]:
+    """Yield documents from text files: ONE DOCUMENT PER FILE (the whole file's text).
+
+    Files are read in the order given (a directory is expanded to its sorted `*.txt`/`*.md` files).
+    One document per file keeps paragraphs of the same text in one context, as in web corpora.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"text file {str(p)!r} does not exist; pass existing files.")
+    for f in files:
+        yield f.read_text(encoding="utf-8")
+
+
+def embedded_text_source(split: str = "train") -> Iterator[str]:
+    """Yield the plays of the embedded Shakespeare corpus (one document per play)."""
+    from .embedded import embedded_corpus
+
+    yield from embedded_corpus(split)
+
+
+def token_contexts(
+    texts: Iterable[str],
+    tokenizer,
+    ctx_len: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Pack documents into contexts of `ctx_len` tokens: [eos as BOS] + (ctx_len - 1) text tokens.
+
+    Each document is tokenized and followed by the eos token; the stream is cut into chunks of
+    ctx_len - 1 tokens and every chunk gets the eos id prepended as BOS (spec section 6; position 0
+    is dropped later). Short documents are packed together, not skipped, and nothing is padded;
+    the final incomplete chunk is dropped. Context i goes to rank i % world_size, so DDP ranks never
+    see the same context. Yields LongTensor [ctx_len].
+    """
+    if ctx_len < 2:
+        raise ValueError(f"ctx_len={ctx_len} is too small: a context needs BOS + at least 1 token.")
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size}).")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(
+            "the tokenizer has no eos_token_id; set tokenizer.eos_token (e.g. '<|endoftext|>')."
+        )
+    body = ctx_len - 1
+    buf: list[int] = []
+    n_ctx = 0
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(
+                f"text source item {i} is a {type(text).__name__}, not a str; the text source "
+                "must yield strings (check the dataset field)."
+            )
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buf.append(eos)
+        start = 0
+        while len(buf) - start >= body:
+            if n_ctx % world_size == rank:
+                yield torch.tensor([eos] + buf[start : start + body], dtype=torch.long)
+            n_ctx += 1
+            start += body
+        del buf[:start]
+
+
+def batched_contexts(contexts: Iterable[torch.Tensor], n: int) -> Iterator[torch.Tensor]:
+    """Stack up to `n` contexts into LongTensor [n, ctx_len] batches (the last may be smaller)."""
+    it = iter(contexts)
+    while chunk := list(islice(it, n)):
+        yield torch.stack(chunk)

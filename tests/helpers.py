@@ -1,0 +1,76 @@
+"""Tiny shared fixtures: a character tokenizer and a small random GPT-2 (no network, < 1 s)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+EOS = "<|endoftext|>"
+_CHARS = string.ascii_lowercase + string.ascii_uppercase + " .,!?'\n:;-"
+
+
+def tiny_tokenizer(vocab: int = 64):
+    """A character-level PreTrainedTokenizerFast; id 0 is `<|endoftext|>` (eos = bos = pad = unk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = {EOS: 0}
+    for c in _CHARS[: vocab - 1]:
+        table[c] = len(table)
+    tk = Tokenizer(models.WordLevel(table, unk_token=EOS))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=EOS
+    )
+
+
+def tiny_hf_gpt2(n_layer=2, d_model=32, n_head=4, n_ctx=32, vocab=64, seed=0, random_ln=True):
+    """A random GPT2LMHeadModel (eval mode, not folded); ln weights randomised so folding matters."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=d_model, n_head=n_head, n_positions=n_ctx, vocab_size=vocab,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    if random_ln:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".ln_" in name or name.startswith("transformer.ln_f"):
+                    if name.endswith("weight"):
+                        p.copy_(1.0 + 0.5 * torch.randn_like(p))
+                    else:
+                        p.copy_(0.3 * torch.randn_like(p))
+                elif name.endswith("c_fc.bias") or name.endswith("c_proj.bias"):
+                    p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_gpt2(n_layer=2, d_model=32, n_head=4, n_ctx=32, vocab=64, seed=0, device="cpu", dtype=torch.float32):
+    """(nnsight-wrapped folded tiny GPT-2, tokenizer)."""
+    from dictionary_learning.model import load_model
+
+    tok = tiny_tokenizer(vocab)
+    hf = tiny_hf_gpt2(n_layer, d_model, n_head, n_ctx, vocab, seed)
+    return load_model(hf, device=device, dtype=dtype, tokenizer=tok), tok
+
+
+def random_contexts(n: int, ctx_len: int, vocab: int = 64, seed: int = 0, bos: int = 0):
+    """n random LongTensor [ctx_len] contexts with BOS (id `bos`) at position 0."""
+    g = torch.Generator().manual_seed(seed)
+    toks_NC = torch.randint(1, vocab, (n, ctx_len), generator=g)
+    toks_NC[:, 0] = bos
+    return list(toks_NC)
+
+
+def random_texts(n: int, seed: int = 0, min_len: int = 1, max_len: int = 40) -> list[str]:
+    """n random strings over the tiny tokenizer's characters (lengths in [min_len, max_len])."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        L = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        idx = torch.randint(0, len(_CHARS), (L,), generator=g)
+        out.append("".join(_CHARS[i] for i in idx))
+    return out
