@@ -139,6 +139,8 @@ def connection_contrib_all(
     B = vals_BK.shape[0]
     F = J_FC.shape[0]
     acc = accumulation_dtype(V_FC.dtype)
+    if J_FC.shape[1] == 0:
+        return V_FC.new_zeros(B, F) + 0 * vals_BK.sum()
     out = []
     starts, step = _chunks(B, n_up + F)
     for s in starts:

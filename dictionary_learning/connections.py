@@ -1,0 +1,228 @@
+"""Connections between dictionaries: the exchange format, its validation, and the compiled layout.
+
+Exchange format (SCAE-SPEC §3, the original fork's): a dict
+{down_name: {up_name: LongTensor[F_down, C_up]}} of indices into up_name's features, -1 padding.
+Names are "attn_<l>" and "mlp_<l>"; only transcoders ("mlp_<l>") have connections, and their
+upstream modules are attn_l for l <= L and mlp_l for l < L.
+
+`compile_connections` turns one downstream entry into the layout the sparse kernels use: a global
+index space over all upstream dictionaries (in layer order) and J [F, C] with padding = n_up.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+Connections = dict[str, dict[str, Tensor]]
+
+_NAME_RE = re.compile(r"^(attn|mlp)_(\d+)$")
+
+
+def parse_module_name(name: str) -> tuple[str, int]:
+    """("attn" | "mlp", layer) from "attn_<l>" / "mlp_<l>"."""
+    m = _NAME_RE.match(name) if isinstance(name, str) else None
+    if m is None:
+        raise ValueError(
+            f"unknown module name {name!r}: module names are 'attn_<layer>' or 'mlp_<layer>'"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def upstream_names(down: str) -> list[str]:
+    """The modules upstream of transcoder `down`, in layer (execution) order (SCAE-SPEC §2)."""
+    kind, L = parse_module_name(down)
+    if kind != "mlp":
+        raise ValueError(f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs")
+    return [n for layer in range(L) for n in (f"attn_{layer}", f"mlp_{layer}")] + [f"attn_{L}"]
+
+
+def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None:
+    """Check names, upstream order, shapes, dtypes and index ranges; raise naming the culprit.
+
+    dict_sizes: {module name: number of features} of the suite the connections are for.
+    """
+    if not isinstance(conns, dict):
+        raise TypeError(
+            f"connections must be a dict {{down: {{up: LongTensor[F_down, C]}}}}, got "
+            f"{type(conns).__name__}; load a file written by find_top_connections.save_connections"
+        )
+    for down, ups in conns.items():
+        parse_module_name(down)
+        if down not in dict_sizes:
+            raise ValueError(
+                f"connections name downstream module {down!r}, which the suite does not have "
+                f"(suite modules: {sorted(dict_sizes)}); the file was made for another suite"
+            )
+        allowed = upstream_names(down)
+        if not isinstance(ups, dict):
+            raise TypeError(
+                f"connections[{down!r}] must be a dict {{up_name: LongTensor}}, got {type(ups).__name__}"
+            )
+        F_down = dict_sizes[down]
+        for up, idx in ups.items():
+            where = f"connections[{down!r}][{up!r}]"
+            parse_module_name(up)
+            if up not in allowed:
+                raise ValueError(
+                    f"{where}: {up!r} is not upstream of {down!r}; upstream modules of {down} are "
+                    f"{allowed[0]} .. {allowed[-1]} (attn_l for l <= L, mlp_l for l < L)"
+                )
+            if up not in dict_sizes:
+                raise ValueError(f"{where}: the suite has no module {up!r}")
+            if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"{where} must be an integer tensor, got {getattr(idx, 'dtype', type(idx))}")
+            if idx.dim() != 2 or idx.shape[0] != F_down:
+                raise ValueError(
+                    f"{where} has shape {tuple(idx.shape)}; expected [F_down={F_down}, C]: one row "
+                    f"per feature of {down}. Was the file made for a suite with another dict_size?"
+                )
+            F_up = dict_sizes[up]
+            bad = (idx < -1) | (idx >= F_up)
+            if bad.any():
+                i, c = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(
+                    f"{where}: index {int(idx[i, c])} at feature {i}, slot {c} is out of range for "
+                    f"{up} with {F_up} features; indices must be in [0, {F_up}) or -1 for padding"
+                )
+            if idx.shape[1] > 1:
+                s = idx.sort(dim=1).values
+                dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+                if dup.any():
+                    i = int(dup.nonzero()[0, 0])
+                    raise ValueError(
+                        f"{where}: feature {i} lists upstream feature {int(s[i][1:][dup[i]][0])} "
+                        f"more than once; each connection may appear once"
+                    )
+
+
+def save_connections(conns: Connections, path: str | os.PathLike) -> None:
+    """torch.save the exchange format atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {d: {u: t.detach().to("cpu", torch.int64) for u, t in ups.items()} for d, ups in conns.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(plain, fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_connections(path: str | os.PathLike, dict_sizes: dict[str, int] | None = None) -> Connections:
+    """Read a connections file written with torch.save or pickle; validate it when sizes are given.
+
+    Plain pickles can run code when loaded: only open files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"connections file {str(path)!r} does not exist; compute one with "
+            f"`python find_top_connections.py` or pass the right path"
+        )
+    try:
+        conns = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        with open(path, "rb") as fh:
+            try:
+                conns = pickle.load(fh)
+            except Exception as e:
+                raise ValueError(
+                    f"{str(path)!r} is neither a torch.save nor a pickle file ({e}); "
+                    f"pass a connections file in the exchange format"
+                ) from e
+    if not isinstance(conns, dict):
+        raise TypeError(
+            f"{str(path)!r} holds a {type(conns).__name__}, not a dict {{down: {{up: LongTensor}}}}; "
+            f"pass a connections file in the exchange format"
+        )
+    conns = {
+        d: {u: (t.long() if isinstance(t, Tensor) else t) for u, t in ups.items()} if isinstance(ups, dict) else ups
+        for d, ups in conns.items()
+    }
+    if dict_sizes is not None:
+        validate_connections(conns, dict_sizes)
+    return conns
+
+
+class CompiledConnections(NamedTuple):
+    """One transcoder's connections in the kernels' layout."""
+
+    ups: tuple[str, ...]
+    """Upstream modules in layer order; their features are concatenated in this order."""
+    offsets: tuple[int, ...]
+    """Start of each upstream module in the global index space."""
+    n_up: int
+    """Size of the global upstream index space; also the padding index of J."""
+    J_FC: Tensor
+    """Global upstream index of each connection, sorted per row, padded with n_up."""
+    pos: tuple[Tensor, ...]
+    """Per upstream module: flat positions in J_FC of the slots that point into it."""
+    cols: tuple[Tensor, ...]
+    """Per upstream module: the local upstream feature index of those slots."""
+
+    def to(self, device) -> "CompiledConnections":
+        return self._replace(
+            J_FC=self.J_FC.to(device),
+            pos=tuple(p.to(device) for p in self.pos),
+            cols=tuple(c.to(device) for c in self.cols),
+        )
+
+    def counts(self) -> dict[str, Tensor]:
+        """Number of connections of each downstream feature into each upstream module, [F]."""
+        F = self.J_FC.shape[0]
+        C = max(self.J_FC.shape[1], 1)
+        return {
+            u: torch.bincount(p // C, minlength=F) for u, p in zip(self.ups, self.pos, strict=True)
+        }
+
+
+def compile_connections(
+    down: str, ups_idx: dict[str, Tensor], dict_sizes: dict[str, int]
+) -> CompiledConnections:
+    """Global layout for `down` from its exchange-format entry (validated beforehand)."""
+    ups = tuple(upstream_names(down))
+    F_down = dict_sizes[down]
+    offsets, n_up = [], 0
+    for u in ups:
+        offsets.append(n_up)
+        n_up += dict_sizes[u]
+    parts = [torch.full((F_down, 0), n_up, dtype=torch.int64)]
+    for u, off in zip(ups, offsets, strict=True):
+        if u in ups_idx:
+            idx = ups_idx[u].to("cpu", torch.int64)
+            parts.append(torch.where(idx >= 0, idx + off, n_up))
+    J_FC = torch.cat(parts, dim=1).sort(dim=1).values
+    C = int((J_FC < n_up).sum(1).max()) if J_FC.numel() else 0
+    J_FC = J_FC[:, :C].contiguous()
+    flat = J_FC.flatten()
+    pos, cols = [], []
+    for u, off in zip(ups, offsets, strict=True):
+        p = ((flat >= off) & (flat < off + dict_sizes[u])).nonzero().squeeze(1)
+        pos.append(p)
+        cols.append(flat[p] - off)
+    return CompiledConnections(ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols))
+
+
+def to_exchange(comp: CompiledConnections, dict_sizes: dict[str, int]) -> dict[str, Tensor]:
+    """Back to {up: LongTensor[F_down, C_up]} (-1 padded), the inverse of compile_connections."""
+    F, C = comp.J_FC.shape
+    out = {}
+    for u, p, c in zip(comp.ups, comp.pos, comp.cols, strict=True):
+        rows = p // max(C, 1)
+        counts = torch.bincount(rows, minlength=F)
+        width = int(counts.max()) if counts.numel() and p.numel() else 0
+        idx = torch.full((F, width), -1, dtype=torch.int64, device=c.device)
+        slot = torch.arange(p.numel(), device=c.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        idx[rows, slot] = c
+        out[u] = idx
+    return out

@@ -1,0 +1,220 @@
+"""The pruned forward pass against plain references and the identities of SCAE-SPEC §2."""
+
+import pytest
+import torch
+
+import dictionary_learning.sparse_ops as sparse_ops
+from dictionary_learning.connections import compile_connections, to_exchange
+from dictionary_learning.dictionary import TopKTranscoder
+from tests.scae_fixtures import (
+    exact_sae,
+    full_connections,
+    layer_norm_scale,
+    random_batch,
+    random_connections,
+    random_suite,
+)
+from trainers.scae import SCAESuite
+
+
+def topk_dense(pre_BF, k):
+    vals, idx = pre_BF.topk(k, dim=1)
+    return torch.zeros_like(pre_BF).scatter(1, idx, vals.relu())
+
+
+def reference_pruned(suite, batch, conns):
+    """Spec §2 written as plainly as possible: loops over features and their connections."""
+    feats, pres = {}, {}
+    for layer in range(suite.n_layers):
+        a, m = f"attn_{layer}", f"mlp_{layer}"
+        sae = suite.dicts[a]
+        feats[a] = topk_dense(batch.src[a] @ sae.encoder.weight.T + sae.encoder.bias, sae.k)
+        tc = suite.dicts[m]
+        W = tc.encoder.weight
+        Wc = W - W.mean(1, keepdim=True)
+        ups = [u for u in feats]
+        x = batch.initial + sum(suite.dicts[u].b_dec for u in ups)
+        pre = torch.zeros(x.shape[0], tc.dict_size, dtype=x.dtype)
+        for i in range(tc.dict_size):
+            pre[:, i] = x @ Wc[i]
+            for u, idx in conns[m].items():
+                for j in idx[i].tolist():
+                    if j >= 0:
+                        pre[:, i] += feats[u][:, j] * (Wc[i] @ suite.dicts[u].decoder.weight[:, j])
+        pre = pre / batch.layernorm_scale[m][:, None] + tc.encoder.bias
+        pres[m] = pre
+        feats[m] = topk_dense(pre, tc.k)
+    return pres, feats
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_pruned_pass_equals_plain_loop_reference(chunk, monkeypatch):
+    monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", chunk)
+    suite = random_suite(n_layers=3)
+    conns = random_connections(suite, C=4)
+    suite.set_connections(conns)
+    batch = random_batch(n_layers=3)
+    out = suite.pruned_forward(batch, mode="all")
+    ref_pre, ref_feats = reference_pruned(suite, batch, conns)
+    for m in suite.transcoder_names:
+        torch.testing.assert_close(out[m].pre_BN, ref_pre[m], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[m].feats.dense(suite.dicts[m].dict_size), ref_feats[m])
+
+
+def test_full_connectivity_equals_encoding_of_rebuilt_residual():
+    """conn(i) = everything: pre = encoding of P r_L / sigma_L, r_L = x0 + sum of upstream recons."""
+    suite = random_suite(n_layers=3)
+    suite.set_connections(full_connections(suite))
+    batch = random_batch(n_layers=3)
+    vanilla = suite.vanilla_forward(batch)
+    pruned = suite.pruned_forward(batch, vanilla, mode="all")
+    r = batch.initial.clone()
+    for layer in range(suite.n_layers):
+        a, m = f"attn_{layer}", f"mlp_{layer}"
+        r = r + vanilla[a].recon_BD
+        tc = suite.dicts[m]
+        P_r = r - r.mean(-1, keepdim=True)
+        expected = (P_r / batch.layernorm_scale[m][:, None]) @ tc.encoder.weight.T + tc.encoder.bias
+        torch.testing.assert_close(pruned[m].pre_BN, expected, rtol=1e-10, atol=1e-10)
+        r = r + pruned[m].recon_BD
+
+
+def test_exact_upstream_gives_vanilla_pre_activations():
+    """Exact SAEs upstream and a batch whose MLP *is* the transcoder: pruned pre == vanilla pre."""
+    d, B, n_layers = 5, 6, 2
+    dicts = {}
+    for layer in range(n_layers):
+        dicts[f"attn_{layer}"] = exact_sae(d)
+        dicts[f"mlp_{layer}"] = TopKTranscoder(d, d, 2 * d, 2 * d)  # k = F: every feature active
+    suite = SCAESuite(dicts).double()
+    suite.set_connections(full_connections(suite))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(B, d, generator=g, dtype=torch.float64)
+    resid = x0.clone()
+    src, tgt, scale = {}, {}, {}
+    for layer in range(n_layers):
+        attn = torch.randn(B, d, generator=g, dtype=torch.float64)
+        src[f"attn_{layer}"] = tgt[f"attn_{layer}"] = attn
+        resid = resid + attn
+        sigma = layer_norm_scale(resid)
+        src[f"mlp_{layer}"] = (resid - resid.mean(-1, keepdim=True)) / sigma[:, None]
+        scale[f"mlp_{layer}"] = sigma
+        mlp_out = suite.dicts[f"mlp_{layer}"](src[f"mlp_{layer}"]).detach()
+        tgt[f"mlp_{layer}"] = mlp_out
+        resid = resid + mlp_out
+    from tests.scae_fixtures import Batch
+
+    batch = Batch(x0, src, tgt, scale)
+    vanilla = suite.vanilla_forward(batch)
+    pruned = suite.pruned_forward(batch, vanilla, mode="all")
+    for layer in range(n_layers):
+        m = f"mlp_{layer}"
+        torch.testing.assert_close(pruned[m].pre_BN, vanilla[m].pre_BN, rtol=1e-9, atol=1e-9)
+
+
+def test_candidates_mode_equals_all_mode_when_candidates_cover_everything():
+    suite = random_suite(n_layers=3, F=10, k=3)
+    suite.set_connections(random_connections(suite, C=5))
+    batch = random_batch(n_layers=3)
+    vanilla = suite.vanilla_forward(batch)
+    all_out = suite.pruned_forward(batch, vanilla, mode="all")
+    cand_out = suite.pruned_forward(batch, vanilla, mode="candidates", n_threshold=7)
+    for m in suite.transcoder_names:
+        F = suite.dicts[m].dict_size
+        cand = cand_out[m].cand_BN
+        torch.testing.assert_close(cand_out[m].pre_BN, all_out[m].pre_BN.gather(1, cand))
+        torch.testing.assert_close(cand_out[m].feats.dense(F), all_out[m].feats.dense(F))
+        torch.testing.assert_close(cand_out[m].recon_BD, all_out[m].recon_BD)
+
+
+def test_candidates_are_vanilla_top_then_threshold_then_random():
+    suite = random_suite(n_layers=1, F=40, k=3)
+    suite.set_connections(random_connections(suite, C=4))
+    batch = random_batch(n_layers=1, B=8)
+    vanilla = suite.vanilla_forward(batch)
+    g = torch.Generator().manual_seed(0)
+    out = suite.pruned_forward(batch, vanilla, mode="candidates", n_threshold=5, n_random=6, generator=g)
+    cand = out["mlp_0"].cand_BN
+    assert cand.shape == (8, 3 + 5 + 6)
+    order = vanilla["mlp_0"].pre_BN.topk(8, dim=1).indices
+    assert torch.equal(cand[:, :8], order)
+    for row in cand:
+        assert len(set(row.tolist())) == row.numel(), "random candidates must be new features"
+    pen = out["mlp_0"].penalty
+    pre = out["mlp_0"].pre_BN
+    expected = (pre[:, 8:] - pre[:, :8].min(1, keepdim=True).values).relu().sum(1).mean()
+    torch.testing.assert_close(pen, expected)
+
+
+def test_gradients_reach_every_dictionary_upstream_of_the_pruned_loss():
+    suite = random_suite(n_layers=2, F=12, k=3)
+    suite.set_connections(random_connections(suite, C=6, pad_frac=0.0))
+    batch = random_batch(n_layers=2, B=16)
+    out = suite.pruned_forward(batch, mode="candidates", n_threshold=3, n_random=2,
+                               generator=torch.Generator().manual_seed(0))
+    loss = ((out["mlp_1"].recon_BD - batch.tgt["mlp_1"]) ** 2).sum() + out["mlp_1"].penalty
+    loss.backward()
+    for name in ["attn_0", "mlp_0", "attn_1", "mlp_1"]:
+        ae = suite.dicts[name]
+        for pname in ["encoder.weight", "decoder.weight", "b_dec"]:
+            grad = dict(ae.named_parameters())[pname].grad
+            assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}.{pname}"
+
+
+def test_fused_candidate_kernel_gradients_match_plain_reference():
+    torch.manual_seed(0)
+    B, K, n_up, F, C, N = 9, 4, 25, 11, 5, 6
+    vals = torch.randn(B, K, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(n_up)[:K] for _ in range(B)])
+    J = torch.randint(0, n_up + 1, (F, C))
+    V = torch.randn(F, C, dtype=torch.float64, requires_grad=True)
+    cand = torch.stack([torch.randperm(F)[:N] for _ in range(B)])
+    g = torch.randn(B, N, dtype=torch.float64)
+    fused = sparse_ops.connection_contrib_candidates(vals, idx, V, J, cand, n_up)
+    gf = torch.autograd.grad(fused, (vals, V), g)
+    plain = sparse_ops.connection_contrib_plain(vals, idx, V, J, cand, n_up)
+    gp = torch.autograd.grad(plain, (vals, V), g)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b)
+    all_ = sparse_ops.connection_contrib_all(vals, idx, V, J, n_up)
+    torch.testing.assert_close(all_, sparse_ops.connection_contrib_plain(
+        vals, idx, V, J, torch.arange(F).expand(B, F), n_up))
+    A = torch.randn(F, 7, dtype=torch.float64, requires_grad=True)
+    Bm = torch.randn(n_up, 7, dtype=torch.float64, requires_grad=True)
+    rows, cols = torch.randint(0, F, (30,)), torch.randint(0, n_up, (30,))
+    assert torch.autograd.gradcheck(lambda a, b: sparse_ops.sampled_dot(a, b, rows, cols), (A, Bm))
+
+
+def test_padding_and_features_without_connections():
+    suite = random_suite(n_layers=2, F=8, k=2)
+    conns = random_connections(suite, C=4)
+    for idx in conns["mlp_1"].values():
+        idx[0] = -1  # feature 0 of mlp_1 has no connection at all
+    conns["mlp_0"] = {}
+    suite.set_connections(conns)
+    batch = random_batch(n_layers=2)
+    out = suite.pruned_forward(batch, mode="all")
+    ref_pre, _ = reference_pruned(suite, batch, conns)
+    for m in suite.transcoder_names:
+        torch.testing.assert_close(out[m].pre_BN, ref_pre[m])
+
+
+def test_connections_round_trip_through_the_compiled_layout():
+    suite = random_suite(n_layers=3, F=9)
+    conns = random_connections(suite, C=6)
+    sizes = suite.dict_sizes
+    for m, ups in conns.items():
+        back = to_exchange(compile_connections(m, ups, sizes), sizes)
+        for u, idx in ups.items():
+            want = [sorted(j for j in row.tolist() if j >= 0) for row in idx]
+            got = [sorted(j for j in row.tolist() if j >= 0) for row in back[u]]
+            assert got == want, (m, u)
+
+
+def test_suite_moves_connections_with_dtype_and_device_changes():
+    suite = random_suite(n_layers=2)
+    suite.set_connections(random_connections(suite, C=4))
+    suite = suite.float()
+    out = suite.pruned_forward(random_batch(n_layers=2, dtype=torch.float32), mode="all")
+    assert out["mlp_1"].recon_BD.dtype == torch.float32

@@ -1,0 +1,300 @@
+"""The SCAE suite and its pruned forward pass (SCAE-SPEC §2), and the finetuning trainer (§4).
+
+Reading order: `SCAESuite.vanilla_forward` encodes each dictionary's true input;
+`SCAESuite.pruned_forward` rebuilds each transcoder's input from its connected upstream features
+only, in layer order, with `_pruned_pre` holding the one definition of the pruned pre-activation
+for both the candidates mode (training) and the all-features mode (evaluation).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from dictionary_learning.connections import (
+    CompiledConnections,
+    Connections,
+    compile_connections,
+    parse_module_name,
+    to_exchange,
+    validate_connections,
+)
+from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
+from dictionary_learning.sparse_ops import (
+    connection_contrib_all,
+    connection_contrib_candidates,
+    sampled_dot,
+)
+
+Mode = Literal["all", "candidates"]
+
+
+class DictOutput(NamedTuple):
+    """One dictionary's output in one pass."""
+
+    feats: Features
+    """Active features: values [B, K] and indices [B, K]."""
+    recon_BD: Tensor
+    """Reconstruction of the target."""
+    pre_BN: Tensor
+    """Pre-activations before ReLU/TopK: all features [B, F], or the candidates [B, N]."""
+    cand_BN: Tensor | None = None
+    """Candidate feature indices (candidates mode of the pruned pass), else None."""
+    penalty: Tensor | None = None
+    """Random-candidate penalty (candidates mode with n_random > 0), a scalar."""
+
+
+class SuiteOutput(NamedTuple):
+    vanilla: dict[str, DictOutput]
+    pruned: dict[str, DictOutput]
+    """Pruned outputs of the transcoders only (attention SAEs are leaves)."""
+
+
+class SCAESuite(nn.Module):
+    """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections."""
+
+    def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None):
+        super().__init__()
+        if not dicts:
+            raise ValueError("a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}")
+        layers = {parse_module_name(n)[1] for n in dicts}
+        self.n_layers = max(layers) + 1
+        expected = [n for layer in range(self.n_layers) for n in (f"attn_{layer}", f"mlp_{layer}")]
+        missing = [n for n in expected if n not in dicts]
+        if missing:
+            raise ValueError(
+                f"the suite lacks {missing}; it needs an 'attn_<l>' SAE and an 'mlp_<l>' transcoder "
+                f"for every layer 0..{self.n_layers - 1}"
+            )
+        for name, ae in dicts.items():
+            if parse_module_name(name)[0] == "attn" and ae.d_in != ae.d_out:
+                raise ValueError(f"{name} must be an SAE (d_in == d_out), got {ae.d_in} -> {ae.d_out}")
+        dims = {ae.d_out for ae in dicts.values()} | {ae.d_in for ae in dicts.values()}
+        if len(dims) != 1:
+            raise ValueError(f"all dictionaries must share d_model, got dimensions {sorted(dims)}")
+        self.d_model = dims.pop()
+        self.names = expected
+        self.dicts = nn.ModuleDict({n: dicts[n] for n in expected})
+        self._compiled: dict[str, CompiledConnections] = {}
+        if connections is not None:
+            self.set_connections(connections)
+
+    # ----------------------------------------------------------------- connections
+
+    @property
+    def dict_sizes(self) -> dict[str, int]:
+        return {n: ae.dict_size for n, ae in self.dicts.items()}
+
+    @property
+    def transcoder_names(self) -> list[str]:
+        return [n for n in self.names if n.startswith("mlp_")]
+
+    @property
+    def has_connections(self) -> bool:
+        return bool(self._compiled)
+
+    def set_connections(self, connections: Connections) -> None:
+        """Validate and compile connections (exchange format). Every transcoder needs an entry."""
+        validate_connections(connections, self.dict_sizes)
+        missing = [m for m in self.transcoder_names if m not in connections]
+        if missing:
+            raise ValueError(
+                f"connections have no entry for {missing}; give every transcoder an entry "
+                f"(an empty dict means no connections)"
+            )
+        device = self.dicts[self.names[0]].encoder.weight.device
+        self._compiled = {
+            m: compile_connections(m, connections[m], self.dict_sizes).to(device)
+            for m in self.transcoder_names
+        }
+
+    @property
+    def connections(self) -> Connections:
+        """The connections in the exchange format."""
+        return {m: to_exchange(c, self.dict_sizes) for m, c in self._compiled.items()}
+
+    def compiled(self, down: str) -> CompiledConnections:
+        if down not in self._compiled:
+            raise RuntimeError(
+                "the suite has no connections; call set_connections(...) with a connections file "
+                "(find_top_connections.py) before the pruned pass"
+            )
+        return self._compiled[down]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        device = self.dicts[self.names[0]].encoder.weight.device
+        self._compiled = {m: c.to(device) for m, c in self._compiled.items()}
+        return out
+
+    # ----------------------------------------------------------------- passes
+
+    def _check_batch(self, batch) -> None:
+        for name in self.names:
+            if name not in batch.src or name not in batch.tgt:
+                raise KeyError(f"the batch has no activations for {name!r}; build the buffer from the suite's model")
+            x = batch.src[name]
+            if x.shape[-1] != self.dicts[name].d_in:
+                raise ValueError(
+                    f"{name}: the batch has width {x.shape[-1]} but the dictionary expects "
+                    f"{self.dicts[name].d_in}; the suite does not fit this model (d_model mismatch)"
+                )
+
+    def vanilla_forward(self, batch) -> dict[str, DictOutput]:
+        """Each dictionary encodes its true input (attn_out, or mlp_in after the folded ln_2)."""
+        self._check_batch(batch)
+        out = {}
+        for name in self.names:
+            ae = self.dicts[name]
+            pre_BF = ae.pre_acts(batch.src[name])
+            feats = topk_relu(pre_BF, ae.k)
+            out[name] = DictOutput(feats, ae.decode(feats), pre_BF)
+        return out
+
+    def pruned_forward(
+        self,
+        batch,
+        vanilla: dict[str, DictOutput] | None = None,
+        *,
+        mode: Mode = "all",
+        n_threshold: int = 0,
+        n_random: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, DictOutput]:
+        """Transcoder outputs from connected upstream features only, in layer order.
+
+        Upstream features are the vanilla ones for attention SAEs and the pruned ones for
+        transcoders. mode="all" computes every feature (evaluation); mode="candidates" computes
+        the vanilla top K, the next n_threshold and n_random random features (training).
+        """
+        if vanilla is None:
+            vanilla = self.vanilla_forward(batch)
+        up_feats: dict[str, Features] = {}
+        dec_rows: dict[str, Tensor] = {}
+        out = {}
+        for layer in range(self.n_layers):
+            a, m = f"attn_{layer}", f"mlp_{layer}"
+            up_feats[a] = vanilla[a].feats
+            out[m] = self._pruned_transcoder(
+                m, batch, vanilla[m], up_feats, dec_rows, mode, n_threshold, n_random, generator
+            )
+            up_feats[m] = out[m].feats
+        return out
+
+    def forward(self, batch, **pruned_kwargs) -> SuiteOutput:
+        vanilla = self.vanilla_forward(batch)
+        return SuiteOutput(vanilla, self.pruned_forward(batch, vanilla, **pruned_kwargs))
+
+    def candidates(
+        self, name: str, vanilla_pre_BF: Tensor, n_threshold: int, n_random: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """[B, K + n_threshold + n_random]: vanilla top K, the next n_threshold, then random others."""
+        ae = self.dicts[name]
+        n_top = ae.k + n_threshold
+        if n_top + n_random > ae.dict_size:
+            raise ValueError(
+                f"{name}: k + n_threshold + n_random = {ae.k} + {n_threshold} + {n_random} exceeds "
+                f"dict_size {ae.dict_size}; lower n_threshold or n_random"
+            )
+        pre_BF = vanilla_pre_BF.detach()
+        top_BT = pre_BF.topk(n_top, dim=1, sorted=True).indices
+        if n_random == 0:
+            return top_BT
+        scores_BF = torch.rand(pre_BF.shape, generator=generator, device=pre_BF.device)
+        scores_BF.scatter_(1, top_BT, -1.0)
+        rand_BR = scores_BF.topk(n_random, dim=1, sorted=False).indices
+        return torch.cat([top_BT, rand_BR], dim=1)
+
+    def _pruned_pre(
+        self,
+        name: str,
+        batch,
+        up_feats: dict[str, Features],
+        dec_rows: dict[str, Tensor],
+        cand_BN: Tensor | None,
+    ) -> Tensor:
+        """The pruned pre-activations of transcoder `name` (SCAE-SPEC §2), for candidates or all.
+
+        pre_i = [w_i.P x0 + sum_u w_i.P b_dec_u + sum_{(u,j) in conn(i)} f_uj (w_i.P d_uj)] / sigma
+                + b_enc_i
+        """
+        comp = self.compiled(name)
+        ae = self.dicts[name]
+        W_enc_FD = ae.encoder.weight
+        Wc_FD = W_enc_FD - W_enc_FD.mean(dim=1, keepdim=True)  # rows P w_i
+
+        # Virtual weights V[i, c] = (P w_i) . d_{J[i, c]}, one sampled product per upstream module.
+        F, C = comp.J_FC.shape
+        V_parts, pos_parts = [], []
+        for u, pos, cols in zip(comp.ups, comp.pos, comp.cols, strict=True):
+            if pos.numel() == 0:
+                continue
+            if u not in dec_rows:
+                dec_rows[u] = self.dicts[u].decoder.weight.T.contiguous()
+            V_parts.append(sampled_dot(Wc_FD, dec_rows[u], pos // C, cols))
+            pos_parts.append(pos)
+        V_flat = Wc_FD.new_zeros(F * C)
+        if V_parts:
+            V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
+        V_FC = V_flat.view(F, C)
+
+        # Upstream features in the global index space, and the embedding + bias term.
+        vals_BK = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
+        idx_BK = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)], dim=1)
+        x_BD = batch.initial + sum(self.dicts[u].b_dec for u in comp.ups)
+        base_BF = x_BD @ Wc_FD.T
+        sigma_B1 = batch.layernorm_scale[name][:, None]
+
+        if cand_BN is None:
+            conn_BF = connection_contrib_all(vals_BK, idx_BK, V_FC, comp.J_FC, comp.n_up)
+            return (base_BF + conn_BF) / sigma_B1 + ae.encoder.bias
+        conn_BN = connection_contrib_candidates(vals_BK, idx_BK, V_FC, comp.J_FC, cand_BN, comp.n_up)
+        return (base_BF.gather(1, cand_BN) + conn_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
+
+    def _pruned_transcoder(
+        self, name, batch, vanilla_out: DictOutput, up_feats, dec_rows, mode, n_threshold, n_random,
+        generator,
+    ) -> DictOutput:
+        ae = self.dicts[name]
+        if mode == "all":
+            pre_BF = self._pruned_pre(name, batch, up_feats, dec_rows, None)
+            feats = topk_relu(pre_BF, ae.k)
+            return DictOutput(feats, ae.decode(feats), pre_BF)
+        if mode != "candidates":
+            raise ValueError(f"mode must be 'all' or 'candidates', got {mode!r}")
+        cand_BN = self.candidates(name, vanilla_out.pre_BN, n_threshold, n_random, generator)
+        pre_BN = self._pruned_pre(name, batch, up_feats, dec_rows, cand_BN)
+        n_top = ae.k + n_threshold
+        top = pre_BN[:, :n_top]
+        sel_vals_BK, sel_BK = top.topk(ae.k, dim=1, sorted=False)
+        feats = Features(sel_vals_BK.relu(), cand_BN.gather(1, sel_BK))
+        penalty = None
+        if n_random > 0:
+            floor_B1 = top.min(dim=1, keepdim=True).values
+            penalty = (pre_BN[:, n_top:] - floor_B1).relu().sum(1).mean()
+        return DictOutput(feats, ae.decode(feats), pre_BN, cand_BN, penalty)
+
+    # ----------------------------------------------------------------- files
+
+    def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        from dictionary_learning.suite_io import save_suite
+
+        conns = self.connections if self.has_connections else None
+        save_suite(path, dict(self.dicts.items()), meta or {}, conns)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, device="cpu", dtype=torch.float32,
+        connections: Connections | None = None,
+    ) -> "SCAESuite":
+        """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id."""
+        from dictionary_learning.suite_io import load_suite
+
+        files = load_suite(path_or_repo_id, device=device, dtype=dtype)
+        suite = cls(files.dicts, connections if connections is not None else files.connections)
+        suite.meta = files.meta
+        return suite.to(device=device, dtype=dtype)
