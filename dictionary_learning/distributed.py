@@ -54,3 +54,20 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
         for g in gs:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+@torch.no_grad()
+def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Copy `src`'s values of every tensor to all ranks (no-op on one process)."""
+    if world_size() <= 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=src)
+
+
+@torch.no_grad()
+def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
+    """In-place elementwise max over ranks (no-op on one process)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
