@@ -1,0 +1,284 @@
+"""AllActivationBuffer: shuffled per-token activations of every layer of a folded GPT-2 (spec 1, 6).
+
+One nnsight trace per model batch reads, for every block l, attn_out_l, resid_mid_l (input of the
+folded ln_2, to get sigma_l), mlp_in_l and mlp_out_l, plus x0 = input of block 0; the trace stops
+after the last MLP so the LM head never runs. The BOS position (0) of every context is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from dictionary_learning.model import check_gpt2_like, hf_model, model_info, module_names
+
+logger = logging.getLogger(__name__)
+
+
+class DataExhaustedError(RuntimeError):
+    """The context iterator ran out before a full output batch could be formed."""
+
+
+class ActivationBatch(NamedTuple):
+    """One batch of B token rows of every layer's activations."""
+
+    initial: Tensor
+    """[B, D] x0 = input of block 0 (token + position embedding)."""
+    src: dict[str, Tensor]
+    """{"attn_<l>": attn_out_l, "mlp_<l>": mlp_in_l (after the folded ln_2)}, each [B, D]."""
+    tgt: dict[str, Tensor]
+    """{"attn_<l>": attn_out_l, "mlp_<l>": mlp_out_l}, each [B, D]."""
+    layernorm_scale: dict[str, Tensor]
+    """{"mlp_<l>": sigma_l}, each [B]; sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps)."""
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ActivationBatch":
+        """Copy of the batch on `device` and/or in `dtype`."""
+
+        def mv(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        return ActivationBatch(
+            initial=mv(self.initial),
+            src={k: mv(v) for k, v in self.src.items()},
+            tgt={k: mv(v) for k, v in self.tgt.items()},
+            layernorm_scale={k: mv(v) for k, v in self.layernorm_scale.items()},
+        )
+
+
+class AllActivationBuffer:
+    """Iterator of shuffled ActivationBatch rows, refilled from a context iterator.
+
+    Memory: a fill takes floor(n_tokens / (ctx_len - 1)) whole contexts, so at most n_tokens token
+    rows are ever stored (`peak_stored_tokens`). Of a fill of S rows, floor(S / out_batch_size)
+    batches are served, each stored row at most once, in a random order drawn from a
+    `torch.Generator` seeded once in __init__; the leftover (< out_batch_size rows) is discarded and
+    the buffer refills completely. When the contexts run out before a full batch can be formed,
+    `__next__` raises DataExhaustedError (a RuntimeError, never a silent StopIteration, so a training
+    loop cannot quietly run fewer steps); bound loops with `zip(range(steps), buffer)`.
+    `state_dict()` / `load_state_dict()` give bit-exact resume over the same context iterator.
+    """
+
+    def __init__(
+        self,
+        model,
+        contexts: Iterable[Tensor],
+        *,
+        n_tokens: int,
+        out_batch_size: int,
+        model_batch_size: int = 32,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ):
+        check_gpt2_like(model)
+        info = model_info(model)
+        if out_batch_size < 1 or model_batch_size < 1:
+            raise ValueError(
+                f"out_batch_size={out_batch_size} and model_batch_size={model_batch_size} must be >= 1."
+            )
+        self.model = model
+        self.n_layers, self.d_model = info.n_layers, info.d_model
+        self.names = module_names(self.n_layers)
+        self.n_tokens, self.out_batch_size = int(n_tokens), int(out_batch_size)
+        self.model_batch_size = int(model_batch_size)
+        self.device, self.dtype, self.seed = torch.device(device), dtype, seed
+        self.ln_eps = [float(b.ln_2.eps) for b in hf_model(model).transformer.h]
+        self._model_device = next(hf_model(model).parameters()).device
+
+        it = iter(contexts)
+        first = next(it, None)
+        if first is None:
+            raise ValueError(
+                "the context iterator yielded no complete context; give a text source with at "
+                "least ctx_len - 1 tokens (check the dataset / file paths)."
+            )
+        first = self._check_context(first)
+        self.ctx_len = first.shape[0]
+        if self.ctx_len > info.n_ctx:
+            raise ValueError(
+                f"contexts have {self.ctx_len} tokens but the model has n_positions={info.n_ctx}; "
+                f"pass ctx_len <= {info.n_ctx} to token_contexts."
+            )
+        if self.ctx_len < 2:
+            raise ValueError("contexts need at least 2 tokens (BOS + 1); pass a larger ctx_len.")
+        self.contexts_per_fill = self.n_tokens // (self.ctx_len - 1)
+        if self.contexts_per_fill * (self.ctx_len - 1) < self.out_batch_size:
+            raise ValueError(
+                f"n_tokens={self.n_tokens} holds {self.contexts_per_fill} whole contexts of "
+                f"{self.ctx_len - 1} tokens, fewer than out_batch_size={self.out_batch_size}; "
+                "raise n_tokens or lower out_batch_size."
+            )
+        self._contexts = chain([first], it)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._store: dict[str, Tensor] | None = None  # flat [S, D] / [S] tensors of the current fill
+        self._perm: Tensor | None = None
+        self._served = 0  # rows served from the current fill
+        self._consumed = 0  # contexts consumed in total
+        self._consumed_before_fill = 0
+        self._fill_gen_state: Tensor | None = None
+        self.peak_stored_tokens = 0
+
+    # ----------------------------------------------------------------------------------- checks
+    def _check_context(self, ctx) -> Tensor:
+        if not isinstance(ctx, Tensor) or ctx.dim() != 1:
+            raise TypeError(
+                f"contexts must be 1-D LongTensors [ctx_len], got {type(ctx).__name__} "
+                f"{getattr(ctx, 'shape', '')}; build them with token_contexts()."
+            )
+        if ctx.dtype.is_floating_point:
+            raise TypeError(f"contexts must hold token ids (integers), got dtype {ctx.dtype}.")
+        return ctx.long()
+
+    # ------------------------------------------------------------------------------------ model
+    @torch.no_grad()
+    def _run_model(self, toks_BC: Tensor) -> dict[str, Tensor]:
+        """Trace one model batch; return flat [b*(C-1), D] activations (BOS dropped) and sigmas."""
+        L, model = self.n_layers, self.model
+        saved: dict[str, object] = {}
+        with model.trace(toks_BC.to(self._model_device)) as tracer:
+            blocks = model.transformer.h
+            saved["initial"] = blocks[0].input.save()
+            for l in range(L):
+                saved[f"attn_{l}"] = blocks[l].attn.output[0].save()
+                saved[f"resid_mid_{l}"] = blocks[l].ln_2.input.save()
+                saved[f"mlp_in_{l}"] = blocks[l].mlp.input.save()
+                saved[f"mlp_out_{l}"] = blocks[l].mlp.output.save()
+            tracer.stop()
+        out: dict[str, Tensor] = {}
+        for k, v in saved.items():
+            if type(v) is not Tensor:
+                raise RuntimeError(
+                    f"nnsight returned a {type(v).__name__} for {k}, not a plain tensor; the "
+                    "nnsight version is incompatible (pin nnsight==0.8.1)."
+                )
+            v = v[:, 1:]  # drop BOS
+            if k.startswith("resid_mid_"):
+                l = int(k.rsplit("_", 1)[1])
+                x = v.float()
+                sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + self.ln_eps[l])
+                out[f"sigma_{l}"] = sigma.reshape(-1)
+            else:
+                out[k] = v.reshape(-1, v.shape[-1])
+        return out
+
+    # ------------------------------------------------------------------------------------- fill
+    def _keys(self) -> list[str]:
+        ks = ["initial"]
+        for l in range(self.n_layers):
+            ks += [f"attn_{l}", f"mlp_in_{l}", f"mlp_out_{l}", f"sigma_{l}"]
+        return ks
+
+    def _refill(self) -> None:
+        """Replace the store by the activations of the next `contexts_per_fill` contexts."""
+        self._store = None  # free the old fill first (memory bound)
+        self._perm = None
+        self._consumed_before_fill = self._consumed
+        T = self.ctx_len - 1
+        cap = self.contexts_per_fill * T
+        store: dict[str, Tensor] = {}
+        rows = 0
+        taken = 0
+        while taken < self.contexts_per_fill:
+            batch = []
+            for ctx in self._contexts:
+                ctx = self._check_context(ctx)
+                if ctx.shape[0] != self.ctx_len:
+                    raise ValueError(
+                        f"context {self._consumed + len(batch)} has {ctx.shape[0]} tokens, expected "
+                        f"{self.ctx_len}; all contexts must have the same length (use token_contexts)."
+                    )
+                batch.append(ctx)
+                if len(batch) == min(self.model_batch_size, self.contexts_per_fill - taken):
+                    break
+            if not batch:
+                break
+            self._consumed += len(batch)
+            taken += len(batch)
+            acts = self._run_model(torch.stack(batch))
+            n = len(batch) * T
+            if not store:
+                store = {
+                    k: torch.empty((cap,) + v.shape[1:], device=self.device, dtype=self.dtype)
+                    for k, v in acts.items()
+                }
+            for k, v in acts.items():
+                store[k][rows : rows + n] = v.to(device=self.device, dtype=self.dtype)
+            rows += n
+            self.peak_stored_tokens = max(self.peak_stored_tokens, rows)
+        n_serve = (rows // self.out_batch_size) * self.out_batch_size
+        if n_serve == 0:
+            raise DataExhaustedError(
+                f"the text source ran out after {self._consumed} contexts (only {rows} tokens left, "
+                f"fewer than out_batch_size={self.out_batch_size}); give more data or train fewer "
+                "steps."
+            )
+        self._store = {k: v[:rows] for k, v in store.items()}
+        self._fill_gen_state = self._gen.get_state()
+        self._perm = torch.randperm(rows, generator=self._gen)[:n_serve].to(self.device)
+        self._served = 0
+        logger.debug("buffer refilled: %d contexts, %d tokens", taken, rows)
+
+    # --------------------------------------------------------------------------------- iterate
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        return self
+
+    def __next__(self) -> ActivationBatch:
+        if self._perm is None or self._served + self.out_batch_size > self._perm.shape[0]:
+            self._refill()
+        idx = self._perm[self._served : self._served + self.out_batch_size]
+        self._served += self.out_batch_size
+        s = self._store
+        src, tgt, scale = {}, {}, {}
+        for l in range(self.n_layers):
+            a = s[f"attn_{l}"][idx]
+            src[f"attn_{l}"], tgt[f"attn_{l}"] = a, a
+            src[f"mlp_{l}"] = s[f"mlp_in_{l}"][idx]
+            tgt[f"mlp_{l}"] = s[f"mlp_out_{l}"][idx]
+            scale[f"mlp_{l}"] = s[f"sigma_{l}"][idx]
+        return ActivationBatch(initial=s["initial"][idx], src=src, tgt=tgt, layernorm_scale=scale)
+
+    # ---------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """Resume state: contexts consumed before the current fill, generator state at its start,
+        rows served from it."""
+        return {
+            "contexts_before_fill": self._consumed_before_fill if self._perm is not None else self._consumed,
+            "fill_gen_state": (self._fill_gen_state if self._perm is not None else self._gen.get_state()).clone(),
+            "served_in_fill": self._served if self._perm is not None else 0,
+            "has_fill": self._perm is not None,
+            "n_tokens": self.n_tokens,
+            "out_batch_size": self.out_batch_size,
+            "ctx_len": self.ctx_len,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore on a fresh buffer over the same fresh context iterator: skip the consumed
+        contexts, regenerate the current fill and its permutation, and continue bit-identically."""
+        if self._consumed != 0 or self._perm is not None:
+            raise RuntimeError(
+                "load_state_dict needs a freshly built buffer (nothing consumed yet); build a new "
+                "AllActivationBuffer over a fresh context iterator."
+            )
+        for k in ("n_tokens", "out_batch_size", "ctx_len"):
+            if state[k] != getattr(self, k):
+                raise ValueError(
+                    f"state has {k}={state[k]} but this buffer has {getattr(self, k)}; build the "
+                    "buffer with the same settings as the saved one."
+                )
+        skip = int(state["contexts_before_fill"])
+        for i in range(skip):
+            if next(self._contexts, None) is None:
+                raise DataExhaustedError(
+                    f"the context iterator ended after {i} contexts while skipping {skip} to resume; "
+                    "pass the same text source as the saved run."
+                )
+        self._consumed = skip
+        self._gen.set_state(state["fill_gen_state"].clone())
+        if state["has_fill"]:
+            self._refill()
+            self._served = int(state["served_in_fill"])
