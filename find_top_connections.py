@@ -1,0 +1,266 @@
+"""Choose each transcoder feature's upstream connections (SCAE-SPEC §3).
+
+Importance of upstream feature (u, j) for downstream feature i of mlp_L:
+
+    I(i; u, j) = mean over tokens t where i is active of  f_uj(t) (w_i . P d_uj) / sigma_L(t)
+
+which factorises as V[i, (u, j)] * A[i, (u, j)] / n_i with the virtual weight V = (P w_i) . d_uj,
+the co-activation sum A = sum_{t: i active} f_uj(t) / sigma_L(t) and n_i the number of tokens where
+i is active. A is accumulated from sparse activations (K per dictionary and token), in blocks of
+downstream features whose size is set by a memory budget, so memory never grows as
+F_down x F_up x tokens. The "all" variant averages over all tokens instead: A then no longer
+depends on i. Upstream activations are the vanilla ones (there are no connections yet).
+
+Usable as a module (`collect_activations`, `importance`, `top_connections`,
+`random_connections`) and as a script: `python find_top_connections.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Iterable
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dictionary_learning.connections import (
+    Connections,
+    load_connections,
+    save_connections,
+    upstream_names,
+    validate_connections,
+)
+from trainers.scae import SCAESuite
+
+logger = logging.getLogger(__name__)
+
+Variant = Literal["active", "all"]
+
+
+class SparseActivations(NamedTuple):
+    """Vanilla features of every dictionary over N tokens, and each transcoder's sigma."""
+
+    vals: dict[str, Tensor]
+    """{name: [N, K]} activation values."""
+    idx: dict[str, Tensor]
+    """{name: [N, K]} feature indices."""
+    sigma: dict[str, Tensor]
+    """{"mlp_<l>": [N]} LayerNorm scale of the clean run."""
+
+    @property
+    def n_tokens(self) -> int:
+        return next(iter(self.vals.values())).shape[0]
+
+
+@torch.no_grad()
+def collect_activations(suite: SCAESuite, batches: Iterable, n_tokens: int) -> SparseActivations:
+    """Run the vanilla pass over batches (ActivationBatch) until n_tokens tokens are collected."""
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens={n_tokens} must be positive")
+    vals, idx, sigma = {n: [] for n in suite.names}, {n: [] for n in suite.names}, {}
+    sigma = {m: [] for m in suite.transcoder_names}
+    seen = 0
+    with tqdm(total=n_tokens, desc="collect activations", unit="tok", leave=False) as bar:
+        for batch in batches:
+            out = suite.vanilla_forward(batch)
+            take = min(n_tokens - seen, batch.initial.shape[0])
+            for n in suite.names:
+                vals[n].append(out[n].feats.vals_BK[:take])
+                idx[n].append(out[n].feats.idx_BK[:take].to(torch.int32))
+            for m in suite.transcoder_names:
+                sigma[m].append(batch.layernorm_scale[m][:take])
+            seen += take
+            bar.update(take)
+            if seen >= n_tokens:
+                break
+    if seen < n_tokens:
+        raise ValueError(
+            f"the data gave {seen} tokens but {n_tokens} were asked for; give more data or lower n_tokens"
+        )
+    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
+    return SparseActivations(cat(vals), cat(idx), cat(sigma))
+
+
+def _virtual_weights_block(suite: SCAESuite, down: str, lo: int, hi: int) -> Tensor:
+    """V[i, j] = (P w_i) . d_j for downstream features lo..hi and every upstream feature (dense)."""
+    W = suite.dicts[down].encoder.weight[lo:hi]
+    Wc = W - W.mean(dim=1, keepdim=True)
+    return torch.cat([Wc @ suite.dicts[u].decoder.weight for u in upstream_names(down)], dim=1)
+
+
+def _upstream(acts: SparseActivations, suite: SCAESuite, down: str):
+    """Upstream values already divided by sigma, and their global indices, [N, K_total]."""
+    sig_N1 = acts.sigma[down][:, None]
+    vals, idx, off = [], [], 0
+    for u in upstream_names(down):
+        vals.append(acts.vals[u] / sig_N1)
+        idx.append(acts.idx[u].long() + off)
+        off += suite.dicts[u].dict_size
+    return torch.cat(vals, 1), torch.cat(idx, 1), off
+
+
+@torch.no_grad()
+def importance_blocks(
+    suite: SCAESuite,
+    acts: SparseActivations,
+    down: str,
+    variant: Variant = "active",
+    *,
+    memory_budget_bytes: int = 1 << 30,
+    token_batch: int = 1024,
+):
+    """Yield (lo, hi, I [hi - lo, n_up]) blocks of the importance matrix of transcoder `down`."""
+    up_vals_NK, up_idx_NK, n_up = _upstream(acts, suite, down)
+    F = suite.dicts[down].dict_size
+    dtype = torch.float32 if up_vals_NK.dtype in (torch.bfloat16, torch.float16) else up_vals_NK.dtype
+    N = acts.n_tokens
+    if variant == "all":
+        a_U = torch.zeros(n_up, dtype=dtype, device=up_vals_NK.device)
+        a_U.index_add_(0, up_idx_NK.flatten(), up_vals_NK.flatten().to(dtype))
+        a_U /= N
+    elif variant != "active":
+        raise ValueError(f"variant must be 'active' or 'all', got {variant!r}")
+    block = max(1, min(F, memory_budget_bytes // (4 * n_up * 3)))
+    d_vals, d_idx = acts.vals[down], acts.idx[down].long()
+    active_NK = d_vals > 0
+    for lo in range(0, F, block):
+        hi = min(F, lo + block)
+        V = _virtual_weights_block(suite, down, lo, hi).to(dtype)
+        if variant == "all":
+            yield lo, hi, V * a_U
+            continue
+        A = torch.zeros((hi - lo) * n_up, dtype=dtype, device=V.device)
+        count = torch.zeros(hi - lo, dtype=dtype, device=V.device)
+        for s in range(0, N, token_batch):
+            sl = slice(s, s + token_batch)
+            sel = active_NK[sl] & (d_idx[sl] >= lo) & (d_idx[sl] < hi)
+            t, k = sel.nonzero(as_tuple=True)
+            if t.numel() == 0:
+                continue
+            i = d_idx[sl][t, k] - lo
+            count.index_add_(0, i, torch.ones_like(i, dtype=dtype))
+            flat = i[:, None] * n_up + up_idx_NK[sl][t]
+            A.index_add_(0, flat.flatten(), up_vals_NK[sl][t].flatten().to(dtype))
+        yield lo, hi, V * A.view(hi - lo, n_up) / count.clamp_min(1)[:, None]
+
+
+def importance(suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active") -> Tensor:
+    """The dense importance matrix [F_down, n_up] of one transcoder (small suites and tests)."""
+    return torch.cat([b for _, _, b in importance_blocks(suite, acts, down, variant)])
+
+
+def _split_global(down: str, suite: SCAESuite, top_FC: Tensor, keep_FC: Tensor) -> dict[str, Tensor]:
+    """Global upstream indices [F, C] (keep mask) -> exchange format {up: [F, C_up]}, -1 padded."""
+    out, off = {}, 0
+    for u in upstream_names(down):
+        F_u = suite.dicts[u].dict_size
+        mine = keep_FC & (top_FC >= off) & (top_FC < off + F_u)
+        local = torch.where(mine, top_FC - off, -1)
+        width = int(mine.sum(1).max()) if mine.numel() else 0
+        # Move this module's entries to the front of each row, then cut to the widest row.
+        order = (~mine).to(torch.int8).argsort(dim=1, stable=True)
+        out[u] = local.gather(1, order)[:, :width].cpu()
+        off += F_u
+    return out
+
+
+@torch.no_grad()
+def top_connections(
+    suite: SCAESuite,
+    acts: SparseActivations,
+    C: int,
+    variant: Variant = "active",
+    *,
+    memory_budget_bytes: int = 1 << 30,
+) -> Connections:
+    """For each transcoder feature, the C upstream features of largest |importance|, one budget
+    across all upstream dictionaries. Pairs of zero importance (never co-active) are not kept."""
+    if C <= 0:
+        raise ValueError(f"C={C} must be a positive number of connections per feature")
+    conns = {}
+    for down in tqdm(suite.transcoder_names, desc="top connections", leave=False):
+        tops, keeps = [], []
+        for _, _, imp in importance_blocks(suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes):
+            c = min(C, imp.shape[1])
+            score, top = imp.abs().topk(c, dim=1)
+            tops.append(top)
+            keeps.append(score > 0)
+        conns[down] = _split_global(down, suite, torch.cat(tops), torch.cat(keeps))
+    validate_connections(conns, suite.dict_sizes)
+    return conns
+
+
+@torch.no_grad()
+def random_connections(
+    suite: SCAESuite, like: Connections, seed: int = 0, block: int = 4096
+) -> Connections:
+    """Uniformly random connections with the same number per feature and upstream module as `like`
+    (the baseline)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for down, ups in like.items():
+        out[down] = {}
+        for u, idx in ups.items():
+            F_u = suite.dicts[u].dict_size
+            counts = (idx >= 0).sum(1)
+            width = int(counts.max()) if counts.numel() else 0
+            rows = []
+            for lo in range(0, idx.shape[0], block):
+                scores = torch.rand(min(block, idx.shape[0] - lo), F_u, generator=g)
+                pick = scores.topk(width, dim=1).indices if width else scores[:, :0].long()
+                slot = torch.arange(width)[None, :]
+                rows.append(torch.where(slot < counts[lo : lo + block, None], pick, -1))
+            out[down][u] = torch.cat(rows) if rows else idx.clone()
+    validate_connections(out, suite.dict_sizes)
+    return out
+
+
+def connection_stats(conns: Connections) -> dict[str, dict[str, float]]:
+    """Mean number of connections per feature into each upstream module."""
+    return {
+        d: {u: float((idx >= 0).sum(1).float().mean()) for u, idx in ups.items()} for d, ups in conns.items()
+    }
+
+
+def main(argv=None) -> None:
+    from dictionary_learning.model import load_model
+
+    from buffer import AllActivationBuffer
+    from dictionary_learning.data import text_source, token_contexts
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", required=True, help="suite folder or Hub id")
+    p.add_argument("--model", default=None, help="model name or path (default: the suite's)")
+    p.add_argument("--data", default=None, help="'embedded', a Hub dataset name, or a text file")
+    p.add_argument("--tokens", type=int, default=200_000, help="tokens to average over")
+    p.add_argument("--C", type=int, default=100, help="connections per downstream feature")
+    p.add_argument("--variant", choices=["active", "all"], default="active")
+    p.add_argument("--random", action="store_true", help="random connections with the same counts")
+    p.add_argument("--out", required=True, help="output file (torch.save of the exchange format)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    suite = SCAESuite.from_pretrained(args.suite, device=args.device)
+    meta = getattr(suite, "meta", {})
+    model = load_model(args.model or meta.get("model_name"), device=args.device)
+    ctx_len = int(meta.get("buffer", {}).get("ctx_len", 128))
+    texts = text_source(args.data or meta.get("data", "embedded"))
+    contexts = token_contexts(texts, model.tokenizer, ctx_len)
+    buf = AllActivationBuffer(
+        model, contexts, n_tokens=min(args.tokens, 1 << 17), out_batch_size=1024,
+        model_batch_size=32, device=args.device, dtype=torch.float32,
+    )
+    acts = collect_activations(suite, buf, args.tokens)
+    conns = top_connections(suite, acts, args.C, args.variant)
+    if args.random:
+        conns = random_connections(suite, conns)
+    save_connections(conns, args.out)
+    logger.info("saved connections for %d transcoders to %s", len(conns), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The connection finder against a plain loop, and recovery of planted connections."""
+
+import torch
+
+from dictionary_learning.connections import load_connections, save_connections, upstream_names
+from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
+from find_top_connections import (
+    collect_activations,
+    importance,
+    random_connections,
+    top_connections,
+)
+from tests.scae_fixtures import Batch, random_batch, random_suite
+from trainers.scae import SCAESuite
+
+
+def test_importance_equals_plain_loop_over_tokens():
+    suite = random_suite(n_layers=2, d=5, F=6, k=2)
+    batches = [random_batch(n_layers=2, d=5, B=7, seed=s) for s in range(3)]
+    acts = collect_activations(suite, batches, n_tokens=18)
+    for down in suite.transcoder_names:
+        imp = importance(suite, acts, down, "active")
+        imp_all = importance(suite, acts, down, "all")
+        ups = upstream_names(down)
+        tc = suite.dicts[down]
+        Wc = tc.encoder.weight - tc.encoder.weight.mean(1, keepdim=True)
+        with torch.no_grad():
+            dense = {n: torch.cat([suite.vanilla_forward(b)[n].feats.dense(6) for b in batches])[:18] for n in suite.names}
+        sigma = torch.cat([b.layernorm_scale[down] for b in batches])[:18]
+        for i in range(tc.dict_size):
+            col = 0
+            for u in ups:
+                for j in range(suite.dicts[u].dict_size):
+                    v = float((Wc[i] @ suite.dicts[u].decoder.weight[:, j]).detach())
+                    tot, n_active, tot_all = 0.0, 0, 0.0
+                    for t in range(18):
+                        c = float(dense[u][t, j]) * v / float(sigma[t])
+                        tot_all += c
+                        if dense[down][t, i] > 0:
+                            tot += c
+                            n_active += 1
+                    want = tot / n_active if n_active else 0.0
+                    assert abs(float(imp[i, col]) - want) < 1e-9, (down, i, u, j)
+                    assert abs(float(imp_all[i, col]) - tot_all / 18) < 1e-9
+                    col += 1
+
+
+def planted_suite(d=64, F_up=48, F_down=40, true_c=3, seed=0):
+    """One layer: a random attn SAE and a transcoder whose feature i reads the decoder directions of
+    a known set S_i of attn features."""
+    g = torch.Generator().manual_seed(seed)
+    sae = AutoEncoderTopK(d, F_up, 5)
+    tc = TopKTranscoder(d, d, F_down, 4)
+    truth = torch.stack([torch.randperm(F_up, generator=g)[:true_c] for _ in range(F_down)])
+    with torch.no_grad():
+        dec = torch.randn(d, F_up, generator=g)
+        dec -= dec.mean(0, keepdim=True)
+        dec /= dec.norm(dim=0, keepdim=True)
+        sae.decoder.weight.copy_(dec)
+        sae.encoder.weight.copy_(dec.T)
+        sae.encoder.bias.zero_()
+        sae.b_dec.zero_()
+        tc.encoder.weight.copy_(dec.T[truth].sum(1))
+        tc.encoder.bias.fill_(-0.5)
+    return SCAESuite({"attn_0": sae, "mlp_0": tc}), truth
+
+
+def planted_batches(suite, n_batches=8, B=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d, F_up = suite.d_model, suite.dicts["attn_0"].dict_size
+    dec = suite.dicts["attn_0"].decoder.weight
+    for _ in range(n_batches):
+        coef = torch.zeros(B, F_up)
+        idx = torch.stack([torch.randperm(F_up, generator=g)[:5] for _ in range(B)])
+        coef.scatter_(1, idx, torch.rand(B, 5, generator=g) + 0.5)
+        attn = coef @ dec.T
+        x0 = 0.1 * torch.randn(B, d, generator=g)
+        resid = x0 + attn
+        sigma = (resid.var(-1, unbiased=False) + 1e-5).sqrt()
+        mlp_in = (resid - resid.mean(-1, keepdim=True)) / sigma[:, None]
+        yield Batch(x0, {"attn_0": attn, "mlp_0": mlp_in}, {"attn_0": attn, "mlp_0": torch.zeros(B, d)},
+                    {"mlp_0": sigma})
+
+
+def test_finder_recovers_planted_connections():
+    suite, truth = planted_suite()
+    acts = collect_activations(suite, planted_batches(suite), n_tokens=2048)
+    conns = top_connections(suite, acts, C=3)
+    found = conns["mlp_0"]["attn_0"]
+    tp = fp = fn = 0
+    for i in range(truth.shape[0]):
+        want, got = set(truth[i].tolist()), {j for j in found[i].tolist() if j >= 0}
+        tp += len(want & got)
+        fp += len(got - want)
+        fn += len(want - got)
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+
+
+def test_budget_is_shared_across_upstream_modules_and_blocks_agree(tmp_path):
+    suite = random_suite(n_layers=3, d=6, F=10, k=3, dtype=torch.float32)
+    acts = collect_activations(suite, [random_batch(3, 6, B=64, seed=s, dtype=torch.float32) for s in range(2)], 128)
+    C = 7
+    conns = top_connections(suite, acts, C)
+    small = top_connections(suite, acts, C, memory_budget_bytes=4 * 3 * 50 * 3)  # blocks of ~3 rows
+    for down, ups in conns.items():
+        per_feature = sum((idx >= 0).sum(1) for idx in ups.values())
+        assert int(per_feature.max()) <= C
+        imp = importance(suite, acts, down)
+        kth = imp.abs().topk(C, dim=1).values[:, -1]
+        off = 0
+        for u in upstream_names(down):
+            F_u = suite.dicts[u].dict_size
+            for i, row in enumerate(ups.get(u, torch.empty(10, 0, dtype=torch.long))):
+                for j in row.tolist():
+                    if j >= 0:
+                        assert imp[i, off + j].abs() >= kth[i] - 1e-6
+            off += F_u
+        for u in ups:
+            assert torch.equal(ups[u].sort(1).values, small[down][u].sort(1).values)
+    save_connections(conns, tmp_path / "c.pt")
+    back = load_connections(tmp_path / "c.pt", suite.dict_sizes)
+    assert all(torch.equal(back[d][u], conns[d][u]) for d in conns for u in conns[d])
+
+
+def test_random_connections_keep_per_module_counts():
+    suite = random_suite(n_layers=3, d=6, F=10, k=3, dtype=torch.float32)
+    acts = collect_activations(suite, [random_batch(3, 6, B=64, dtype=torch.float32)], 64)
+    conns = top_connections(suite, acts, 6)
+    rnd = random_connections(suite, conns, seed=1)
+    for d, ups in conns.items():
+        for u, idx in ups.items():
+            assert torch.equal((idx >= 0).sum(1), (rnd[d][u] >= 0).sum(1))
+    assert any(not torch.equal(rnd[d][u], conns[d][u]) for d in conns for u in conns[d])
