@@ -1,0 +1,131 @@
+import json
+import os
+
+import pytest
+import torch
+
+from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
+from dictionary_learning.errors import DataExhaustedError, NonFiniteLossError
+from dictionary_learning.logger import MetricsLogger
+from tests.test_top_k import FakeBuffer, SparseWorld
+from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig
+from training import CHECKPOINT, TrainConfig, load_checkpoint, train
+
+
+def make_trainer(steps=6):
+    torch.manual_seed(123)
+    dicts = {"attn_0": AutoEncoderTopK(16, 32, 3), "mlp_0": TopKTranscoder(16, 16, 32, 3)}
+    # dead_tokens small so AuxK is active and its state matters for resume
+    cfg = TopKTrainerConfig(total_steps=steps, warmup_steps=2, lr=1e-2, dead_tokens=64)
+    return TopKSuiteTrainer(dicts, cfg)
+
+
+def weights(tr):
+    return {f"{n}.{k}": v for n, d in tr.dicts.items() for k, v in d.state_dict().items()}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_bit_identical(tmp_path):
+    world = SparseWorld()
+    ref = train(make_trainer(), FakeBuffer(world, 64, seed=1),
+                TrainConfig(steps=6, out_dir=str(tmp_path / "a"), log_steps=1))
+
+    out = str(tmp_path / "b")
+    def die(step, m):
+        if step == 3:  # crash during step 4, after the step-2 checkpoint
+            raise Stop
+    with pytest.raises(Stop):
+        train(make_trainer(), FakeBuffer(world, 64, seed=1),
+              TrainConfig(steps=6, out_dir=out, save_steps=2, log_steps=1), callback=die)
+    assert load_checkpoint(os.path.join(out, CHECKPOINT))["step"] == 2
+    torch.manual_seed(999)  # resume must not depend on the process's RNG state
+    res = train(make_trainer(), FakeBuffer(world, 64, seed=1),
+                TrainConfig(steps=6, out_dir=out, save_steps=2, resume=True, log_steps=1))
+    wa, wb = weights(ref), weights(res)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert rows[-1]["step"] == 6 and "attn_0/fvu" in rows[-1]
+    assert os.path.isfile(os.path.join(out, "curves.png"))
+
+
+def test_max_steps_this_run_then_resume(tmp_path):
+    world = SparseWorld()
+    ref = train(make_trainer(), FakeBuffer(world, 64, seed=1),
+                TrainConfig(steps=6, out_dir=str(tmp_path / "a")))
+    out = str(tmp_path / "b")
+    train(make_trainer(), FakeBuffer(world, 64, seed=1),
+          TrainConfig(steps=6, out_dir=out, max_steps_this_run=4))
+    assert load_checkpoint(os.path.join(out, CHECKPOINT))["step"] == 4
+    res = train(make_trainer(), FakeBuffer(world, 64, seed=1),
+                TrainConfig(steps=6, out_dir=out, resume=True))
+    for k, v in weights(ref).items():
+        assert torch.equal(v, weights(res)[k]), k
+
+
+def test_interrupted_checkpoint_write(tmp_path, monkeypatch):
+    world = SparseWorld()
+    out = tmp_path / "c"
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def flaky(src, dst):
+        if str(dst).endswith(CHECKPOINT):
+            calls["n"] += 1
+            if calls["n"] == 2:  # second checkpoint write (step 4) fails
+                raise OSError("disk full (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        train(make_trainer(), FakeBuffer(world, 64, seed=1),
+              TrainConfig(steps=6, out_dir=str(out), save_steps=2))
+    assert load_checkpoint(out / CHECKPOINT)["step"] == 2
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
+
+
+def test_nan_stops_and_keeps_checkpoint(tmp_path):
+    world = SparseWorld()
+
+    class NanBuffer(FakeBuffer):
+        def __next__(self):
+            b = super().__next__()
+            if self.served == 4:
+                b.src["attn_0"][0, 0] = float("nan")
+            return b
+
+    out = tmp_path / "n"
+    with pytest.raises(NonFiniteLossError, match=r"'attn_0'.*step 3"):
+        train(make_trainer(), NanBuffer(world, 64, seed=1),
+              TrainConfig(steps=6, out_dir=str(out), save_steps=2))
+    ck = load_checkpoint(out / CHECKPOINT)
+    assert ck["step"] == 2
+    for sd in ck["trainer"]["dicts"].values():
+        assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_data_exhausted(tmp_path):
+    with pytest.raises(DataExhaustedError, match="step 3"):
+        train(make_trainer(), FakeBuffer(SparseWorld(), 64, n_batches=3),
+              TrainConfig(steps=6, out_dir=str(tmp_path)))
+
+
+def test_logger_online_without_key(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "nonexistent_netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        ml = MetricsLogger(tmp_path, wandb_mode="online", project="p", run_name="r", config={})
+    assert sum("no wandb API key" in r.message for r in caplog.records) == 1
+    ml.log({"loss": 1.0, "attn_0/fvu": 0.5}, step=1)
+    ml.log({"loss": 0.5, "attn_0/fvu": 0.25}, step=2)
+    ml.finish()
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (tmp_path / "curves.png").is_file()
+    with pytest.raises(ValueError, match="wandb_mode"):
+        MetricsLogger(tmp_path, wandb_mode="on")

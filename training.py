@@ -1,0 +1,204 @@
+"""The training loop shared by TopK pretraining and SCAE finetuning, with exact checkpoint resume.
+
+A trainer implements `update(step, batch) -> dict[str, float]`, `state_dict()`,
+`load_state_dict(state)` and has `dicts`; a buffer is an iterator of ActivationBatch with
+`state_dict()` / `load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dictionary_learning.distributed import barrier, is_main
+from dictionary_learning.errors import DataExhaustedError
+from dictionary_learning.logger import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training loop (not of the model or the optimiser)."""
+
+    steps: int
+    """Total optimisation steps of the run (a resumed run continues up to this)."""
+    out_dir: str
+    """Folder for checkpoint.pt, metrics.jsonl and curves.png."""
+    save_steps: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    log_steps: int = 10
+    """Log metrics every this many steps."""
+    resume: bool = False
+    """Continue from out_dir/checkpoint.pt if it exists (bit-identical on CPU)."""
+    wandb_mode: str = "disabled"
+    """'disabled', 'offline' or 'online' (online without an API key logs locally only)."""
+    wandb_project: str = "scae"
+    """wandb project name."""
+    run_name: str | None = None
+    """wandb run name."""
+    seed: int = 0
+    """Seed of torch / random / numpy at the start of a fresh run."""
+    max_steps_this_run: int | None = None
+    """Stop after this many steps in this call (e.g. to fit a time slot); the run can be resumed."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"TrainConfig.steps={self.steps} must be positive")
+        if self.save_steps < 0 or self.log_steps <= 0:
+            raise ValueError("TrainConfig: save_steps must be >= 0 and log_steps > 0")
+
+
+# ---------------------------------------------------------------------------- checkpoint I/O
+def rng_state() -> dict:
+    """RNG states of torch, python, numpy (if imported) and CUDA (if present)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if "numpy" in sys.modules:
+        state["numpy"] = sys.modules["numpy"].random.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(path, trainer, buffer, step: int, cfg: TrainConfig) -> None:
+    atomic_torch_save(
+        {
+            "step": step,
+            "trainer": trainer.state_dict(),
+            "buffer": buffer.state_dict(),
+            "rng": rng_state(),
+            "train_config": asdict(cfg),
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a training checkpoint on CPU (trainers move state to their device)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------ loop
+def train(
+    trainer,
+    buffer,
+    cfg: TrainConfig,
+    callback: Callable[[int, dict], None] | None = None,
+):
+    """Run `trainer.update` over `buffer` for cfg.steps steps; log, checkpoint, resume.
+
+    `callback(step, metrics)` runs after every step (on every rank). Returns the trainer.
+    """
+    out = Path(cfg.out_dir)
+    ckpt_path = out / CHECKPOINT
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        trainer.load_state_dict(ckpt["trainer"])
+        buffer.load_state_dict(ckpt["buffer"])
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["step"])
+        logger.info("resumed from %s at step %d", ckpt_path, start)
+        del ckpt
+    else:
+        if cfg.resume:
+            logger.info("resume=True but %s does not exist: starting a fresh run", ckpt_path)
+        seed_everything(cfg.seed)
+    if start >= cfg.steps:
+        logger.info("checkpoint is already at step %d >= steps=%d; nothing to do", start, cfg.steps)
+        return trainer
+
+    mlog = MetricsLogger(
+        out, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
+        config=asdict(cfg),
+    )
+    end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not is_main(),
+               desc="train", dynamic_ncols=True)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            try:
+                batch = next(buffer)
+            except StopIteration:
+                raise DataExhaustedError(
+                    f"the activation buffer ran out of data at step {step} of {cfg.steps}; give it "
+                    "more tokens (a longer text source) or lower TrainConfig.steps"
+                ) from None
+            metrics = trainer.update(step, batch)
+            if callback is not None:
+                callback(step, metrics)
+            done = step + 1
+            if done % cfg.log_steps == 0 or step == start or done == cfg.steps:
+                mlog.log({**metrics, "step_time": time.perf_counter() - t0}, step=done)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4g}")
+            if cfg.save_steps and done % cfg.save_steps == 0 and done < end:
+                if is_main():
+                    save_checkpoint(ckpt_path, trainer, buffer, done, cfg)
+                barrier()
+        if is_main():
+            save_checkpoint(ckpt_path, trainer, buffer, end, cfg)
+        barrier()
+    finally:
+        bar.close()
+        mlog.finish()
+    return trainer
+
+
+def train_scae_suite(*args, **kwargs):
+    """SCAE finetuning entry point (placeholder: filled in with trainers/scae.py)."""
+    raise NotImplementedError("train_scae_suite is not implemented yet")
