@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from trainers.scae import SCAESuite
 
 
-class Batch(NamedTuple):
-    initial: torch.Tensor
-    src: dict
-    tgt: dict
-    layernorm_scale: dict
+from buffer import ActivationBatch as Batch
 
 
 def random_suite(n_layers=2, d=6, F=10, k=3, seed=0, dtype=torch.float64) -> SCAESuite:

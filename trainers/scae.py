@@ -9,6 +9,7 @@ for both the candidates mode (training) and the all-features mode (evaluation).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ from dictionary_learning.sparse_ops import (
     connection_contrib_candidates,
     sampled_dot,
 )
+from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig, auxk_loss, fvu
 
 Mode = Literal["all", "candidates"]
 
@@ -298,3 +300,117 @@ class SCAESuite(nn.Module):
         suite = cls(files.dicts, connections if connections is not None else files.connections)
         suite.meta = files.meta
         return suite.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- finetuning
+
+
+@dataclass
+class SCAETrainerConfig(TopKTrainerConfig):
+    """Hyperparameters of SCAE finetuning (SCAE-SPEC §4); the TopK fields keep their meaning."""
+
+    coeff: float = 1.0
+    """Weight of each transcoder's pruned FVU."""
+    loss: Literal["vanilla+pruned", "pruned"] = "vanilla+pruned"
+    """'vanilla+pruned': sum_attn FVU_v + sum_mlp (FVU_v + coeff FVU_p); 'pruned': the transcoders'
+    vanilla term is dropped (attention SAEs keep theirs)."""
+    act_coeff: float = 0.0
+    """Weight of the activation-difference term ||f_vanilla - f_pruned||^2 / ||f_vanilla||^2."""
+    n_threshold: int = 32
+    """Candidates after the vanilla top K, by vanilla pre-activation."""
+    n_random: int = 32
+    """Random other candidates per token, used only by the penalty."""
+    random_coeff: float = 0.1
+    """Weight of the random-candidate penalty sum relu(pre_random - min(pre_top))."""
+    warmup_steps: int = 50
+    auxk_alpha: float = 1 / 32
+    """AuxK on the vanilla pass, as in pretraining, to keep features alive."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("vanilla+pruned", "pruned"):
+            raise ValueError(f"SCAETrainerConfig.loss={self.loss!r}: use 'vanilla+pruned' or 'pruned'")
+        if min(self.n_threshold, self.n_random) < 0 or min(self.coeff, self.random_coeff, self.act_coeff) < 0:
+            raise ValueError("SCAETrainerConfig: n_threshold, n_random and the coefficients must be >= 0")
+
+
+class TrainerSCAESuite(TopKSuiteTrainer):
+    """Finetunes every dictionary of a connected suite through the pruned pass (SCAE-SPEC §4).
+
+    Implements the trainer protocol of `training.train`, like `TopKSuiteTrainer`, from which it
+    takes the optimizer, the schedule, the unit-norm decoders and the dead-feature tracking.
+    """
+
+    def __init__(self, suite: SCAESuite, cfg: SCAETrainerConfig, device="cpu", dtype=torch.float32):
+        if not suite.has_connections:
+            raise ValueError(
+                "TrainerSCAESuite needs a suite with connections: suite.set_connections(...) "
+                "with the output of find_top_connections"
+            )
+        for m in suite.transcoder_names:
+            k, F = suite.dicts[m].k, suite.dicts[m].dict_size
+            if k + cfg.n_threshold + cfg.n_random > F:
+                raise ValueError(
+                    f"{m}: k + n_threshold + n_random = {k} + {cfg.n_threshold} + {cfg.n_random} "
+                    f"exceeds dict_size {F}; lower n_threshold or n_random"
+                )
+        self.suite = suite.to(device=device, dtype=dtype)
+        super().__init__(dict(suite.dicts.items()), cfg, device, dtype)
+        self.initialized = True  # finetuning starts from trained dictionaries
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    def losses(self, batch) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Per-dictionary losses, scalar metrics, and the indices of fired (vanilla) features."""
+        cfg = self.cfg
+        batch = batch.to(self.device, self.dtype)
+        out = self.suite(
+            batch, mode="candidates", n_threshold=cfg.n_threshold, n_random=cfg.n_random,
+            generator=self.generator,
+        )
+        losses, metrics, fired = {}, {}, {}
+        for n in self.names:
+            d, van = self.dicts[n], out.vanilla[n]
+            x, y = self.io(n, batch)
+            fvu_v = fvu(y, van.recon_BD)
+            aux = auxk_loss(d, van.pre_BN, y.float() - van.recon_BD.float(), self.dead_mask(n), self.k_aux[n])
+            loss = cfg.auxk_alpha * aux
+            metrics[f"{n}/fvu"], metrics[f"{n}/auxk"] = fvu_v.detach(), aux.detach()
+            active_BK = van.feats.vals_BK > 0
+            metrics[f"{n}/l0"] = active_BK.sum(1).float().mean()
+            fired[n] = van.feats.idx_BK[active_BK]
+            if n not in out.pruned or cfg.loss == "vanilla+pruned":
+                loss = loss + fvu_v
+            if n in out.pruned:
+                pr = out.pruned[n]
+                fvu_p = fvu(y, pr.recon_BD)
+                loss = loss + cfg.coeff * fvu_p
+                metrics[f"{n}/fvu_pruned"] = fvu_p.detach()
+                if pr.penalty is not None:
+                    loss = loss + cfg.random_coeff * pr.penalty
+                    metrics[f"{n}/penalty"] = pr.penalty.detach()
+                if cfg.act_coeff > 0:
+                    diff = self._activation_difference(d.k, van, pr)
+                    loss = loss + cfg.act_coeff * diff
+                    metrics[f"{n}/act_diff"] = diff.detach()
+            losses[n] = loss
+        return losses, metrics, fired
+
+    def _activation_difference(self, k: int, van: DictOutput, pr: DictOutput) -> Tensor:
+        """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates."""
+        n_top = k + self.cfg.n_threshold
+        cand_BT = pr.cand_BN[:, :n_top]
+        f_van_BT = van.pre_BN.gather(1, cand_BT).relu()
+        f_van_BT = torch.cat([f_van_BT[:, :k], torch.zeros_like(f_van_BT[:, k:])], dim=1)
+        top_BT = pr.pre_BN[:, :n_top]
+        vals_BK, sel_BK = top_BT.topk(k, dim=1)
+        f_pr_BT = torch.zeros_like(top_BT).scatter(1, sel_BK, vals_BK.relu())
+        return (f_van_BT - f_pr_BT).float().pow(2).sum() / f_van_BT.float().pow(2).sum().clamp_min(1e-12)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])

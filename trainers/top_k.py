@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -221,12 +221,9 @@ class TopKSuiteTrainer:
     def dead_mask(self, name: str) -> Tensor:
         return self.tokens_since_fired[name] > self.cfg.dead_tokens
 
-    def update(self, step: int, batch) -> dict[str, float]:
-        """One optimisation step on every dictionary; returns scalar metrics."""
-        if not self.initialized:
-            self.init_from_batch(batch)
-        losses, stats, fired = {}, {}, {}
-        total = None
+    def losses(self, batch) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """Per-dictionary losses, scalar metrics (tensors), and the indices of fired features."""
+        losses, metrics, fired = {}, {}, {}
         for n in self.names:
             d = self.dicts[n]
             x, y = self.io(n, batch)
@@ -235,19 +232,25 @@ class TopKSuiteTrainer:
             recon = d.decode(feats)
             main = fvu(y, recon)
             aux = auxk_loss(d, pre_BF, (y.float() - recon.float()), self.dead_mask(n), self.k_aux[n])
-            loss = main + self.cfg.auxk_alpha * aux
-            losses[n] = loss
+            losses[n] = main + self.cfg.auxk_alpha * aux
             active_BK = feats.vals_BK > 0
             fired[n] = feats.idx_BK[active_BK]
-            stats[n] = (main.detach(), aux.detach(), active_BK.sum(1).float().mean())
-            total = loss if total is None else total + loss
-        loss_values = torch.stack([losses[n].detach() for n in self.names]).tolist()
+            metrics[f"{n}/fvu"], metrics[f"{n}/auxk"] = main.detach(), aux.detach()
+            metrics[f"{n}/l0"] = active_BK.sum(1).float().mean()
+        return losses, metrics, fired
+
+    def update(self, step: int, batch) -> dict[str, float]:
+        """One optimisation step on every dictionary; returns scalar metrics."""
+        if not self.initialized:
+            self.init_from_batch(batch)
+        losses, metrics, fired = self.losses(batch)
+        loss_values = torch.stack([losses[n].detach().float() for n in self.names]).tolist()
         for n, v in zip(self.names, loss_values):
             if not math.isfinite(v):
                 raise NonFiniteLossError(n, step, v)
 
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        sum(losses.values()).backward()
         for n in self.names:
             self.dicts[n].remove_parallel_decoder_grad()
         self.sync_grads()
@@ -258,17 +261,12 @@ class TopKSuiteTrainer:
         self.scheduler.step()
         for n in self.names:
             self.dicts[n].normalize_decoder()
-        self._update_dead(batch_size=x.shape[0], fired_idx=fired)
+        self._update_dead(batch_size=batch.initial.shape[0], fired_idx=fired)
 
-        out: dict[str, Any] = {}
-        flat = torch.stack(
-            [t.float() for n in self.names for t in stats[n]]
-            + [self.dead_mask(n).float().mean() for n in self.names]
-        ).tolist()
-        m = len(self.names)
-        for i, n in enumerate(self.names):
-            out[f"{n}/fvu"], out[f"{n}/auxk"], out[f"{n}/l0"] = flat[3 * i : 3 * i + 3]
-            out[f"{n}/dead_frac"] = flat[3 * m + i]
+        for n in self.names:
+            metrics[f"{n}/dead_frac"] = self.dead_mask(n).float().mean()
+        keys = list(metrics)
+        out: dict[str, Any] = dict(zip(keys, torch.stack([metrics[k].float() for k in keys]).tolist()))
         out["loss"] = float(sum(loss_values))
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         out["lr_factor"] = self.scheduler.get_last_lr()[0] / self.lrs[self.names[0]]
@@ -311,3 +309,65 @@ class TopKSuiteTrainer:
         for n in self.names:
             self.tokens_since_fired[n].copy_(state["tokens_since_fired"][n])
         self.initialized = bool(state["initialized"])
+
+
+class DictQuality(NamedTuple):
+    """Held-out quality of one dictionary."""
+
+    fvu: float
+    """sum ||y - yhat||^2 / sum ||y - mean(y)||^2 over all evaluation tokens."""
+    l0: float
+    """Mean number of active (> 0) features per token."""
+    dead_frac: float
+    """Fraction of features never active over the evaluation tokens."""
+    n_tokens: int
+    """Evaluation tokens."""
+
+
+@torch.no_grad()
+def evaluate_dictionaries(
+    dicts: dict[str, TopKDictionary],
+    batches,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, DictQuality]:
+    """FVU, L0 and dead fraction of every dictionary over an iterable of ActivationBatch.
+
+    Sums are accumulated in float64 so the FVU is over the whole evaluation set, not a batch mean.
+    """
+    names = suite_order(dicts)
+    acc = {
+        n: {"err": 0.0, "s1": None, "s2": 0.0, "l0": 0.0, "hit": None, "n": 0} for n in names
+    }
+    for batch in batches:
+        for n in names:
+            d = dicts[n]
+            kind, _ = check_name(n)
+            if n not in batch.src:
+                raise KeyError(f"dictionary {n!r} has no activations in the evaluation batch")
+            x = batch.src[n].to(device, dtype)
+            y = (x if kind == "attn" else batch.tgt[n].to(device, dtype)).double()
+            recon, feats = d(x, output_features=True)
+            a = acc[n]
+            a["err"] += float((y - recon.double()).pow(2).sum())
+            a["s1"] = y.sum(0) if a["s1"] is None else a["s1"] + y.sum(0)
+            a["s2"] += float(y.pow(2).sum())
+            active = feats.vals_BK > 0
+            a["l0"] += float(active.sum())
+            if a["hit"] is None:
+                a["hit"] = torch.zeros(d.dict_size, dtype=torch.bool, device=x.device)
+            a["hit"][feats.idx_BK[active]] = True
+            a["n"] += x.shape[0]
+    out = {}
+    for n in names:
+        a = acc[n]
+        if a["n"] == 0:
+            raise ValueError("evaluate_dictionaries: no evaluation batches were given")
+        var = a["s2"] - float(a["s1"].pow(2).sum()) / a["n"]
+        out[n] = DictQuality(
+            fvu=a["err"] / max(var, 1e-30),
+            l0=a["l0"] / a["n"],
+            dead_frac=1.0 - float(a["hit"].float().mean()),
+            n_tokens=a["n"],
+        )
+    return out

@@ -1,0 +1,115 @@
+"""Finetuning through the pruned pass, and the suite on a real (tiny) model's activations."""
+
+import pytest
+import torch
+
+from buffer import AllActivationBuffer
+from dictionary_learning.dictionary import TopKTranscoder
+from dictionary_learning.errors import NonFiniteLossError
+from find_top_connections import collect_activations, random_connections, top_connections
+from tests.helpers import random_contexts, tiny_gpt2
+from tests.scae_fixtures import exact_sae, full_connections, random_suite
+from trainers.scae import SCAESuite, SCAETrainerConfig, TrainerSCAESuite
+
+
+def tiny_buffer(n_layer=2, d=32, n_tokens=2048, batch=256, seed=0):
+    model, _ = tiny_gpt2(n_layer=n_layer, d_model=d, n_ctx=32)
+    ctxs = random_contexts(400, 17, seed=seed)
+    return AllActivationBuffer(model, iter(ctxs), n_tokens=n_tokens, out_batch_size=batch,
+                               model_batch_size=32, seed=seed)
+
+
+def test_exact_attention_sae_on_real_activations_gives_vanilla_mlp0_pre():
+    """Spec §2: r_0 = x0 + attn_out_0 is resid_mid_0 when attn_0 is exact, so pruned == vanilla."""
+    buf = tiny_buffer(n_layer=1)
+    batch = next(buf).to(dtype=torch.float64)
+    suite = SCAESuite({"attn_0": exact_sae(32), "mlp_0": TopKTranscoder(32, 32, 64, 8)}).double()
+    suite.set_connections(full_connections(suite))
+    van = suite.vanilla_forward(batch)
+    pr = suite.pruned_forward(batch, van, mode="all")
+    torch.testing.assert_close(pr["mlp_0"].pre_BN, van["mlp_0"].pre_BN, rtol=1e-5, atol=1e-5)  # fp32 model
+
+
+def suite_for(buf, F=64, k=4):
+    suite = random_suite(n_layers=buf.n_layers, d=buf.d_model, F=F, k=k, dtype=torch.float32)
+    with torch.no_grad():  # start from a sensible scale: encoders read their decoders
+        for ae in suite.dicts.values():
+            ae.encoder.weight.copy_(ae.decoder.weight.T)
+            ae.encoder.bias.zero_()
+    return suite
+
+
+def test_finetuning_lowers_pruned_fvu_and_resumes_exactly():
+    buf = tiny_buffer()
+    suite = suite_for(buf)
+    acts = collect_activations(suite, buf, 1024)
+    suite.set_connections(top_connections(suite, acts, C=8))
+    cfg = SCAETrainerConfig(total_steps=40, lr=3e-3, warmup_steps=2, n_threshold=8, n_random=4,
+                            act_coeff=0.1)
+    tr = TrainerSCAESuite(suite, cfg)
+    batches = [next(buf) for _ in range(8)]
+    first = tr.update(0, batches[0])
+    for step in range(1, 40):
+        last = tr.update(step, batches[step % 8])
+    for m in suite.transcoder_names:
+        assert last[f"{m}/fvu_pruned"] < 0.8 * first[f"{m}/fvu_pruned"], m
+        assert f"{m}/penalty" in last and f"{m}/act_diff" in last
+    for ae in suite.dicts.values():
+        torch.testing.assert_close(ae.decoder.weight.norm(dim=0), torch.ones(ae.dict_size))
+
+    # state_dict round trip: two more steps from a restored copy equal two more steps here
+    state = {k: v for k, v in tr.state_dict().items()}
+    import copy
+
+    twin = TrainerSCAESuite(copy.deepcopy(suite), cfg)
+    twin.load_state_dict(copy.deepcopy(state))
+    for step in (40, 41):
+        tr.update(step, batches[step % 8])
+        twin.update(step, batches[step % 8])
+    for n in suite.names:
+        for (pn, a), b in zip(tr.dicts[n].state_dict().items(), twin.dicts[n].state_dict().values()):
+            assert torch.equal(a, b), (n, pn)
+
+
+def test_pruned_only_loss_drops_transcoder_vanilla_term():
+    suite = random_suite(n_layers=2, d=6, F=12, k=2, dtype=torch.float32)
+    from tests.scae_fixtures import random_batch, random_connections as rc
+
+    suite.set_connections(rc(suite, C=4))
+    batch = random_batch(2, 6, B=16, dtype=torch.float32)
+    both = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0))
+    losses_both, m, _ = both.losses(batch)
+    only = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0,
+                                                     loss="pruned"))
+    losses_only, _, _ = only.losses(batch)
+    for n in suite.transcoder_names:
+        torch.testing.assert_close(losses_both[n] - losses_only[n], m[f"{n}/fvu"])
+    for n in ["attn_0", "attn_1"]:
+        torch.testing.assert_close(losses_both[n], losses_only[n])
+
+
+def test_nan_loss_names_the_dictionary_and_step():
+    suite = random_suite(n_layers=1, d=6, F=12, k=2, dtype=torch.float32)
+    from tests.scae_fixtures import random_batch, random_connections as rc
+
+    suite.set_connections(rc(suite, C=4))
+    batch = random_batch(1, 6, B=8, dtype=torch.float32)
+    with torch.no_grad():
+        suite.dicts["mlp_0"].b_dec[0] = float("nan")
+    before = {k: v.clone() for k, v in suite.state_dict().items()}
+    tr = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=5, n_threshold=2, n_random=0))
+    with pytest.raises(NonFiniteLossError, match=r"mlp_0.*step 3"):
+        tr.update(3, batch)
+    for k, v in suite.state_dict().items():
+        assert torch.equal(v.nan_to_num(), before[k].nan_to_num()), k
+
+
+def test_trainer_rejects_too_many_candidates_and_missing_connections():
+    suite = random_suite(n_layers=1, d=6, F=12, k=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="connections"):
+        TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1))
+    from tests.scae_fixtures import random_connections as rc
+
+    suite.set_connections(rc(suite, C=4))
+    with pytest.raises(ValueError, match=r"mlp_0: k \+ n_threshold \+ n_random"):
+        TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, n_threshold=8, n_random=4))
