@@ -137,7 +137,7 @@ class AllActivationBuffer:
     # ------------------------------------------------------------------------------------ model
     @torch.no_grad()
     def _run_model(self, toks_BC: Tensor) -> dict[str, Tensor]:
-        """Trace one model batch; return flat [b*(C-1), D] activations (BOS dropped) and sigmas."""
+        """Trace one model batch; return [b, C-1, D] activation views (BOS dropped) and flat sigmas."""
         L, model = self.n_layers, self.model
         saved: dict[str, object] = {}
         with model.trace(toks_BC.to(self._model_device)) as tracer:
@@ -163,7 +163,7 @@ class AllActivationBuffer:
                 sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + self.ln_eps[l])
                 out[f"sigma_{l}"] = sigma.reshape(-1)
             else:
-                out[k] = v.reshape(-1, v.shape[-1])
+                out[k] = v  # [b, C-1, D] view; copied once, straight into the store
         return out
 
     # ------------------------------------------------------------------------------------- fill
@@ -203,11 +203,12 @@ class AllActivationBuffer:
             n = len(batch) * T
             if not store:
                 store = {
-                    k: torch.empty((cap,) + v.shape[1:], device=self.device, dtype=self.dtype)
+                    k: torch.empty((cap,) + v.shape[2:], device=self.device, dtype=self.dtype)
+                    if v.dim() == 3 else torch.empty(cap, device=self.device, dtype=self.dtype)
                     for k, v in acts.items()
                 }
             for k, v in acts.items():
-                store[k][rows : rows + n] = v.to(device=self.device, dtype=self.dtype)
+                store[k][rows : rows + n].view(v.shape).copy_(v)
             rows += n
             self.peak_stored_tokens = max(self.peak_stored_tokens, rows)
         n_serve = (rows // self.out_batch_size) * self.out_batch_size
