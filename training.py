@@ -199,6 +199,62 @@ def train(
     return trainer
 
 
-def train_scae_suite(*args, **kwargs):
-    """SCAE finetuning entry point (placeholder: filled in with trainers/scae.py)."""
-    raise NotImplementedError("train_scae_suite is not implemented yet")
+def train_scae_suite(
+    buffer,
+    *,
+    trainer_cfg,
+    train_cfg: TrainConfig,
+    suite=None,
+    repo_id_in: str | None = None,
+    connections=None,
+    repo_id_out: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Finetune a connected suite through the pruned pass (SCAE-SPEC §4); returns the suite.
+
+    The suite is `suite` (an SCAESuite) or loaded from `repo_id_in` (a local folder or a Hub id);
+    `connections` (exchange format, or a file path) replaces the suite's own. The finetuned suite is
+    saved to `<train_cfg.out_dir>/suite` and, with `repo_id_out`, pushed to the Hub (token from the
+    environment or `huggingface-cli login`).
+    """
+    from dictionary_learning.connections import load_connections
+    from trainers.scae import SCAESuite, TrainerSCAESuite
+
+    if (suite is None) == (repo_id_in is None):
+        raise ValueError(
+            "train_scae_suite needs exactly one of suite= (an SCAESuite) or repo_id_in= (a suite "
+            "folder or Hub id, e.g. 'jacobcd52/gpt2_suite_folded_ln')"
+        )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if suite is None:
+        suite = SCAESuite.from_pretrained(repo_id_in, device=device, dtype=dtype)
+    if connections is not None:
+        if isinstance(connections, (str, os.PathLike)):
+            connections = load_connections(connections, suite.dict_sizes)
+        suite.set_connections(connections)
+    if not suite.has_connections:
+        raise ValueError(
+            "the suite has no connections: pass connections= (a file from find_top_connections.py "
+            "or its exchange-format dict)"
+        )
+    trainer = TrainerSCAESuite(suite, trainer_cfg, device=device, dtype=dtype)
+    train(trainer, buffer, train_cfg)
+    out = Path(train_cfg.out_dir) / "suite"
+    if is_main():
+        meta = {**getattr(suite, "meta", {}), "finetune": asdict(trainer_cfg), "steps": train_cfg.steps}
+        suite.save_pretrained(out, meta)
+        if repo_id_out:
+            push_to_hub(out, repo_id_out)
+    barrier()
+    return suite
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str) -> None:
+    """Upload a suite folder to a Hub model repo (created if needed; private by default)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True, private=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)

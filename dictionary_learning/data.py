@@ -129,3 +129,13 @@ def batched_contexts(contexts: Iterable[torch.Tensor], n: int) -> Iterator[torch
     it = iter(contexts)
     while chunk := list(islice(it, n)):
         yield torch.stack(chunk)
+
+
+def text_source(spec: str, split: str = "train") -> Iterator[str]:
+    """A text source from a short spec: "embedded" (the Shakespeare corpus), an existing file or
+    folder (`text_file_source`), or else a `datasets` name streamed from the Hub (`hf_text_source`)."""
+    if spec == "embedded":
+        return embedded_text_source(split)
+    if Path(spec).exists():
+        return text_file_source(spec)
+    return hf_text_source(spec, split=split)
