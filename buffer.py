@@ -50,6 +50,43 @@ class ActivationBatch(NamedTuple):
         )
 
 
+@torch.no_grad()
+def trace_activations(model, toks_BC: Tensor, ln_eps: list[float] | None = None) -> dict[str, Tensor]:
+    """One nnsight trace of a folded GPT-2: per-position activations of every layer, BOS kept.
+
+    Returns {"initial": x0, "attn_<l>": attn_out_l, "mlp_in_<l>", "mlp_out_<l>"} each [B, C, D],
+    and {"sigma_<l>"} each [B, C] (sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps), in fp32).
+    The trace stops after the last MLP, so the LM head never runs. `toks_BC` must be on the
+    model's device. This is the one tracing implementation (the buffer and evaluate.py use it).
+    """
+    L = len(hf_model(model).transformer.h)
+    if ln_eps is None:
+        ln_eps = [float(b.ln_2.eps) for b in hf_model(model).transformer.h]
+    saved: dict[str, object] = {}
+    with model.trace(toks_BC) as tracer:
+        blocks = model.transformer.h
+        saved["initial"] = blocks[0].input.save()
+        for l in range(L):
+            saved[f"attn_{l}"] = blocks[l].attn.output[0].save()
+            saved[f"resid_mid_{l}"] = blocks[l].ln_2.input.save()
+            saved[f"mlp_in_{l}"] = blocks[l].mlp.input.save()
+            saved[f"mlp_out_{l}"] = blocks[l].mlp.output.save()
+        tracer.stop()
+    out: dict[str, Tensor] = {}
+    for k, v in saved.items():
+        if type(v) is not Tensor:
+            raise RuntimeError(
+                f"nnsight returned a {type(v).__name__} for {k}, not a plain tensor; the "
+                "nnsight version is incompatible (pin nnsight==0.8.1)."
+            )
+        if k.startswith("resid_mid_"):
+            l = int(k.rsplit("_", 1)[1])
+            out[f"sigma_{l}"] = torch.sqrt(v.float().var(dim=-1, unbiased=False) + ln_eps[l])
+        else:
+            out[k] = v
+    return out
+
+
 class AllActivationBuffer:
     """Iterator of shuffled ActivationBatch rows, refilled from a context iterator.
 
@@ -137,33 +174,14 @@ class AllActivationBuffer:
     # ------------------------------------------------------------------------------------ model
     @torch.no_grad()
     def _run_model(self, toks_BC: Tensor) -> dict[str, Tensor]:
-        """Trace one model batch; return [b, C-1, D] activation views (BOS dropped) and flat sigmas."""
-        L, model = self.n_layers, self.model
-        saved: dict[str, object] = {}
-        with model.trace(toks_BC.to(self._model_device)) as tracer:
-            blocks = model.transformer.h
-            saved["initial"] = blocks[0].input.save()
-            for l in range(L):
-                saved[f"attn_{l}"] = blocks[l].attn.output[0].save()
-                saved[f"resid_mid_{l}"] = blocks[l].ln_2.input.save()
-                saved[f"mlp_in_{l}"] = blocks[l].mlp.input.save()
-                saved[f"mlp_out_{l}"] = blocks[l].mlp.output.save()
-            tracer.stop()
+        """Trace one model batch; return [b, C-1, D] activation views (BOS dropped) and flat sigmas.
+
+        The views are copied once, straight into the store (no intermediate flattening copy)."""
+        acts = trace_activations(self.model, toks_BC.to(self._model_device), ln_eps=self.ln_eps)
         out: dict[str, Tensor] = {}
-        for k, v in saved.items():
-            if type(v) is not Tensor:
-                raise RuntimeError(
-                    f"nnsight returned a {type(v).__name__} for {k}, not a plain tensor; the "
-                    "nnsight version is incompatible (pin nnsight==0.8.1)."
-                )
+        for k, v in acts.items():
             v = v[:, 1:]  # drop BOS
-            if k.startswith("resid_mid_"):
-                l = int(k.rsplit("_", 1)[1])
-                x = v.float()
-                sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + self.ln_eps[l])
-                out[f"sigma_{l}"] = sigma.reshape(-1)
-            else:
-                out[k] = v  # [b, C-1, D] view; copied once, straight into the store
+            out[k] = v.reshape(-1) if k.startswith("sigma_") else v
         return out
 
     # ------------------------------------------------------------------------------------- fill
