@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dictionary_learning.distributed import barrier, is_main
 from dictionary_learning.errors import DataExhaustedError
+from dictionary_learning.files import atomic_torch_save, atomic_write_json  # noqa: F401 (re-exported)
 from dictionary_learning.logger import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -87,29 +88,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed(seed)
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_checkpoint(path, trainer, buffer, step: int, cfg: TrainConfig) -> None:

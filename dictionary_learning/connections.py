@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .files import atomic_torch_save
 
 Connections = dict[str, dict[str, Tensor]]
 
@@ -105,17 +106,8 @@ def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None
 
 def save_connections(conns: Connections, path: str | os.PathLike) -> None:
     """torch.save the exchange format atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     plain = {d: {u: t.detach().to("cpu", torch.int64) for u, t in ups.items()} for d, ups in conns.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(plain, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_torch_save(plain, path)
 
 
 def load_connections(path: str | os.PathLike, dict_sizes: dict[str, int] | None = None) -> Connections:

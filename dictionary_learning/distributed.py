@@ -71,3 +71,32 @@ def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def init_distributed() -> bool:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...).
+
+    nccl when CUDA is present (each rank on cuda:LOCAL_RANK), gloo on CPU. A plain single-process
+    run (no WORLD_SIZE, or WORLD_SIZE=1) does nothing. Returns whether a group is active.
+    """
+    import os
+
+    if _active():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def default_device() -> str:
+    """cuda:LOCAL_RANK when CUDA is present, else cpu."""
+    import os
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
