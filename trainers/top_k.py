@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from dictionary_learning.dictionary import TopKDictionary, sparse_decode, topk_relu
+from dictionary_learning.dictionary import TopKDictionary, topk_relu
 from dictionary_learning.distributed import (
     all_reduce_max_,
     average_gradients,
@@ -127,7 +127,8 @@ def auxk_loss(
         return pre_BF.new_zeros((), dtype=torch.float32)
     pre_dead_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
     feats = topk_relu(pre_dead_BF, min(k_aux, n_dead))
-    aux_BD = sparse_decode(feats, d.decoder.weight, torch.zeros_like(d.b_dec))
+    # dense [B, F] @ W_dec^T: pre_BF is already [B, F]; faster than embedding_bag for k_aux ~ D/2
+    aux_BD = feats.dense(d.dict_size).to(d.decoder.weight.dtype) @ d.decoder.weight.T
     return fvu(residual_BD.detach(), aux_BD)
 
 
