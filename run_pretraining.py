@@ -12,7 +12,7 @@ MODEL = "scae-shakespeare"  # dictionary_learning.embedded.EMBEDDED_MODEL, or a 
 DICT_SIZE = 1024  # F for every dictionary (d_model = 128 on the embedded model: 8x)
 K = 16  # active features per token
 BATCH_TOKENS = 1024  # tokens per optimisation step
-STEPS = 1500
+STEPS = 1000
 CTX_LEN = 128
 BUFFER_TOKENS = 2**16  # tokens held (and shuffled) by the activation buffer
 EVAL_TOKENS = 2**15  # held-out (validation split) tokens for the quality table
