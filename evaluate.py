@@ -1,0 +1,716 @@
+"""Evaluation of an SCAE suite (SCAE-SPEC §5) with the data hygiene of §6.
+
+Per dictionary: FVU (vanilla and pruned), L0, dead fraction and pruned-vs-vanilla agreement. For
+the whole suite: next-token cross-entropy of the clean model, of r_final = x0 (every block
+ablated), of the suite's vanilla and pruned reconstructions, CE recovered, and per-dictionary
+splice CE (the real model with one module's output replaced by its dictionary's reconstruction).
+
+Hygiene: the BOS position (0) of every context is never reconstructed or scored; CE is computed
+only on the predictions made from positions 1..T-2 (of tokens 2..T-1); in splice runs the BOS
+position keeps its true activation. Contexts are packed, so there is no padding.
+
+The metric functions are standalone; `evaluate_suite` runs them over chunks of contexts,
+accumulating sums so the results equal a one-shot computation with bounded memory; `report`
+adds report.json and plots; `python evaluate.py --suite DIR --out DIR` is the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from buffer import ActivationBatch, trace_activations
+from dictionary_learning.dictionary import Features
+from dictionary_learning.model import hf_model, model_info
+from trainers.scae import SCAESuite
+from trainers.top_k import fvu
+
+logger = logging.getLogger("evaluate")
+
+__all__ = [
+    "l0", "fired_features", "dead_fraction", "agreement_per_token", "agreement", "ce_recovered",
+    "scored_predictions", "next_token_ce", "final_residual", "unembed", "clean_logits",
+    "splice_logits", "fvu", "FVUAccumulator", "ModuleMetrics", "CEMetrics", "SuiteEval",
+    "evaluate_suite", "report", "format_table", "print_table", "save_plots", "main",
+]
+
+
+# ============================================================================ metric functions
+
+
+def l0(feats: Features) -> Tensor:
+    """Mean number of active (> 0) features per token, a scalar (fp32)."""
+    return (feats.vals_BK > 0).sum(1).float().mean()
+
+
+def fired_features(feats: Features, n_features: int) -> Tensor:
+    """BoolTensor [F]: which features are active (> 0) on at least one token of the batch."""
+    fired_F = torch.zeros(n_features, dtype=torch.bool, device=feats.idx_BK.device)
+    fired_F[feats.idx_BK[feats.vals_BK > 0]] = True
+    return fired_F
+
+
+def dead_fraction(fired_F: Tensor) -> float:
+    """Fraction of features never active, from the OR of `fired_features` over all tokens."""
+    return 1.0 - float(fired_F.float().mean())
+
+
+def agreement_per_token(vanilla: Features, pruned: Features) -> Tensor:
+    """[B]: |A_pruned ∩ A_vanilla| / |A_vanilla| per token, A = indices with value > 0.
+
+    NaN for tokens with no active vanilla feature (the ratio is undefined there).
+    """
+    van_BK = torch.where(vanilla.vals_BK > 0, vanilla.idx_BK, -1)
+    pr_BK = torch.where(pruned.vals_BK > 0, pruned.idx_BK, -2)
+    # indices within one TopK set are distinct, so the pairwise match count is |A_p ∩ A_v|
+    inter_B = (van_BK[:, :, None] == pr_BK[:, None, :]).sum((1, 2)).float()
+    n_van_B = (vanilla.vals_BK > 0).sum(1).float()
+    return torch.where(n_van_B > 0, inter_B / n_van_B.clamp_min(1), torch.nan)
+
+
+def agreement(vanilla: Features, pruned: Features) -> Tensor:
+    """Mean over tokens of |A_pruned ∩ A_vanilla| / |A_vanilla| (tokens with A_vanilla empty are
+    left out); 1 means the pruned pass activates every vanilla-active feature."""
+    return agreement_per_token(vanilla, pruned).nanmean()
+
+
+def ce_recovered(ce_ablated: float, ce_suite: float, ce_clean: float) -> float:
+    """(CE_ablated - CE_suite) / (CE_ablated - CE_clean): 1 = as good as the model, 0 = as bad as
+    removing every block. NaN when CE_ablated == CE_clean."""
+    den = ce_ablated - ce_clean
+    return (ce_ablated - ce_suite) / den if den != 0 else math.nan
+
+
+def scored_predictions(logits_BTV: Tensor, toks_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """The scored (logits [N, V], targets [N]) of full-context logits: predictions made from
+    positions 1..T-2 of tokens 2..T-1 (the prediction from BOS is left out, spec §6)."""
+    if logits_BTV.shape[:2] != toks_BT.shape:
+        raise ValueError(
+            f"logits {tuple(logits_BTV.shape)} and tokens {tuple(toks_BT.shape)} disagree; pass "
+            "logits for every position of the contexts, [B, T, V] with tokens [B, T]."
+        )
+    if toks_BT.shape[1] < 3:
+        raise ValueError(
+            f"contexts of {toks_BT.shape[1]} tokens have no scored prediction; CE needs BOS + 2 "
+            "tokens at least (use ctx_len >= 3)."
+        )
+    logits_NV = logits_BTV[:, 1:-1].reshape(-1, logits_BTV.shape[-1])
+    return logits_NV, toks_BT[:, 2:].reshape(-1).to(logits_BTV.device)
+
+
+def next_token_ce(logits_BTV: Tensor, toks_BT: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy over the scored predictions (see `scored_predictions`), in fp32."""
+    logits_NV, tgt_N = scored_predictions(logits_BTV, toks_BT)
+    return F_.cross_entropy(logits_NV.float(), tgt_N, reduction=reduction)
+
+
+def final_residual(x0_BTD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
+    """r_final = x0 + sum of the given module outputs (reconstructions or true outputs), fp32."""
+    r_BTD = x0_BTD.float().clone()
+    for out_BTD in outputs:
+        r_BTD += out_BTD.to(device=r_BTD.device, dtype=torch.float32)
+    return r_BTD
+
+
+def unembed(model, r_final_BTD: Tensor) -> Tensor:
+    """logits = lm_head(ln_f(r_final)) with the model's own ln_f and unembedding, [B, T, V]."""
+    hf = hf_model(model)
+    w = hf.lm_head.weight
+    return hf.lm_head(hf.transformer.ln_f(r_final_BTD.to(device=w.device, dtype=w.dtype)))
+
+
+def clean_logits(model, toks_BT: Tensor) -> Tensor:
+    """The model's own logits [B, T, V] (contexts are packed: the attention mask is all ones)."""
+    hf = hf_model(model)
+    toks_BT = toks_BT.to(hf.lm_head.weight.device)
+    return hf(input_ids=toks_BT, attention_mask=torch.ones_like(toks_BT)).logits
+
+
+def splice_logits(model, toks_BT: Tensor, name: str, recon_fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Logits [B, T, V] of the real model with module `name`'s output replaced by `recon_fn`.
+
+    attn_<l>: h[l].attn output[0] at positions 1.. becomes recon_fn(that output) (an SAE);
+    mlp_<l>: h[l].mlp output at positions 1.. becomes recon_fn(the mlp input of this run) (a
+    transcoder). recon_fn maps [N, D] to [N, D]. The BOS position keeps its true activation;
+    everything else runs for real (forward hooks, removed afterwards).
+    """
+    hf = hf_model(model)
+    kind, _, layer = name.partition("_")
+    if kind not in ("attn", "mlp") or not layer.isdigit() or int(layer) >= len(hf.transformer.h):
+        raise ValueError(
+            f"cannot splice {name!r}: use 'attn_<l>' or 'mlp_<l>' with l < {len(hf.transformer.h)}."
+        )
+    block = hf.transformer.h[int(layer)]
+
+    def replace(out_BTD: Tensor, x_BTD: Tensor) -> Tensor:
+        B, T, D = x_BTD.shape
+        recon_ND = recon_fn(x_BTD[:, 1:].reshape(-1, D))
+        new_BTD = out_BTD.clone()
+        new_BTD[:, 1:] = recon_ND.reshape(B, T - 1, -1).to(device=out_BTD.device, dtype=out_BTD.dtype)
+        return new_BTD
+
+    if kind == "attn":
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            new = replace(out, out)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        handle = block.attn.register_forward_hook(hook)
+    else:
+        def hook(module, args, output):
+            return replace(output, args[0])
+
+        handle = block.mlp.register_forward_hook(hook)
+    try:
+        return clean_logits(model, toks_BT)
+    finally:
+        handle.remove()
+
+
+class FVUAccumulator:
+    """sum ||y - yhat||^2 / sum ||y - mean(y)||^2 over all tokens seen, from chunks (float64).
+
+    The mean and the centred sum of squares are merged chunk by chunk (Chan et al.), so the result
+    equals `fvu` on the concatenation without storing it and without cancellation.
+    """
+
+    def __init__(self):
+        self.n = 0
+        self.err = 0.0
+        self.mean_D: Tensor | None = None
+        self.m2 = 0.0
+
+    def update(self, y_ND: Tensor, yhat_ND: Tensor) -> None:
+        """Add a chunk of targets and reconstructions, [N, D] each."""
+        y = y_ND.double()
+        nb = y.shape[0]
+        if nb == 0:
+            return
+        self.err += float((y - yhat_ND.double()).pow(2).sum())
+        mean_b = y.mean(0)
+        m2_b = float((y - mean_b).pow(2).sum())
+        if self.mean_D is None:
+            self.n, self.mean_D, self.m2 = nb, mean_b, m2_b
+            return
+        n = self.n + nb
+        delta = mean_b - self.mean_D
+        self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * nb / n
+        self.mean_D = self.mean_D + delta * (nb / n)
+        self.n = n
+
+    def value(self) -> float:
+        if self.n == 0:
+            return math.nan
+        return self.err / max(self.m2, 1e-12)
+
+
+# ================================================================================ evaluation
+
+
+class ModuleMetrics(NamedTuple):
+    """Metrics of one dictionary over all evaluation tokens (pruned ones None without connections)."""
+
+    fvu_vanilla: float
+    """FVU of the vanilla reconstruction of the module's target."""
+    fvu_pruned: float | None
+    """FVU of the pruned reconstruction (attn SAEs are leaves: equal to fvu_vanilla)."""
+    l0: float
+    """Mean active features per token, vanilla pass."""
+    l0_pruned: float | None
+    """Mean active features per token, pruned pass."""
+    dead_frac: float
+    """Fraction of features never active (vanilla pass) over the evaluation tokens."""
+    agreement: float | None
+    """Mean over tokens of |A_pruned ∩ A_vanilla| / |A_vanilla| (1 for attn leaves)."""
+
+
+class CEMetrics(NamedTuple):
+    """Next-token cross-entropies (nats) over the scored predictions, and CE recovered."""
+
+    clean: float
+    """The model's own logits."""
+    ablated: float
+    """r_final = x0 (every block ablated)."""
+    vanilla: float
+    """r_final = x0 + all vanilla reconstructions."""
+    pruned: float | None
+    """r_final = x0 + attn vanilla + mlp pruned reconstructions (None without connections)."""
+    recovered_vanilla: float
+    recovered_pruned: float | None
+    splice: dict[str, float]
+    """{name: CE of the real model with that one module replaced by its dictionary} (may be empty)."""
+
+
+class SuiteEval(NamedTuple):
+    """Everything `evaluate_suite` measured."""
+
+    modules: dict[str, ModuleMetrics]
+    ce: CEMetrics
+    n_contexts: int
+    ctx_len: int
+    n_tokens: int
+    """Scored dictionary tokens (every non-BOS position)."""
+    n_predictions: int
+    """Scored CE predictions (positions 1..T-2 of every context)."""
+    has_connections: bool
+
+
+class _Sum:
+    """A float64 running sum and count (for means over chunks)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, total: float | Tensor, count: int) -> None:
+        self.total += float(total)
+        self.count += int(count)
+
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+def _prepare_contexts(
+    contexts, n_contexts: int | None, n_tokens: int | None, batch_size: int, n_ctx: int,
+) -> tuple[int, int | None, Iterator[Tensor]]:
+    """(ctx_len, number of contexts to use or None = all, iterator of checked LongTensor [b, C]
+    batches of at most `batch_size` contexts)."""
+    if isinstance(contexts, Tensor) and contexts.dim() == 2:
+        contexts = list(contexts)
+    it = iter(contexts)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("no evaluation contexts were given; pass LongTensors [ctx_len] (token_contexts).")
+    ctx_len = int(first.shape[-1])
+    if ctx_len < 3 or ctx_len > n_ctx:
+        raise ValueError(
+            f"contexts have {ctx_len} tokens; evaluation needs 3 <= ctx_len <= n_positions={n_ctx} "
+            "(BOS + at least one scored prediction); build them with token_contexts(..., ctx_len)."
+        )
+    limit = n_contexts
+    if n_tokens is not None:
+        by_tokens = max(1, math.ceil(n_tokens / (ctx_len - 1)))
+        limit = by_tokens if limit is None else min(limit, by_tokens)
+
+    def batches() -> Iterator[Tensor]:
+        batch: list[Tensor] = []
+        for i, ctx in enumerate(_chain(first, it)):
+            if limit is not None and i >= limit:
+                break
+            if not isinstance(ctx, Tensor) or ctx.dim() != 1 or ctx.dtype.is_floating_point:
+                raise TypeError(f"context {i} is not a 1-D LongTensor of token ids; use token_contexts().")
+            if ctx.shape[0] != ctx_len:
+                raise ValueError(
+                    f"context {i} has {ctx.shape[0]} tokens, expected {ctx_len}; all contexts must "
+                    "have one length (token_contexts packs them)."
+                )
+            batch.append(ctx.long())
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+    return ctx_len, limit, batches()
+
+
+def _chain(first, it):
+    yield first
+    yield from it
+
+
+def _check_fit(suite: SCAESuite, model) -> None:
+    info = model_info(model)
+    if suite.n_layers != info.n_layers or suite.d_model != info.d_model:
+        raise ValueError(
+            f"the suite has {suite.n_layers} layers of width {suite.d_model} but the model has "
+            f"{info.n_layers} layers of width {info.d_model}; evaluate the suite with the model it "
+            "was trained on (--model)."
+        )
+
+
+@torch.no_grad()
+def evaluate_suite(
+    suite: SCAESuite,
+    model,
+    contexts,
+    *,
+    n_contexts: int | None = None,
+    n_tokens: int | None = None,
+    batch_size: int = 8,
+    splice: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> SuiteEval:
+    """All §5 metrics of `suite` over `contexts` (iterable of LongTensor [C] with BOS first, or [N, C]).
+
+    Evaluates `batch_size` contexts at a time, accumulating sums (results equal a one-shot run).
+    Stops after `n_contexts` contexts or enough contexts for `n_tokens` non-BOS tokens (whichever
+    is smaller; None = all). The suite runs on `device` in `dtype` (it is moved there in place);
+    the model runs where it is, in its own dtype. The pruned pass (all-features mode) runs only if
+    the suite has connections. `splice=False` skips the 2 x n_layers splice runs per chunk.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    _check_fit(suite, model)
+    info = model_info(model)
+    suite = suite.to(device=device, dtype=dtype).eval()
+    names, pruned_on = suite.names, suite.has_connections
+    if not pruned_on:
+        logger.info("the suite has no connections: pruned metrics are left out (None)")
+    model_device = hf_model(model).lm_head.weight.device
+
+    fvu_v = {n: FVUAccumulator() for n in names}
+    fvu_p = {n: FVUAccumulator() for n in names}
+    l0_v = {n: _Sum() for n in names}
+    l0_p = {n: _Sum() for n in names}
+    agree = {n: _Sum() for n in names}
+    fired = {n: torch.zeros(suite.dicts[n].dict_size, dtype=torch.bool, device=device) for n in names}
+    ce = {k: _Sum() for k in ("clean", "ablated", "vanilla", "pruned")}
+    ce_splice = {n: _Sum() for n in names} if splice else {}
+    n_ctx_seen, ctx_len = 0, 0
+
+    total = len(contexts) if hasattr(contexts, "__len__") else None
+    _, limit, batches = _prepare_contexts(contexts, n_contexts, n_tokens, batch_size, info.n_ctx)
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    bar = tqdm(total=total, unit="ctx", desc="evaluate", disable=not progress)
+    for toks_BT in batches:
+        toks_BT = toks_BT.to(model_device)
+        B, T = toks_BT.shape
+        ctx_len = T
+        acts = trace_activations(model, toks_BT)
+
+        def flat(t: Tensor) -> Tensor:  # non-BOS positions, [B * (T-1), ...], suite device/dtype
+            t = t[:, 1:]
+            return t.reshape(B * (T - 1), *t.shape[2:]).to(device=device, dtype=dtype)
+
+        src, tgt, scale = {}, {}, {}
+        for l in range(suite.n_layers):
+            src[f"attn_{l}"] = tgt[f"attn_{l}"] = flat(acts[f"attn_{l}"])
+            src[f"mlp_{l}"], tgt[f"mlp_{l}"] = flat(acts[f"mlp_in_{l}"]), flat(acts[f"mlp_out_{l}"])
+            scale[f"mlp_{l}"] = flat(acts[f"sigma_{l}"])
+        batch = ActivationBatch(flat(acts["initial"]), src, tgt, scale)
+        vanilla = suite.vanilla_forward(batch)
+        pruned = suite.pruned_forward(batch, vanilla, mode="all") if pruned_on else {}
+        N = B * (T - 1)
+        for n in names:
+            van = vanilla[n]
+            fvu_v[n].update(tgt[n], van.recon_BD)
+            l0_v[n].add((van.feats.vals_BK > 0).sum(), N)
+            fired[n] |= fired_features(van.feats, suite.dicts[n].dict_size)
+            if pruned_on:
+                pr = pruned.get(n, van)  # attn SAEs are leaves: pruned = vanilla
+                fvu_p[n].update(tgt[n], pr.recon_BD)
+                l0_p[n].add((pr.feats.vals_BK > 0).sum(), N)
+                a_B = agreement_per_token(van.feats, pr.feats)
+                ok = ~a_B.isnan()
+                agree[n].add(a_B[ok].double().sum(), int(ok.sum()))
+
+        # suite CE: r_final at non-BOS positions; position 0 (never scored) is filled with x0
+        def suite_ce(recons: dict[str, Tensor]) -> tuple[Tensor, int]:
+            x0_BTD = acts["initial"]
+            r_BTD = x0_BTD.float().clone()
+            r_BTD[:, 1:] = final_residual(x0_BTD[:, 1:], (recons[n].view(B, T - 1, -1) for n in names))
+            return next_token_ce(unembed(model, r_BTD), toks_BT, "sum"), B * (T - 2)
+
+        n_pred = B * (T - 2)
+        ce["clean"].add(next_token_ce(clean_logits(model, toks_BT), toks_BT, "sum"), n_pred)
+        ce["ablated"].add(next_token_ce(unembed(model, acts["initial"]), toks_BT, "sum"), n_pred)
+        ce["vanilla"].add(*suite_ce({n: vanilla[n].recon_BD for n in names}))
+        if pruned_on:
+            ce["pruned"].add(*suite_ce({n: pruned.get(n, vanilla[n]).recon_BD for n in names}))
+        for n in ce_splice:
+            ae = suite.dicts[n]
+            def recon_fn(x_ND: Tensor, ae=ae) -> Tensor:
+                return ae(x_ND.to(device=device, dtype=dtype))
+            logits = splice_logits(model, toks_BT, n, recon_fn)
+            ce_splice[n].add(next_token_ce(logits, toks_BT, "sum"), n_pred)
+            del logits
+        n_ctx_seen += B
+        bar.update(B)
+    bar.close()
+    if n_ctx_seen == 0:
+        raise ValueError("no evaluation contexts were used (n_contexts=0?); pass at least one.")
+
+    modules = {}
+    for n in names:
+        modules[n] = ModuleMetrics(
+            fvu_vanilla=fvu_v[n].value(),
+            fvu_pruned=fvu_p[n].value() if pruned_on else None,
+            l0=l0_v[n].mean(),
+            l0_pruned=l0_p[n].mean() if pruned_on else None,
+            dead_frac=dead_fraction(fired[n]),
+            agreement=agree[n].mean() if pruned_on else None,
+        )
+    c = {k: v.mean() for k, v in ce.items()}
+    ce_out = CEMetrics(
+        clean=c["clean"],
+        ablated=c["ablated"],
+        vanilla=c["vanilla"],
+        pruned=c["pruned"] if pruned_on else None,
+        recovered_vanilla=ce_recovered(c["ablated"], c["vanilla"], c["clean"]),
+        recovered_pruned=ce_recovered(c["ablated"], c["pruned"], c["clean"]) if pruned_on else None,
+        splice={n: s.mean() for n, s in ce_splice.items()},
+    )
+    return SuiteEval(
+        modules=modules, ce=ce_out, n_contexts=n_ctx_seen, ctx_len=ctx_len,
+        n_tokens=n_ctx_seen * (ctx_len - 1), n_predictions=n_ctx_seen * (ctx_len - 2),
+        has_connections=pruned_on,
+    )
+
+
+# ==================================================================================== report
+
+
+def _clean_float(x):
+    """JSON-safe: non-finite floats become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean_float(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean_float(v) for v in x]
+    return x
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temp file next to `path`, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def eval_to_dict(ev: SuiteEval) -> dict:
+    """The report dict of a SuiteEval (schema: see `report`)."""
+    notes = []
+    if not ev.has_connections:
+        notes.append("the suite has no connections: pruned metrics are None (no pruned pass)")
+    modules = {}
+    for n, m in ev.modules.items():
+        kind, _, layer = n.partition("_")
+        modules[n] = {"kind": kind, "layer": int(layer), **m._asdict()}
+    return _clean_float({
+        "modules": modules,
+        "ce": ev.ce._asdict(),
+        "n_tokens": ev.n_tokens,
+        "n_predictions": ev.n_predictions,
+        "n_contexts": ev.n_contexts,
+        "ctx_len": ev.ctx_len,
+        "has_connections": ev.has_connections,
+        "notes": notes,
+    })
+
+
+def report(
+    suite: SCAESuite,
+    model,
+    contexts,
+    *,
+    n_contexts: int | None = None,
+    n_tokens: int | None = None,
+    batch_size: int = 8,
+    splice: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    plots: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the suite (`evaluate_suite`) and return the report dict; write it to
+    `out_dir/report.json` (atomically) with PNG plots when `out_dir` is given.
+
+    Schema::
+
+        {"modules": {name: {"kind": "attn"|"mlp", "layer": l, "fvu_vanilla", "fvu_pruned", "l0",
+                            "l0_pruned", "dead_frac", "agreement"}},
+         "ce": {"clean", "ablated", "vanilla", "pruned", "recovered_vanilla", "recovered_pruned",
+                "splice": {name: ce}},
+         "n_tokens", "n_predictions", "n_contexts", "ctx_len", "has_connections", "notes",
+         "files": {"report": path, "plots": [paths]}}   # "files" only with out_dir
+
+    Pruned entries are None when the suite has no connections (a note says so); for attn SAEs
+    (leaves) the pruned figures equal the vanilla ones and agreement is 1. Non-finite numbers are
+    written as None.
+    """
+    ev = evaluate_suite(
+        suite, model, contexts, n_contexts=n_contexts, n_tokens=n_tokens, batch_size=batch_size,
+        splice=splice, device=device, dtype=dtype, progress=progress,
+    )
+    rep = eval_to_dict(ev)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        pngs = [str(p) for p in save_plots(rep, out)] if plots else []
+        rep["files"] = {"report": str(out / "report.json"), "plots": pngs}
+        text = json.dumps(rep, indent=2)
+        _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    return rep
+
+
+def save_plots(rep: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """fvu_per_layer.png (attn / mlp, vanilla vs pruned), ce.png (clean / vanilla / pruned /
+    ablated) and, with splice results, splice_ce.png; written atomically with the Agg canvas
+    (no pyplot, so the global matplotlib backend is untouched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    paths = []
+
+    def save(fig: Figure, name: str) -> None:
+        FigureCanvasAgg(fig)
+        _atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        paths.append(out / name)
+
+    mods = rep["modules"]
+    fig = Figure(figsize=(9, 3.5))
+    for i, kind in enumerate(("attn", "mlp")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        rows = sorted((m["layer"], m) for m in mods.values() if m["kind"] == kind)
+        layers = [l for l, _ in rows]
+        ax.plot(layers, [m["fvu_vanilla"] for _, m in rows], "o-", label="vanilla")
+        if rep["has_connections"]:
+            ax.plot(layers, [m["fvu_pruned"] for _, m in rows], "s--", label="pruned")
+        ax.set_title(f"{kind} FVU per layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("FVU")
+        ax.set_xticks(layers)
+        ax.legend()
+    save(fig, "fvu_per_layer.png")
+
+    ce = rep["ce"]
+    labels = [k for k in ("clean", "vanilla", "pruned", "ablated") if ce.get(k) is not None]
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar(labels, [ce[k] for k in labels], color=["C0", "C1", "C2", "C3"][: len(labels)])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel("next-token CE (nats)")
+    ax.set_title("suite CE")
+    save(fig, "ce.png")
+
+    if ce.get("splice"):
+        names = list(ce["splice"])
+        fig = Figure(figsize=(max(5, 0.6 * len(names) + 2), 3.5))
+        ax = fig.add_subplot(1, 1, 1)
+        vals = [ce["splice"][n] if ce["splice"][n] is not None else math.nan for n in names]
+        ax.bar(names, vals, color=["C4" if n.startswith("attn") else "C5" for n in names])
+        ax.axhline(ce["clean"], color="k", ls="--", lw=1, label="clean")
+        ax.set_ylabel("next-token CE (nats)")
+        ax.set_title("splice CE (one dictionary in the real model)")
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend()
+        save(fig, "splice_ce.png")
+    return paths
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rep: dict) -> str:
+    """A text table of the per-module metrics and the CE figures of a report dict."""
+    head = f"{'module':<9} {'FVU':>8} {'FVU pr':>8} {'L0':>7} {'L0 pr':>7} {'dead':>7} {'agree':>7} {'splice CE':>10}"
+    lines = [head, "-" * len(head)]
+    splice = rep["ce"].get("splice") or {}
+    for n, m in rep["modules"].items():
+        dead = "-" if m["dead_frac"] is None else f"{100 * m['dead_frac']:6.1f}%"
+        lines.append(
+            f"{n:<9} {_fmt(m['fvu_vanilla']):>8} {_fmt(m['fvu_pruned']):>8} {_fmt(m['l0'], '.2f'):>7} "
+            f"{_fmt(m['l0_pruned'], '.2f'):>7} {dead:>7} {_fmt(m['agreement'], '.3f'):>7} "
+            f"{_fmt(splice.get(n)):>10}"
+        )
+    ce = rep["ce"]
+    lines += [
+        "",
+        f"CE clean {_fmt(ce['clean'])}   ablated (r = x0) {_fmt(ce['ablated'])}",
+        f"CE vanilla {_fmt(ce['vanilla'])}   recovered {_fmt(ce['recovered_vanilla'], '.3f')}",
+        f"CE pruned  {_fmt(ce['pruned'])}   recovered {_fmt(ce['recovered_pruned'], '.3f')}",
+        f"{rep['n_tokens']} tokens, {rep['n_predictions']} scored predictions, "
+        f"{rep['n_contexts']} contexts of {rep['ctx_len']}",
+    ]
+    lines += [f"note: {s}" for s in rep.get("notes", [])]
+    return "\n".join(lines)
+
+
+def print_table(rep: dict) -> None:
+    """Print `format_table(rep)`."""
+    print(format_table(rep))
+
+
+# ======================================================================================= CLI
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
+    if dt is None:
+        raise ValueError(f"dtype {name!r} is not supported; use 'float32' or 'bfloat16'.")
+    return dt
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: evaluate a saved suite and write report.json, the plots and the printed table."""
+    from dictionary_learning.connections import load_connections
+    from dictionary_learning.data import embedded_text_source, text_file_source, token_contexts
+    from dictionary_learning.model import load_model
+
+    p = argparse.ArgumentParser(description="Evaluate a saved SCAE suite (SCAE-SPEC §5).")
+    p.add_argument("--suite", required=True, help="suite folder (save_pretrained) or Hub id")
+    p.add_argument("--connections", help="connections file (exchange format); default: the suite's own")
+    p.add_argument("--model", help="model name or path; default: the suite meta's model_name")
+    p.add_argument("--data", default="embedded", help="'embedded' (validation split) or a text file/dir")
+    p.add_argument("--tokens", type=int, default=2**15, help="evaluation tokens (non-BOS)")
+    p.add_argument("--ctx-len", type=int, help="context length with BOS; default: the suite's, else 128")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per chunk")
+    p.add_argument("--no-splice", action="store_true", help="skip the per-module splice CE runs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="suite dtype")
+    p.add_argument("--out", required=True, help="output folder for report.json and the plots")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    dtype = _parse_dtype(args.dtype)
+    suite = SCAESuite.from_pretrained(args.suite, device=args.device, dtype=dtype)
+    meta = getattr(suite, "meta", {}) or {}
+    model_name = args.model or meta.get("model_name")
+    if not model_name:
+        raise SystemExit(
+            f"{args.suite}: the suite's meta has no model_name; pass --model NAME_OR_PATH."
+        )
+    if args.connections:
+        suite.set_connections(load_connections(args.connections, suite.dict_sizes))
+    model = load_model(model_name, device=args.device, dtype=torch.float32)
+    info = model_info(model)
+    ctx_len = args.ctx_len or (meta.get("buffer") or {}).get("ctx_len") or 128
+    ctx_len = min(int(ctx_len), info.n_ctx)
+    texts = embedded_text_source("validation") if args.data == "embedded" else text_file_source(args.data)
+    contexts = token_contexts(texts, model.tokenizer, ctx_len)
+    rep = report(
+        suite, model, contexts, n_tokens=args.tokens, batch_size=args.batch_size,
+        splice=not args.no_splice, out_dir=args.out, device=args.device, dtype=dtype,
+    )
+    print_table(rep)
+    print(f"\nwrote {rep['files']['report']}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()
