@@ -142,7 +142,7 @@ def train(
 
     mlog = MetricsLogger(
         out, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
-        config=asdict(cfg),
+        config=asdict(cfg), resume_step=start if start > 0 else None,
     )
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not is_main(),

@@ -37,7 +37,10 @@ class MetricsLogger:
         project: str = "scae",
         run_name: str | None = None,
         config: dict | None = None,
+        resume_step: int | None = None,
     ):
+        """`resume_step=None` starts metrics.jsonl afresh; an int keeps its rows up to that step
+        (a resumed run drops the rows logged after its checkpoint, so no step appears twice)."""
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode={wandb_mode!r}; pass one of {WANDB_MODES}")
         self.out_dir = Path(out_dir)
@@ -47,6 +50,12 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
         self._fh = open(self.path, "a", encoding="utf-8")
         if wandb_mode == "online" and not _has_wandb_key():
             logger.warning(
