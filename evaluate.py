@@ -124,6 +124,7 @@ def final_residual(x0_BTD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
     return r_BTD
 
 
+@torch.no_grad()
 def unembed(model, r_final_BTD: Tensor) -> Tensor:
     """logits = lm_head(ln_f(r_final)) with the model's own ln_f and unembedding, [B, T, V]."""
     hf = hf_model(model)
@@ -131,6 +132,7 @@ def unembed(model, r_final_BTD: Tensor) -> Tensor:
     return hf.lm_head(hf.transformer.ln_f(r_final_BTD.to(device=w.device, dtype=w.dtype)))
 
 
+@torch.no_grad()
 def clean_logits(model, toks_BT: Tensor) -> Tensor:
     """The model's own logits [B, T, V] (contexts are packed: the attention mask is all ones)."""
     hf = hf_model(model)
@@ -138,6 +140,7 @@ def clean_logits(model, toks_BT: Tensor) -> Tensor:
     return hf(input_ids=toks_BT, attention_mask=torch.ones_like(toks_BT)).logits
 
 
+@torch.no_grad()
 def splice_logits(model, toks_BT: Tensor, name: str, recon_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Logits [B, T, V] of the real model with module `name`'s output replaced by `recon_fn`.
 
@@ -634,7 +637,7 @@ def format_table(rep: dict) -> str:
     for n, m in rep["modules"].items():
         dead = "-" if m["dead_frac"] is None else f"{100 * m['dead_frac']:6.1f}%"
         lines.append(
-            f"{n:<9} {_fmt(m['fvu_vanilla']):>8} {_fmt(m['fvu_pruned']):>8} {_fmt(m['l0'], '.2f'):>7} "
+            f"{n:<9} {_fmt(m['fvu_vanilla'], '.4g'):>8} {_fmt(m['fvu_pruned'], '.4g'):>8} {_fmt(m['l0'], '.2f'):>7} "
             f"{_fmt(m['l0_pruned'], '.2f'):>7} {dead:>7} {_fmt(m['agreement'], '.3f'):>7} "
             f"{_fmt(splice.get(n)):>10}"
         )
