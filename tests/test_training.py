@@ -130,3 +130,32 @@ def test_logger_online_without_key(tmp_path, monkeypatch, caplog):
     assert (tmp_path / "curves.png").is_file()
     with pytest.raises(ValueError, match="wandb_mode"):
         MetricsLogger(tmp_path, wandb_mode="on")
+
+
+def test_resume_bit_identical_real_buffer(tmp_path):
+    from buffer import AllActivationBuffer
+    from tests.helpers import random_contexts, tiny_gpt2
+
+    model, _ = tiny_gpt2(n_layer=2, d_model=32)
+    ctxs = random_contexts(40, 16)
+    kw = dict(n_tokens=150, out_batch_size=32, model_batch_size=4, seed=3)
+
+    def trainer():
+        torch.manual_seed(7)
+        dicts = {}
+        for l in range(2):
+            dicts[f"attn_{l}"] = AutoEncoderTopK(32, 64, 4)
+            dicts[f"mlp_{l}"] = TopKTranscoder(32, 32, 64, 4)
+        return TopKSuiteTrainer(dicts, TopKTrainerConfig(total_steps=8, warmup_steps=2,
+                                                         dead_tokens=64))
+
+    ref = train(trainer(), AllActivationBuffer(model, iter(ctxs), **kw),
+                TrainConfig(steps=8, out_dir=str(tmp_path / "a")))
+    out = str(tmp_path / "b")
+    train(trainer(), AllActivationBuffer(model, iter(ctxs), **kw),
+          TrainConfig(steps=8, out_dir=out, save_steps=3, max_steps_this_run=5))
+    assert load_checkpoint(os.path.join(out, CHECKPOINT))["step"] == 5
+    res = train(trainer(), AllActivationBuffer(model, iter(ctxs), **kw),
+                TrainConfig(steps=8, out_dir=out, save_steps=3, resume=True))
+    for k, v in weights(ref).items():
+        assert torch.equal(v, weights(res)[k]), k
