@@ -63,7 +63,7 @@ def trace_activations(model, toks_BC: Tensor, ln_eps: list[float] | None = None)
     if ln_eps is None:
         ln_eps = [float(b.ln_2.eps) for b in hf_model(model).transformer.h]
     saved: dict[str, object] = {}
-    with model.trace(toks_BC) as tracer:
+    with model.trace(toks_BC, use_cache=False) as tracer:  # no KV cache to build
         blocks = model.transformer.h
         saved["initial"] = blocks[0].input.save()
         for l in range(L):
@@ -152,7 +152,8 @@ class AllActivationBuffer:
             )
         self._contexts = chain([first], it)
         self._gen = torch.Generator().manual_seed(seed)
-        self._store: dict[str, Tensor] | None = None  # flat [S, D] / [S] tensors of the current fill
+        self._store: dict[str, Tensor] | None = None  # flat [S, D] / [S] views of the current fill
+        self._alloc: dict[str, Tensor] = {}  # [cap, D] / [cap] storage, allocated once, reused
         self._perm: Tensor | None = None
         self._served = 0  # rows served from the current fill
         self._consumed = 0  # contexts consumed in total
@@ -193,12 +194,12 @@ class AllActivationBuffer:
 
     def _refill(self) -> None:
         """Replace the store by the activations of the next `contexts_per_fill` contexts."""
-        self._store = None  # free the old fill first (memory bound)
+        self._store = None  # the old fill is overwritten in place (storage reused: no page faults)
         self._perm = None
         self._consumed_before_fill = self._consumed
         T = self.ctx_len - 1
         cap = self.contexts_per_fill * T
-        store: dict[str, Tensor] = {}
+        store = self._alloc
         rows = 0
         taken = 0
         while taken < self.contexts_per_fill:
@@ -220,7 +221,7 @@ class AllActivationBuffer:
             acts = self._run_model(torch.stack(batch))
             n = len(batch) * T
             if not store:
-                store = {
+                store = self._alloc = {
                     k: torch.empty((cap,) + v.shape[2:], device=self.device, dtype=self.dtype)
                     if v.dim() == 3 else torch.empty(cap, device=self.device, dtype=self.dtype)
                     for k, v in acts.items()
