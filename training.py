@@ -216,11 +216,13 @@ def train_scae_suite(
             "the suite has no connections: pass connections= (a file from find_top_connections.py "
             "or its exchange-format dict)"
         )
+    if hasattr(buffer, "d_model"):
+        suite.check_fits(buffer.n_layers, buffer.d_model, "the buffer's model")
     trainer = TrainerSCAESuite(suite, trainer_cfg, device=device, dtype=dtype)
     train(trainer, buffer, train_cfg)
     out = Path(train_cfg.out_dir) / "suite"
     if is_main():
-        meta = {**getattr(suite, "meta", {}), "finetune": asdict(trainer_cfg), "steps": train_cfg.steps}
+        meta = {**suite.meta, "finetune": asdict(trainer_cfg), "steps": train_cfg.steps}
         suite.save_pretrained(out, meta)
         if repo_id_out:
             push_to_hub(out, repo_id_out)

@@ -79,10 +79,25 @@ class SCAESuite(nn.Module):
             raise ValueError(f"all dictionaries must share d_model, got dimensions {sorted(dims)}")
         self.d_model = dims.pop()
         self.names = expected
+        self.meta: dict = {}
+        """Settings the suite was saved with (model name, buffer, training)."""
         self.dicts = nn.ModuleDict({n: dicts[n] for n in expected})
         self._compiled: dict[str, CompiledConnections] = {}
         if connections is not None:
             self.set_connections(connections)
+
+    def check_fits(self, n_layers: int, d_model: int, what: str = "the model") -> None:
+        """Raise if the suite was made for a model of another width or depth."""
+        if d_model != self.d_model:
+            raise ValueError(
+                f"the suite's dictionaries have d_model={self.d_model} but {what} has "
+                f"d_model={d_model}; load the suite that was trained on this model"
+            )
+        if n_layers != self.n_layers:
+            raise ValueError(
+                f"the suite has {self.n_layers} layers but {what} has {n_layers}; load the suite "
+                f"that was trained on this model"
+            )
 
     # ----------------------------------------------------------------- connections
 
@@ -283,10 +298,13 @@ class SCAESuite(nn.Module):
     # ----------------------------------------------------------------- files
 
     def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """Save dictionaries, connections and `meta` (default: self.meta) as a suite folder."""
         from dictionary_learning.suite_io import save_suite
 
         conns = self.connections if self.has_connections else None
-        save_suite(path, dict(self.dicts.items()), meta or {}, conns)
+        meta = {k: v for k, v in (self.meta if meta is None else meta).items()
+                if k not in ("format", "format_version", "dictionaries", "versions")}
+        save_suite(path, dict(self.dicts.items()), meta, conns)
 
     @classmethod
     def from_pretrained(
@@ -298,7 +316,7 @@ class SCAESuite(nn.Module):
 
         files = load_suite(path_or_repo_id, device=device, dtype=dtype)
         suite = cls(files.dicts, connections if connections is not None else files.connections)
-        suite.meta = files.meta
+        suite.meta = dict(files.meta)
         return suite.to(device=device, dtype=dtype)
 
 
