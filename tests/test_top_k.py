@@ -235,3 +235,15 @@ def test_state_dict_roundtrip():
     for n in tr.dicts:
         for a, c in zip(tr.dicts[n].parameters(), tr2.dicts[n].parameters()):
             assert torch.equal(a, c)
+
+
+def test_auxk_without_relu_reaches_negative_dead_features():
+    d = AutoEncoderTopK(4, 8, 1)
+    pre = torch.full((10, 8), -1.0, requires_grad=True)
+    e = torch.randn(10, 4)
+    dead = torch.ones(8, dtype=torch.bool)
+    auxk_loss(d, pre, e, dead, 2, relu=True).backward()
+    assert pre.grad.abs().sum() == 0  # ReLU cuts all-negative dead features off
+    pre.grad = None
+    auxk_loss(d, pre, e, dead, 2, relu=False).backward()
+    assert pre.grad.abs().sum() > 0

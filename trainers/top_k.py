@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from dictionary_learning.dictionary import TopKDictionary, topk_relu
+from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.distributed import (
     all_reduce_max_,
     average_gradients,
@@ -50,6 +50,10 @@ class TopKTrainerConfig:
     """Max gradient norm, applied to each dictionary's parameters separately (0 = no clipping)."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
+    auxk_relu: bool = True
+    """ReLU the dead pre-activations in AuxK (Gao et al.). False lets dead features whose
+    pre-activations are negative on every token still get gradient (measured on the embedded
+    model's attn_0: 65% -> 15-20% dead features)."""
     k_aux: int | None = None
     """Number of dead features used by AuxK; None = d_out // 2 (clipped to F)."""
     dead_tokens: int = 10_000_000
@@ -115,18 +119,28 @@ def geometric_median(points_ND: Tensor, n_iter: int = 100, tol: float = 1e-7) ->
 
 
 def auxk_loss(
-    d: TopKDictionary, pre_BF: Tensor, residual_BD: Tensor, dead_F: Tensor, k_aux: int
+    d: TopKDictionary,
+    pre_BF: Tensor,
+    residual_BD: Tensor,
+    dead_F: Tensor,
+    k_aux: int,
+    relu: bool = True,
 ) -> Tensor:
     """AuxK: reconstruct the residual e = y - yhat from the top k_aux dead PRE-TopK activations.
 
     The aux reconstruction W_dec TopK(ReLU(pre restricted to dead)) (no b_dec) approximates +e;
     the loss is normalised by the residual's variance. Zero when no feature is dead.
+    `relu=False` uses the raw pre-activations, so dead features whose pre-activations are negative
+    on every token (which the ReLU cuts off from any gradient) still learn.
     """
     n_dead = int(dead_F.sum())
     if n_dead == 0:
         return pre_BF.new_zeros((), dtype=torch.float32)
     pre_dead_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
-    feats = topk_relu(pre_dead_BF, min(k_aux, n_dead))
+    if relu:
+        feats = topk_relu(pre_dead_BF, min(k_aux, n_dead))
+    else:
+        feats = Features(*pre_dead_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False))
     # dense [B, F] @ W_dec^T: pre_BF is already [B, F]; faster than embedding_bag for k_aux ~ D/2
     aux_BD = feats.dense(d.dict_size).to(d.decoder.weight.dtype) @ d.decoder.weight.T
     return fvu(residual_BD.detach(), aux_BD)
@@ -232,7 +246,10 @@ class TopKSuiteTrainer:
             feats = topk_relu(pre_BF, d.k)
             recon = d.decode(feats)
             main = fvu(y, recon)
-            aux = auxk_loss(d, pre_BF, (y.float() - recon.float()), self.dead_mask(n), self.k_aux[n])
+            aux = auxk_loss(
+                d, pre_BF, y.float() - recon.float(), self.dead_mask(n), self.k_aux[n],
+                relu=self.cfg.auxk_relu,
+            )
             losses[n] = main + self.cfg.auxk_alpha * aux
             active_BK = feats.vals_BK > 0
             fired[n] = feats.idx_BK[active_BK]
