@@ -161,12 +161,22 @@ class CompiledConnections(NamedTuple):
     """Per upstream module: flat positions in J_FC of the slots that point into it."""
     cols: tuple[Tensor, ...]
     """Per upstream module: the local upstream feature index of those slots."""
+    crow: tuple[Tensor, ...] = ()
+    """Per upstream module: CSR row pointers [F + 1] of the [F, F_u] pattern whose column indices
+    are `cols` (rows ascend with `pos`, columns ascend within a row since J_FC is sorted)."""
+    tcrow: tuple[Tensor, ...] = ()
+    """Per upstream module: CSR row pointers [F_u + 1] of the transposed pattern [F_u, F]."""
+    tcol: tuple[Tensor, ...] = ()
+    """Per upstream module: column (downstream feature) indices of the transposed pattern."""
+    tperm: tuple[Tensor, ...] = ()
+    """Per upstream module: order of the module's slots in the transposed pattern
+    (values_T = values[tperm])."""
 
     def to(self, device) -> "CompiledConnections":
+        mv = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
         return self._replace(
-            J_FC=self.J_FC.to(device),
-            pos=tuple(p.to(device) for p in self.pos),
-            cols=tuple(c.to(device) for c in self.cols),
+            J_FC=self.J_FC.to(device), pos=mv(self.pos), cols=mv(self.cols), crow=mv(self.crow),
+            tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm),
         )
 
     def counts(self) -> dict[str, Tensor]:
@@ -197,12 +207,30 @@ def compile_connections(
     C = int((J_FC < n_up).sum(1).max()) if J_FC.numel() else 0
     J_FC = J_FC[:, :C].contiguous()
     flat = J_FC.flatten()
-    pos, cols = [], []
+    pos, cols, crow, tcrow, tcol, tperm = [], [], [], [], [], []
     for u, off in zip(ups, offsets, strict=True):
-        p = ((flat >= off) & (flat < off + dict_sizes[u])).nonzero().squeeze(1)
+        F_u = dict_sizes[u]
+        p = ((flat >= off) & (flat < off + F_u)).nonzero().squeeze(1)
+        c = flat[p] - off
+        rows = p // max(C, 1)
         pos.append(p)
-        cols.append(flat[p] - off)
-    return CompiledConnections(ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols))
+        cols.append(c)
+        crow.append(_pointers(rows, F_down))
+        order = torch.argsort(c, stable=True)  # transposed pattern: by column, then by row
+        tperm.append(order)
+        tcol.append(rows[order])
+        tcrow.append(_pointers(c, F_u))
+    return CompiledConnections(
+        ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols),
+        tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm),
+    )
+
+
+def _pointers(sorted_rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers [n_rows + 1] from the row index of each entry."""
+    out = torch.zeros(n_rows + 1, dtype=torch.int64)
+    out[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
+    return out
 
 
 def to_exchange(comp: CompiledConnections, dict_sizes: dict[str, int]) -> dict[str, Tensor]:

@@ -12,9 +12,13 @@ token chunks and recompute in backward, so their memory does not grow with the b
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Elements per temporary gather buffer; bounds the memory of the chunked kernels.
 CHUNK_ELEMENTS = 1 << 22
@@ -65,6 +69,52 @@ def sampled_dot(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> T
 
 def sampled_dot_plain(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
     return (A_MD[rows_P] * B_ND[cols_P]).sum(-1)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class _CSRVirtualWeights(torch.autograd.Function):
+    """V[p] = W[row p] . dec[:, col p] over a CSR pattern, with sampled_addmm forward and two
+    sparse @ dense products backward (no gather of [nnz, D] rows, no index_add)."""
+
+    @staticmethod
+    def forward(ctx, W_FD, dec_DU, crow, col, tcrow, tcol, tperm):
+        ctx.save_for_backward(W_FD, dec_DU, crow, col, tcrow, tcol, tperm)
+        F, U = W_FD.shape[0], dec_DU.shape[1]
+        S = _csr(crow, col, W_FD.new_zeros(col.shape[0]), (F, U))
+        return torch.sparse.sampled_addmm(S, W_FD, dec_DU, beta=0.0).values()
+
+    @staticmethod
+    def backward(ctx, g_P):
+        W_FD, dec_DU, crow, col, tcrow, tcol, tperm = ctx.saved_tensors
+        F, U = W_FD.shape[0], dec_DU.shape[1]
+        g_P = g_P.contiguous()
+        gW = gdec = None
+        if ctx.needs_input_grad[0]:
+            gW = _csr(crow, col, g_P, (F, U)) @ dec_DU.T
+        if ctx.needs_input_grad[1]:
+            gdec = (_csr(tcrow, tcol, g_P[tperm], (U, F)) @ W_FD).T
+        return gW, gdec, None, None, None, None, None
+
+
+def csr_virtual_weights(
+    W_FD: Tensor, dec_DU: Tensor, crow: Tensor, col: Tensor, tcrow: Tensor, tcol: Tensor,
+    tperm: Tensor,
+) -> Tensor:
+    """Virtual weights W[i] . dec[:, j] for the pairs of a CSR pattern [F, U] (values in CSR order).
+
+    tcrow/tcol/tperm describe the transposed pattern (see CompiledConnections). torch's sparse
+    kernels take no half precision: bf16/fp16 inputs are computed in fp32 and cast back.
+    Falls back to the gather kernel `sampled_dot` where the sparse kernels are unavailable.
+    """
+    acc = accumulation_dtype(W_FD.dtype)
+    if W_FD.layout != torch.strided or W_FD.device.type not in ("cpu", "cuda"):
+        rows = torch.repeat_interleave(torch.arange(W_FD.shape[0], device=W_FD.device), crow.diff())
+        return sampled_dot(W_FD, dec_DU.T, rows, col)
+    V = _CSRVirtualWeights.apply(W_FD.to(acc), dec_DU.to(acc), crow, col, tcrow, tcol, tperm)
+    return V.to(W_FD.dtype)
 
 
 def upstream_table(vals_BK: Tensor, idx_BK: Tensor, n_up: int) -> Tensor:

@@ -27,7 +27,7 @@ from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
-    sampled_dot,
+    csr_virtual_weights,
 )
 from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig, auxk_loss, fvu
 
@@ -247,13 +247,14 @@ class SCAESuite(nn.Module):
         # Virtual weights V[i, c] = (P w_i) . d_{J[i, c]}, one sampled product per upstream module.
         F, C = comp.J_FC.shape
         V_parts, pos_parts = [], []
-        for u, pos, cols in zip(comp.ups, comp.pos, comp.cols, strict=True):
-            if pos.numel() == 0:
+        for j, u in enumerate(comp.ups):
+            if comp.pos[j].numel() == 0:
                 continue
-            if u not in dec_rows:
-                dec_rows[u] = self.dicts[u].decoder.weight.T.contiguous()
-            V_parts.append(sampled_dot(Wc_FD, dec_rows[u], pos // C, cols))
-            pos_parts.append(pos)
+            V_parts.append(csr_virtual_weights(
+                Wc_FD, self.dicts[u].decoder.weight, comp.crow[j], comp.cols[j], comp.tcrow[j],
+                comp.tcol[j], comp.tperm[j],
+            ))
+            pos_parts.append(comp.pos[j])
         V_flat = Wc_FD.new_zeros(F * C)
         if V_parts:
             V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))

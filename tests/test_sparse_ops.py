@@ -1,0 +1,61 @@
+"""The sparse kernels against plain references (float64), and a bf16 forward + backward."""
+
+import torch
+
+import dictionary_learning.sparse_ops as sparse_ops
+from dictionary_learning.connections import compile_connections
+from tests.scae_fixtures import random_batch, random_connections, random_suite
+
+
+def _pattern(F=9, U=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(F, U, generator=g) < 0.3
+    keep[2] = False  # a row without connections
+    rows, cols = keep.nonzero(as_tuple=True)
+    crow = torch.zeros(F + 1, dtype=torch.long)
+    crow[1:] = keep.sum(1).cumsum(0)
+    order = torch.argsort(cols, stable=True)
+    tcrow = torch.zeros(U + 1, dtype=torch.long)
+    tcrow[1:] = keep.sum(0).cumsum(0)
+    return rows, cols, (crow, cols, tcrow, rows[order], order)
+
+
+def test_csr_virtual_weights_match_sampled_dot_and_gradcheck():
+    rows, cols, pat = _pattern()
+    W = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    dec = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
+    got = sparse_ops.csr_virtual_weights(W, dec, *pat)
+    want = sparse_ops.sampled_dot_plain(W, dec.T, rows, cols)
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda a, b: sparse_ops.csr_virtual_weights(a, b, *pat), (W, dec))
+
+
+def test_compiled_csr_layout_matches_the_slots():
+    suite = random_suite(n_layers=3, F=11)
+    conns = random_connections(suite, C=6)
+    for m, ups in conns.items():
+        comp = compile_connections(m, ups, suite.dict_sizes)
+        C = comp.J_FC.shape[1]
+        for j, u in enumerate(comp.ups):
+            rows = torch.repeat_interleave(torch.arange(comp.J_FC.shape[0]), comp.crow[j].diff())
+            assert torch.equal(rows, comp.pos[j] // C)
+            trows = torch.repeat_interleave(torch.arange(suite.dict_sizes[u]), comp.tcrow[j].diff())
+            assert torch.equal(trows, comp.cols[j][comp.tperm[j]])
+            assert torch.equal(comp.tcol[j], rows[comp.tperm[j]])
+
+
+def test_bf16_pruned_pass_forward_and_backward():
+    suite = random_suite(n_layers=2, F=12, k=3, dtype=torch.bfloat16)
+    suite.set_connections(random_connections(suite, C=6, pad_frac=0.0))
+    batch = random_batch(n_layers=2, B=16, dtype=torch.bfloat16)
+    out = suite.pruned_forward(batch, mode="candidates", n_threshold=3, n_random=2,
+                               generator=torch.Generator().manual_seed(0))
+    loss = sum(((o.recon_BD.float() - batch.tgt[m].float()) ** 2).sum() + o.penalty.float()
+               for m, o in out.items())
+    loss.backward()
+    for ae in suite.dicts.values():
+        for p in ae.parameters():
+            assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+    with torch.no_grad():
+        all_ = suite.pruned_forward(batch, mode="all")
+    assert all(o.pre_BN.dtype == torch.bfloat16 for o in all_.values())
