@@ -9,7 +9,7 @@ dataclass configs.
 from __future__ import annotations
 
 MODEL = "scae-shakespeare"  # dictionary_learning.embedded.EMBEDDED_MODEL, or a GPT-2 dir / Hub id
-DICT_SIZE = 1024  # F for every dictionary (d_model = 128 on the embedded model: 8x)
+DICT_SIZE = 512  # F per dictionary (4x d_model=128; at 1024 layer-0 dictionaries keep 20-65% dead)
 K = 16  # active features per token
 BATCH_TOKENS = 1024  # tokens per optimisation step
 STEPS = 1000
@@ -159,6 +159,7 @@ def make_config(quick: bool, out: str, steps: int | None) -> PretrainConfig:
         total_steps=steps,
         warmup_steps=max(1, min(100, steps // 10)),
         decay_start=0.8,
+        auxk_relu=False,  # with ReLU, dead features with all-negative pre-acts never recover
         # Gao et al. use 10M tokens; a short run needs a window well inside its token budget
         dead_tokens=min(10_000_000, max(tokens // 20, 4 * cfg.batch_tokens)),
         seed=cfg.seed,
