@@ -263,8 +263,10 @@ class SCAESuite(nn.Module):
         # Upstream features in the global index space, and the embedding + bias term.
         vals_BK = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
         idx_BK = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)], dim=1)
-        x_BD = batch.initial + sum(self.dicts[u].b_dec for u in comp.ups)
-        base_BF = x_BD @ Wc_FD.T
+        # (x0 + sum_u b_dec_u) @ Wc.T, split so that no [B, F] @ [F, D] product is needed for the
+        # gradient of the biases (x0 is data).
+        b_D = sum(self.dicts[u].b_dec for u in comp.ups)
+        base_BF = batch.initial @ Wc_FD.T + Wc_FD @ b_D
         sigma_B1 = batch.layernorm_scale[name][:, None]
 
         if cand_BN is None:
