@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from buffer import AllActivationBuffer
-from dictionary_learning.data import embedded_text_source, token_contexts
+from dictionary_learning.data import contexts_from
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.distributed import is_main, rank, world_size
 from dictionary_learning.model import load_model, model_info, module_names
@@ -46,6 +46,12 @@ class PretrainConfig:
 
     model: str = MODEL
     """Model name or path for load_model."""
+    data: str = "embedded"
+    """Training text: "embedded", a text file or folder, or a `datasets` name (streamed)."""
+    eval_data: str | None = None
+    """Held-out text (default: `data`; its "validation" split for the embedded corpus)."""
+    eval_skip_docs: int = 0
+    """Documents of the held-out text skipped first (to stay off the training text)."""
     dict_size: int = DICT_SIZE
     """Features per dictionary."""
     k: int = K
@@ -79,25 +85,16 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def endless_contexts(split: str, tokenizer, ctx_len: int):
-    """Packed contexts of a text split, repeated epoch after epoch (deterministic, so resumable)."""
-    for _ in itertools.count():
-        yield from token_contexts(
-            embedded_text_source(split), tokenizer, ctx_len, rank=rank(), world_size=world_size()
-        )
-
-
 def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
     """Train, save (`<out_dir>/suite`) and evaluate a TopK suite. Returns (dicts, quality)."""
-    if cfg.model != MODEL:
-        logger.warning("endless_contexts uses the embedded corpus; pass your own text for %s",
-                       cfg.model)
     dtype = _dtype(cfg.dtype)
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
     info = model_info(model)
     buffer = AllActivationBuffer(
-        model, endless_contexts("train", model.tokenizer, cfg.ctx_len),
+        model,
+        contexts_from(cfg.data, model.tokenizer, cfg.ctx_len, repeat=True, rank=rank(),
+                      world_size=world_size()),
         n_tokens=cfg.buffer_tokens, out_batch_size=cfg.batch_tokens,
         model_batch_size=cfg.model_batch_size, device=cfg.device, dtype=dtype, seed=cfg.seed,
     )
@@ -113,7 +110,9 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
     train_s = time.perf_counter() - t0
 
     val_buffer = AllActivationBuffer(
-        model, token_contexts(embedded_text_source("validation"), model.tokenizer, cfg.ctx_len),
+        model,
+        contexts_from(cfg.eval_data or cfg.data, model.tokenizer, cfg.ctx_len, split="validation",
+                      skip_docs=cfg.eval_skip_docs),
         n_tokens=cfg.eval_tokens, out_batch_size=cfg.batch_tokens,
         model_batch_size=cfg.model_batch_size, device=cfg.device, dtype=dtype, seed=cfg.seed + 1,
     )
@@ -128,7 +127,7 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
             "dtype": cfg.dtype,
             "buffer": {"ctx_len": cfg.ctx_len, "n_tokens": cfg.buffer_tokens,
                        "out_batch_size": cfg.batch_tokens, "model_batch_size": cfg.model_batch_size,
-                       "seed": cfg.seed, "text": "embedded_text_source('train')"},
+                       "seed": cfg.seed, "data": cfg.data},
             "trainer": asdict(cfg.trainer),
             "steps": cfg.loop.steps,
             "train_seconds": train_s,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+import itertools
 from itertools import islice
 from pathlib import Path
 
@@ -139,3 +140,15 @@ def text_source(spec: str, split: str = "train") -> Iterator[str]:
     if Path(spec).exists():
         return text_file_source(spec)
     return hf_text_source(spec, split=split)
+
+
+def contexts_from(
+    spec: str, tokenizer, ctx_len: int, *, split: str = "train", repeat: bool = False,
+    skip_docs: int = 0, rank: int = 0, world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Packed contexts of `text_source(spec, split)` for one rank, after skipping `skip_docs`
+    documents; with `repeat`, epoch after epoch (deterministic, so a resumed buffer can skip)."""
+    epochs = itertools.count() if repeat else range(1)
+    for _ in epochs:
+        texts = islice(text_source(spec, split), skip_docs, None)
+        yield from token_contexts(texts, tokenizer, ctx_len, rank=rank, world_size=world_size)
