@@ -74,7 +74,7 @@ class PipelineConfig:
     eval_data: str = "embedded"
     """Evaluation text (the validation split of the embedded corpus; else the same source)."""
     eval_skip_docs: int = 0
-    """Documents of eval_data skipped first, to keep evaluation off the training text."""
+    """Documents skipped first when eval_data is the training text (to keep evaluation off it)."""
     suite: str | None = None
     """Pretrained suite folder or Hub id; None pretrains one (cached)."""
     connections: str | None = None
@@ -166,8 +166,8 @@ def contexts(cfg: PipelineConfig, tokenizer, split: str):
     if split == "train":
         return contexts_from(cfg.data, tokenizer, cfg.ctx_len, repeat=True, rank=rank(),
                              world_size=world_size())
-    return contexts_from(cfg.eval_data, tokenizer, cfg.ctx_len, split="validation",
-                         skip_docs=cfg.eval_skip_docs)
+    skip = cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0
+    return contexts_from(cfg.eval_data, tokenizer, cfg.ctx_len, split="validation", skip_docs=skip)
 
 
 def make_buffer(cfg: PipelineConfig, model, seed: int) -> AllActivationBuffer:
@@ -193,7 +193,8 @@ def pretrained_suite(cfg: PipelineConfig, model, cache: Path) -> tuple[SCAESuite
         pcfg = replace(pcfg, model=cfg.model, data=cfg.data, dict_size=cfg.dict_size, k=cfg.k,
                        batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
                        ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                       eval_data=cfg.eval_data, eval_skip_docs=cfg.eval_skip_docs,
+                       eval_data=cfg.eval_data,
+                       eval_skip_docs=cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0,
                        eval_tokens=min(cfg.eval_tokens, pcfg.eval_tokens))
         pcfg.loop = replace(pcfg.loop, resume=True, wandb_mode=cfg.wandb_mode)
         pretrain_suite(pcfg)
@@ -333,6 +334,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", help="training text: 'embedded', a file/folder, or a datasets name")
     p.add_argument("--eval-data", dest="eval_data", help="evaluation text (default: --data)")
     p.add_argument("--steps", type=int, dest="finetune_steps", help="finetuning steps")
+    p.add_argument("--ctx-len", type=int, dest="ctx_len", help="context length, BOS included")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)

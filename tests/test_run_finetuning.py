@@ -1,0 +1,59 @@
+"""The main job end to end on the gpt2 preset's code path, with local stand-ins for the Hub:
+a saved GPT-2-shaped model, a suite in the original SCAE fork's layout, and local text files."""
+
+import json
+
+import torch
+
+from tests.helpers import random_texts, tiny_hf_gpt2, tiny_tokenizer
+
+D, F, K, N_LAYERS = 32, 64, 4, 2
+
+
+def write_fork_suite(folder):
+    """A suite as the original fork saved it on the Hub: config.json + checkpoint.pt."""
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    state, cfg = {}, {}
+    for layer in range(N_LAYERS):
+        for n in (f"attn_{layer}", f"mlp_{layer}"):
+            W_dec = torch.randn(D, F, generator=g)
+            state[f"aes.{n}.decoder.weight"] = W_dec / W_dec.norm(dim=0)
+            state[f"aes.{n}.encoder.weight"] = (W_dec / W_dec.norm(dim=0)).T.clone()
+            state[f"aes.{n}.encoder.bias"] = torch.zeros(F)
+            state[f"aes.{n}.b_dec"] = torch.zeros(D)
+            cfg[n] = {"activation_dim": D, "dict_size": F, "k": K}
+    (folder / "config.json").write_text(json.dumps({"submodule_configs": cfg}))
+    torch.save({"suite_state": state}, folder / "checkpoint.pt")
+
+
+def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCAE_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "gpt2-local"
+    tiny_hf_gpt2(n_layer=N_LAYERS, d_model=D, n_ctx=32).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    write_fork_suite(tmp_path / "suite")
+    (tmp_path / "train.txt").write_text("\n".join(random_texts(800, seed=1, min_len=20, max_len=60)))
+    (tmp_path / "eval.txt").write_text("\n".join(random_texts(100, seed=2, min_len=20, max_len=60)))
+
+    import run_finetuning
+
+    argv = ["--preset", "gpt2", "--quick", "--out", str(tmp_path / "out"), "--model", str(model_dir),
+            "--suite", str(tmp_path / "suite"), "--data", str(tmp_path / "train.txt"),
+            "--eval-data", str(tmp_path / "eval.txt"), "--ctx-len", "32", "--steps", "6"]
+    run_finetuning.main(argv)
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(rep["modules"]) == {f"{k}_{layer}" for layer in range(N_LAYERS) for k in ("attn", "mlp")}
+    for m in rep["modules"].values():
+        assert {"fvu_vanilla", "fvu_pruned", "l0", "dead_frac"} <= set(m)
+    assert {"clean", "ablated", "vanilla", "pruned", "recovered_vanilla", "recovered_pruned"} <= set(rep["ce"])
+    assert set(rep["before_finetuning"]) == {"modules", "ce"}
+    assert set(rep["random_connections"]) == {"modules", "ce"}
+    assert rep["config"]["model"] == str(model_dir) and rep["config"]["C"] == 16
+    assert {"model", "pretrain", "connections", "finetune", "finetune_random", "evaluate"} <= set(rep["timings_s"])
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "pipeline").iterdir())
+    assert cached == ["connections", "finetune", "finetune"]  # no pretraining: the suite was given
+
+    run_finetuning.main(argv)  # a second run reuses every cached stage
+    rep2 = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep2["timings_s"]["finetune"] < 1.0 and rep2["modules"] == rep["modules"]
