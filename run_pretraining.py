@@ -15,7 +15,7 @@ BATCH_TOKENS = 1024  # tokens per optimisation step
 STEPS = 1000
 CTX_LEN = 128
 BUFFER_TOKENS = 2**16  # tokens held (and shuffled) by the activation buffer
-EVAL_TOKENS = 2**15  # held-out (validation split) tokens for the quality table
+EVAL_TOKENS = 2**17  # held-out (validation split; ~170k tokens) tokens for the quality table
 OUT_DIR = "runs/pretrain"
 
 #%% Imports
