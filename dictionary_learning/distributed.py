@@ -73,6 +73,23 @@ def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op on one process)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
+    if world_size() <= 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def init_distributed() -> bool:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...).
 

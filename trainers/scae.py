@@ -24,12 +24,13 @@ from dictionary_learning.connections import (
     validate_connections,
 )
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
+from dictionary_learning.distributed import rank
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
     csr_virtual_weights,
 )
-from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig, auxk_loss, fvu
+from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig, auxk_loss, fvu, ratio_across_ranks
 
 Mode = Literal["all", "candidates"]
 
@@ -378,7 +379,7 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         self.suite = suite.to(device=device, dtype=dtype)
         super().__init__(dict(suite.dicts.items()), cfg, device, dtype)
         self.initialized = True  # finetuning starts from trained dictionaries
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank())
 
     def losses(self, batch) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
         """Per-dictionary losses, scalar metrics, and the indices of fired (vanilla) features."""
@@ -392,8 +393,9 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         for n in self.names:
             d, van = self.dicts[n], out.vanilla[n]
             x, y = self.io(n, batch)
-            fvu_v = fvu(y, van.recon_BD)
-            aux = auxk_loss(d, van.pre_BN, y.float() - van.recon_BD.float(), self.dead_mask(n), self.k_aux[n])
+            fvu_v = fvu(y, van.recon_BD, across_ranks=True)
+            aux = auxk_loss(d, van.pre_BN, y.float() - van.recon_BD.float(), self.dead_mask(n),
+                            self.k_aux[n], relu=cfg.auxk_relu)
             loss = cfg.auxk_alpha * aux
             metrics[f"{n}/fvu"], metrics[f"{n}/auxk"] = fvu_v.detach(), aux.detach()
             active_BK = van.feats.vals_BK > 0
@@ -403,7 +405,7 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                 loss = loss + fvu_v
             if n in out.pruned:
                 pr = out.pruned[n]
-                fvu_p = fvu(y, pr.recon_BD)
+                fvu_p = fvu(y, pr.recon_BD, across_ranks=True)
                 loss = loss + cfg.coeff * fvu_p
                 metrics[f"{n}/fvu_pruned"] = fvu_p.detach()
                 if pr.penalty is not None:
@@ -417,7 +419,8 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         return losses, metrics, fired
 
     def _activation_difference(self, k: int, van: DictOutput, pr: DictOutput) -> Tensor:
-        """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates."""
+        """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates (the
+        denominator is a normaliser: no gradient flows through it)."""
         n_top = k + self.cfg.n_threshold
         cand_BT = pr.cand_BN[:, :n_top]
         f_van_BT = van.pre_BN.gather(1, cand_BT).relu()
@@ -425,7 +428,7 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         top_BT = pr.pre_BN[:, :n_top]
         vals_BK, sel_BK = top_BT.topk(k, dim=1)
         f_pr_BT = torch.zeros_like(top_BT).scatter(1, sel_BK, vals_BK.relu())
-        return (f_van_BT - f_pr_BT).float().pow(2).sum() / f_van_BT.float().pow(2).sum().clamp_min(1e-12)
+        return ratio_across_ranks((f_van_BT - f_pr_BT).float().pow(2).sum(), f_van_BT.float().pow(2).sum())
 
     def state_dict(self) -> dict:
         state = super().state_dict()

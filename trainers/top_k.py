@@ -20,6 +20,7 @@ from torch import Tensor
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.distributed import (
     all_reduce_max_,
+    all_reduce_sum_,
     average_gradients,
     broadcast_params,
     world_size,
@@ -95,12 +96,40 @@ def lr_schedule(total_steps: int, warmup_steps: int, decay_start: float):
     return factor
 
 
-def fvu(y_BD: Tensor, yhat_BD: Tensor) -> Tensor:
-    """sum ||y - yhat||^2 / sum ||y - mean_batch(y)||^2 (SCAE-SPEC §4), in fp32."""
+def fvu(y_BD: Tensor, yhat_BD: Tensor, *, across_ranks: bool = False) -> Tensor:
+    """sum ||y - yhat||^2 / sum ||y - mean_batch(y)||^2 (SCAE-SPEC §4), in fp32.
+
+    across_ranks: under torch.distributed, the batch is the union of every rank's batch. The value
+    is then the global FVU on every rank, and the gradient is world_size x this rank's share, so
+    that averaging gradients over ranks gives exactly the gradient of the global FVU.
+    """
     y_BD, yhat_BD = y_BD.float(), yhat_BD.float()
     num = (y_BD - yhat_BD).pow(2).sum()
-    den = (y_BD - y_BD.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return num / den
+    n_ranks = world_size()
+    if not across_ranks or n_ranks == 1:
+        den = (y_BD - y_BD.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        return num / den
+    stats = torch.cat([
+        y_BD.sum(0), y_BD.pow(2).sum()[None], y_BD.new_tensor([y_BD.shape[0]]), num.detach()[None],
+    ]).detach()
+    all_reduce_sum_(stats)
+    s1, s2, n, num_all = stats[:-3], stats[-3], stats[-2], stats[-1]
+    den = (s2 - s1.pow(2).sum() / n).clamp_min(1e-12)
+    return (n_ranks * num + (num_all - n_ranks * num).detach()) / den
+
+
+def ratio_across_ranks(num: Tensor, den: Tensor) -> Tensor:
+    """(sum of num over ranks) / (sum of den over ranks), with den held constant.
+
+    The gradient is world_size x this rank's share of num, so that averaging gradients over ranks
+    gives the gradient of the global ratio (see `fvu`).
+    """
+    num, den = num.float(), den.detach().float()
+    n_ranks = world_size()
+    if n_ranks == 1:
+        return num / den.clamp_min(1e-12)
+    both = all_reduce_sum_(torch.stack([num.detach(), den]))
+    return (n_ranks * num + (both[0] - n_ranks * num).detach()) / both[1].clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -143,7 +172,7 @@ def auxk_loss(
         feats = Features(*pre_dead_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False))
     # dense [B, F] @ W_dec^T: pre_BF is already [B, F]; faster than embedding_bag for k_aux ~ D/2
     aux_BD = feats.dense(d.dict_size).to(d.decoder.weight.dtype) @ d.decoder.weight.T
-    return fvu(residual_BD.detach(), aux_BD)
+    return fvu(residual_BD.detach(), aux_BD, across_ranks=True)
 
 
 class TopKSuiteTrainer:
@@ -245,7 +274,7 @@ class TopKSuiteTrainer:
             pre_BF = d.pre_acts(x)
             feats = topk_relu(pre_BF, d.k)
             recon = d.decode(feats)
-            main = fvu(y, recon)
+            main = fvu(y, recon, across_ranks=True)
             aux = auxk_loss(
                 d, pre_BF, y.float() - recon.float(), self.dead_mask(n), self.k_aux[n],
                 relu=self.cfg.auxk_relu,
