@@ -1,0 +1,76 @@
+"""Data parallelism with torch.distributed (gloo, 2 CPU processes): one step with global batch B on
+2 ranks gives the same weights as one process with batch B."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.scae_fixtures import random_batch, random_connections, random_suite
+from trainers.scae import SCAETrainerConfig, TrainerSCAESuite
+from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig
+
+B = 32
+
+
+def make_trainer(kind: str):
+    suite = random_suite(n_layers=2, d=6, F=16, k=3, seed=0, dtype=torch.float32)
+    if kind == "scae":
+        suite.set_connections(random_connections(suite, C=5, seed=0))
+        cfg = SCAETrainerConfig(total_steps=10, n_threshold=4, n_random=0, lr=1e-2, warmup_steps=0,
+                                act_coeff=0.5, dead_tokens=8)
+        return TrainerSCAESuite(suite, cfg)
+    tr = TopKSuiteTrainer(dict(suite.dicts.items()), TopKTrainerConfig(total_steps=10, lr=1e-2,
+                                                                      warmup_steps=0, dead_tokens=8))
+    tr.initialized = True
+    return tr
+
+
+def half(batch, r: int, world: int):
+    sl = slice(r * B // world, (r + 1) * B // world)
+    return type(batch)(batch.initial[sl], {k: v[sl] for k, v in batch.src.items()},
+                       {k: v[sl] for k, v in batch.tgt.items()},
+                       {k: v[sl] for k, v in batch.layernorm_scale.items()})
+
+
+def steps(tr, world: int, r: int, n: int = 3):
+    for s in range(n):
+        batch = random_batch(2, 6, B=B, seed=100 + s, dtype=torch.float32)
+        tr.update(s, half(batch, r, world))
+    return {n_: {k: v.clone() for k, v in d.state_dict().items()} for n_, d in tr.dicts.items()}
+
+
+def _worker(r: int, world: int, port: int, kind: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=r, world_size=world)
+    try:
+        torch.save(steps(make_trainer(kind), world, r), f"{out}.{r}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check(kind: str, tmp_path):
+    single = steps(make_trainer(kind), 1, 0)
+    out = str(tmp_path / kind)
+    mp.spawn(_worker, args=(2, free_port(), kind, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for name, sd in single.items():
+        for k, v in sd.items():
+            assert torch.equal(ranks[0][name][k], ranks[1][name][k]), f"ranks disagree on {name}.{k}"
+            torch.testing.assert_close(ranks[0][name][k], v, rtol=1e-6, atol=1e-6, msg=f"{name}.{k}")
+
+
+def test_scae_finetuning_on_two_ranks_equals_one_process(tmp_path):
+    check("scae", tmp_path)
+
+
+def test_topk_pretraining_on_two_ranks_equals_one_process(tmp_path):
+    check("topk", tmp_path)
