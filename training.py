@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dictionary_learning.distributed import barrier, is_main
+from dictionary_learning.distributed import all_gather_object, barrier, is_main, rank, world_size
 from dictionary_learning.errors import DataExhaustedError
 from dictionary_learning.files import atomic_torch_save, atomic_write_json  # noqa: F401 (re-exported)
 from dictionary_learning.logger import MetricsLogger
@@ -91,21 +91,38 @@ def seed_everything(seed: int) -> None:
 
 
 def save_checkpoint(path, trainer, buffer, step: int, cfg: TrainConfig) -> None:
-    atomic_torch_save(
-        {
-            "step": step,
-            "trainer": trainer.state_dict(),
-            "buffer": buffer.state_dict(),
-            "rng": rng_state(),
-            "train_config": asdict(cfg),
-        },
-        path,
-    )
+    """Collective: every rank contributes its buffer position and RNG states; rank 0 writes."""
+    local = {"buffer": buffer.state_dict(), "rng": rng_state(),
+             "trainer": trainer.local_state_dict() if hasattr(trainer, "local_state_dict") else {}}
+    ranks = all_gather_object(local)
+    if is_main():
+        atomic_torch_save(
+            {"step": step, "trainer": trainer.state_dict(), "ranks": ranks, "train_config": asdict(cfg)},
+            path,
+        )
+    barrier()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a training checkpoint on CPU (trainers move state to their device)."""
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore_checkpoint(ckpt: dict, trainer, buffer) -> int:
+    """Load a checkpoint's state into this rank's trainer and buffer; returns its step."""
+    ranks = ckpt["ranks"]
+    if len(ranks) != world_size():
+        raise ValueError(
+            f"the checkpoint was written by {len(ranks)} process(es) but this run has "
+            f"{world_size()}; resume with the same number of processes (torchrun --nproc_per_node)"
+        )
+    mine = ranks[rank()]
+    trainer.load_state_dict(ckpt["trainer"])
+    if mine["trainer"]:
+        trainer.load_local_state_dict(mine["trainer"])
+    buffer.load_state_dict(mine["buffer"])
+    set_rng_state(mine["rng"])
+    return int(ckpt["step"])
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -125,13 +142,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     start = 0
     if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        trainer.load_state_dict(ckpt["trainer"])
-        buffer.load_state_dict(ckpt["buffer"])
-        set_rng_state(ckpt["rng"])
-        start = int(ckpt["step"])
+        start = restore_checkpoint(load_checkpoint(ckpt_path), trainer, buffer)
         logger.info("resumed from %s at step %d", ckpt_path, start)
-        del ckpt
     else:
         if cfg.resume:
             logger.info("resume=True but %s does not exist: starting a fresh run", ckpt_path)
@@ -165,12 +177,8 @@ def train(
                 mlog.log({**metrics, "step_time": time.perf_counter() - t0}, step=done)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4g}")
             if cfg.save_steps and done % cfg.save_steps == 0 and done < end:
-                if is_main():
-                    save_checkpoint(ckpt_path, trainer, buffer, done, cfg)
-                barrier()
-        if is_main():
-            save_checkpoint(ckpt_path, trainer, buffer, end, cfg)
-        barrier()
+                save_checkpoint(ckpt_path, trainer, buffer, done, cfg)
+        save_checkpoint(ckpt_path, trainer, buffer, end, cfg)
     finally:
         bar.close()
         mlog.finish()

@@ -63,6 +63,7 @@ def test_finetuning_lowers_pruned_fvu_and_resumes_exactly():
 
     twin = TrainerSCAESuite(copy.deepcopy(suite), cfg)
     twin.load_state_dict(copy.deepcopy(state))
+    twin.load_local_state_dict(copy.deepcopy(tr.local_state_dict()))
     for step in (40, 41):
         tr.update(step, batches[step % 8])
         twin.update(step, batches[step % 8])

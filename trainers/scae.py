@@ -430,11 +430,9 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         f_pr_BT = torch.zeros_like(top_BT).scatter(1, sel_BK, vals_BK.relu())
         return ratio_across_ranks((f_van_BT - f_pr_BT).float().pow(2).sum(), f_van_BT.float().pow(2).sum())
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["generator"] = self.generator.get_state()
-        return state
+    def local_state_dict(self) -> dict:
+        """This rank's own state (the candidate sampler), saved per rank in checkpoints."""
+        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+    def load_local_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
