@@ -81,11 +81,11 @@ class PipelineConfig:
     """Connections file or Google Drive file id (fetched with gdown); None computes them (cached)."""
     ctx_len: int = 128
     """Context length, BOS included."""
-    dict_size: int = 1024
+    dict_size: int = 512
     """Features per dictionary when pretraining."""
     k: int = 16
     """Active features per token when pretraining."""
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1000
     """Pretraining steps."""
     C: int = 32
     """Connections per transcoder feature, shared across upstream dictionaries."""
@@ -119,7 +119,7 @@ def make_config(preset: str = PRESET, quick: bool = False, **overrides) -> Pipel
     """The preset's config, the constants at the top of the file, then explicit overrides."""
     finetune = SCAETrainerConfig(
         total_steps=1, coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
-        n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR,
+        n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR, auxk_relu=False,
     )
     if preset == "tiny":
         cfg = PipelineConfig(finetune=finetune)
