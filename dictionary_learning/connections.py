@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,29 +20,9 @@ import torch
 from torch import Tensor
 
 from .files import atomic_torch_save
+from .names import parse_module_name, upstream_names
 
 Connections = dict[str, dict[str, Tensor]]
-
-_NAME_RE = re.compile(r"^(attn|mlp)_(\d+)$")
-
-
-def parse_module_name(name: str) -> tuple[str, int]:
-    """("attn" | "mlp", layer) from "attn_<l>" / "mlp_<l>"."""
-    m = _NAME_RE.match(name) if isinstance(name, str) else None
-    if m is None:
-        raise ValueError(
-            f"unknown module name {name!r}: module names are 'attn_<layer>' or 'mlp_<layer>'"
-        )
-    return m.group(1), int(m.group(2))
-
-
-def upstream_names(down: str) -> list[str]:
-    """The modules upstream of transcoder `down`, in layer (execution) order (SCAE-SPEC §2)."""
-    kind, L = parse_module_name(down)
-    if kind != "mlp":
-        raise ValueError(f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs")
-    return [n for layer in range(L) for n in (f"attn_{layer}", f"mlp_{layer}")] + [f"attn_{L}"]
-
 
 def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None:
     """Check names, upstream order, shapes, dtypes and index ranges; raise naming the culprit.

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from .names import module_names  # noqa: F401  (part of this module's API)
+
 from .embedded import EMBEDDED_MODEL, ensure_embedded_model
 
 logger = logging.getLogger(__name__)
@@ -24,11 +26,6 @@ class ModelInfo(NamedTuple):
     vocab_size: int
     ln_eps: float
     name: str
-
-
-def module_names(n_layers: int) -> list[str]:
-    """Dictionary names in execution order: ["attn_0", "mlp_0", "attn_1", "mlp_1", ...]."""
-    return [f"{kind}_{l}" for l in range(n_layers) for kind in ("attn", "mlp")]
 
 
 def hf_model(model) -> torch.nn.Module:

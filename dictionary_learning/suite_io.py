@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from .names import parse_module_name, suite_order  # noqa: F401  (suite_order re-exported)
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder, build_dictionary
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "scae-suite"
 FORMAT_VERSION = 1
 PARAM_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")
-NAME_RE = re.compile(r"^(attn|mlp)_(\d+)$")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -43,23 +43,13 @@ class SuiteFiles(NamedTuple):
 
 def check_name(name: str, d: TopKDictionary | None = None) -> tuple[str, int]:
     """Validate a suite name: `attn_<l>` must be an SAE, `mlp_<l>` a transcoder. Returns (kind, layer)."""
-    m = NAME_RE.match(name)
-    if m is None:
-        raise ValueError(
-            f"dictionary name {name!r} is not of the form 'attn_<layer>' or 'mlp_<layer>'; rename it"
-        )
-    kind, layer = m.group(1), int(m.group(2))
+    kind, layer = parse_module_name(name)
     if d is not None:
         if kind == "attn" and not isinstance(d, AutoEncoderTopK):
             raise TypeError(f"{name!r} must be an AutoEncoderTopK (SAE), got {type(d).__name__}")
         if kind == "mlp" and not isinstance(d, TopKTranscoder):
             raise TypeError(f"{name!r} must be a TopKTranscoder, got {type(d).__name__}")
     return kind, layer
-
-
-def suite_order(names) -> list[str]:
-    """Names sorted in forward order: attn_0, mlp_0, attn_1, ..."""
-    return sorted(names, key=lambda n: (check_name(n)[1], check_name(n)[0] != "attn"))
 
 
 def library_versions() -> dict[str, str]:

@@ -19,12 +19,12 @@ from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
     compile_connections,
-    parse_module_name,
     to_exchange,
     validate_connections,
 )
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.distributed import rank
+from dictionary_learning.names import module_names, parse_module_name
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
@@ -65,7 +65,7 @@ class SCAESuite(nn.Module):
             raise ValueError("a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}")
         layers = {parse_module_name(n)[1] for n in dicts}
         self.n_layers = max(layers) + 1
-        expected = [n for layer in range(self.n_layers) for n in (f"attn_{layer}", f"mlp_{layer}")]
+        expected = module_names(self.n_layers)
         missing = [n for n in expected if n not in dicts]
         if missing:
             raise ValueError(

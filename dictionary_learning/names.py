@@ -1,0 +1,39 @@
+"""Names of the suite's dictionaries: "attn_<l>" (SAE on attn_out_l) and "mlp_<l>" (transcoder)."""
+
+from __future__ import annotations
+
+import re
+
+_NAME_RE = re.compile(r"^(attn|mlp)_(\d+)$")
+
+
+def parse_module_name(name: str) -> tuple[str, int]:
+    """("attn" | "mlp", layer) from "attn_<l>" / "mlp_<l>"."""
+    m = _NAME_RE.match(name) if isinstance(name, str) else None
+    if m is None:
+        raise ValueError(
+            f"unknown module name {name!r}: module names are 'attn_<layer>' or 'mlp_<layer>'"
+        )
+    return m.group(1), int(m.group(2))
+
+
+def module_names(n_layers: int) -> list[str]:
+    """Dictionary names in execution order: ["attn_0", "mlp_0", "attn_1", "mlp_1", ...]."""
+    return [f"{kind}_{layer}" for layer in range(n_layers) for kind in ("attn", "mlp")]
+
+
+def suite_order(names) -> list[str]:
+    """Names sorted in execution order: attn_0, mlp_0, attn_1, ..."""
+    def order(n):
+        kind, layer = parse_module_name(n)
+        return layer, kind != "attn"
+
+    return sorted(names, key=order)
+
+
+def upstream_names(down: str) -> list[str]:
+    """The modules upstream of transcoder `down`, in execution order (SCAE-SPEC §2)."""
+    kind, L = parse_module_name(down)
+    if kind != "mlp":
+        raise ValueError(f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs")
+    return module_names(L) + [f"attn_{L}"]
