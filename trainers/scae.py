@@ -161,16 +161,17 @@ class SCAESuite(nn.Module):
                     f"{self.dicts[name].d_in}; the suite does not fit this model (d_model mismatch)"
                 )
 
+    def vanilla_one(self, name: str, batch) -> DictOutput:
+        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded ln_2)."""
+        ae = self.dicts[name]
+        pre_BF = ae.pre_acts(batch.src[name])
+        feats = topk_relu(pre_BF, ae.k)
+        return DictOutput(feats, ae.decode(feats), pre_BF)
+
     def vanilla_forward(self, batch) -> dict[str, DictOutput]:
-        """Each dictionary encodes its true input (attn_out, or mlp_in after the folded ln_2)."""
+        """The vanilla pass of every dictionary."""
         self._check_batch(batch)
-        out = {}
-        for name in self.names:
-            ae = self.dicts[name]
-            pre_BF = ae.pre_acts(batch.src[name])
-            feats = topk_relu(pre_BF, ae.k)
-            out[name] = DictOutput(feats, ae.decode(feats), pre_BF)
-        return out
+        return {name: self.vanilla_one(name, batch) for name in self.names}
 
     def pruned_forward(
         self,
@@ -186,18 +187,18 @@ class SCAESuite(nn.Module):
 
         Upstream features are the vanilla ones for attention SAEs and the pruned ones for
         transcoders. mode="all" computes every feature (evaluation); mode="candidates" computes
-        the vanilla top K, the next n_threshold and n_random random features (training).
+        the vanilla top K, the next n_threshold and n_random random features (training), or the
+        candidates already in `vanilla[m].cand_BN`.
         """
         if vanilla is None:
             vanilla = self.vanilla_forward(batch)
         up_feats: dict[str, Features] = {}
-        dec_rows: dict[str, Tensor] = {}
         out = {}
         for layer in range(self.n_layers):
             a, m = f"attn_{layer}", f"mlp_{layer}"
             up_feats[a] = vanilla[a].feats
             out[m] = self._pruned_transcoder(
-                m, batch, vanilla[m], up_feats, dec_rows, mode, n_threshold, n_random, generator
+                m, batch, vanilla[m], up_feats, mode, n_threshold, n_random, generator
             )
             up_feats[m] = out[m].feats
         return out
@@ -232,7 +233,6 @@ class SCAESuite(nn.Module):
         name: str,
         batch,
         up_feats: dict[str, Features],
-        dec_rows: dict[str, Tensor],
         cand_BN: Tensor | None,
     ) -> Tensor:
         """The pruned pre-activations of transcoder `name` (SCAE-SPEC §2), for candidates or all.
@@ -277,18 +277,19 @@ class SCAESuite(nn.Module):
         return (base_BF.gather(1, cand_BN) + conn_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
 
     def _pruned_transcoder(
-        self, name, batch, vanilla_out: DictOutput, up_feats, dec_rows, mode, n_threshold, n_random,
-        generator,
+        self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random, generator,
     ) -> DictOutput:
         ae = self.dicts[name]
         if mode == "all":
-            pre_BF = self._pruned_pre(name, batch, up_feats, dec_rows, None)
+            pre_BF = self._pruned_pre(name, batch, up_feats, None)
             feats = topk_relu(pre_BF, ae.k)
             return DictOutput(feats, ae.decode(feats), pre_BF)
         if mode != "candidates":
             raise ValueError(f"mode must be 'all' or 'candidates', got {mode!r}")
-        cand_BN = self.candidates(name, vanilla_out.pre_BN, n_threshold, n_random, generator)
-        pre_BN = self._pruned_pre(name, batch, up_feats, dec_rows, cand_BN)
+        cand_BN = vanilla_out.cand_BN
+        if cand_BN is None:
+            cand_BN = self.candidates(name, vanilla_out.pre_BN, n_threshold, n_random, generator)
+        pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN)
         n_top = ae.k + n_threshold
         top = pre_BN[:, :n_top]
         sel_vals_BK, sel_BK = top.topk(ae.k, dim=1, sorted=False)
@@ -385,45 +386,51 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         """Per-dictionary losses, scalar metrics, and the indices of fired (vanilla) features."""
         cfg = self.cfg
         batch = batch.to(self.device, self.dtype)
-        out = self.suite(
-            batch, mode="candidates", n_threshold=cfg.n_threshold, n_random=cfg.n_random,
-            generator=self.generator,
-        )
-        losses, metrics, fired = {}, {}, {}
+        self.suite._check_batch(batch)
+        losses, metrics, fired, vanilla = {}, {}, {}, {}
         for n in self.names:
-            d, van = self.dicts[n], out.vanilla[n]
+            # Vanilla pass one dictionary at a time: its [B, F] pre-activations serve AuxK and the
+            # candidates, then only the candidates' [B, N] are kept (memory of the training step).
+            d, van = self.dicts[n], self.suite.vanilla_one(n, batch)
             x, y = self.io(n, batch)
-            fvu_v = fvu(y, van.recon_BD, across_ranks=True)
             aux = auxk_loss(d, van.pre_BN, y.float() - van.recon_BD.float(), self.dead_mask(n),
                             self.k_aux[n], relu=cfg.auxk_relu)
-            loss = cfg.auxk_alpha * aux
+            if d.is_transcoder:
+                cand_BN = self.suite.candidates(n, van.pre_BN, cfg.n_threshold, cfg.n_random, self.generator)
+                van = van._replace(pre_BN=van.pre_BN.gather(1, cand_BN), cand_BN=cand_BN)
+            else:
+                van = van._replace(pre_BN=None)
+            vanilla[n] = van
+            fvu_v = fvu(y, van.recon_BD, across_ranks=True)
+            losses[n] = cfg.auxk_alpha * aux
+            if not d.is_transcoder or cfg.loss == "vanilla+pruned":
+                losses[n] = losses[n] + fvu_v
             metrics[f"{n}/fvu"], metrics[f"{n}/auxk"] = fvu_v.detach(), aux.detach()
             active_BK = van.feats.vals_BK > 0
             metrics[f"{n}/l0"] = active_BK.sum(1).float().mean()
             fired[n] = van.feats.idx_BK[active_BK]
-            if n not in out.pruned or cfg.loss == "vanilla+pruned":
-                loss = loss + fvu_v
-            if n in out.pruned:
-                pr = out.pruned[n]
-                fvu_p = fvu(y, pr.recon_BD, across_ranks=True)
-                loss = loss + cfg.coeff * fvu_p
-                metrics[f"{n}/fvu_pruned"] = fvu_p.detach()
-                if pr.penalty is not None:
-                    loss = loss + cfg.random_coeff * pr.penalty
-                    metrics[f"{n}/penalty"] = pr.penalty.detach()
-                if cfg.act_coeff > 0:
-                    diff = self._activation_difference(d.k, van, pr)
-                    loss = loss + cfg.act_coeff * diff
-                    metrics[f"{n}/act_diff"] = diff.detach()
-            losses[n] = loss
+
+        pruned = self.suite.pruned_forward(batch, vanilla, mode="candidates",
+                                           n_threshold=cfg.n_threshold, n_random=cfg.n_random)
+        for n, pr in pruned.items():
+            _, y = self.io(n, batch)
+            fvu_p = fvu(y, pr.recon_BD, across_ranks=True)
+            losses[n] = losses[n] + cfg.coeff * fvu_p
+            metrics[f"{n}/fvu_pruned"] = fvu_p.detach()
+            if pr.penalty is not None:
+                losses[n] = losses[n] + cfg.random_coeff * pr.penalty
+                metrics[f"{n}/penalty"] = pr.penalty.detach()
+            if cfg.act_coeff > 0:
+                diff = self._activation_difference(self.dicts[n].k, vanilla[n], pr)
+                losses[n] = losses[n] + cfg.act_coeff * diff
+                metrics[f"{n}/act_diff"] = diff.detach()
         return losses, metrics, fired
 
     def _activation_difference(self, k: int, van: DictOutput, pr: DictOutput) -> Tensor:
         """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates (the
         denominator is a normaliser: no gradient flows through it)."""
         n_top = k + self.cfg.n_threshold
-        cand_BT = pr.cand_BN[:, :n_top]
-        f_van_BT = van.pre_BN.gather(1, cand_BT).relu()
+        f_van_BT = van.pre_BN[:, :n_top].relu()  # vanilla pre-activations at the candidates
         f_van_BT = torch.cat([f_van_BT[:, :k], torch.zeros_like(f_van_BT[:, k:])], dim=1)
         top_BT = pr.pre_BN[:, :n_top]
         vals_BK, sel_BK = top_BT.topk(k, dim=1)

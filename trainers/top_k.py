@@ -165,13 +165,14 @@ def auxk_loss(
     n_dead = int(dead_F.sum())
     if n_dead == 0:
         return pre_BF.new_zeros((), dtype=torch.float32)
-    pre_dead_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
+    dead_idx = dead_F.nonzero().squeeze(1)
+    pre_dead_BN = pre_BF.index_select(1, dead_idx)  # only the dead columns are kept for backward
     if relu:
-        feats = topk_relu(pre_dead_BF, min(k_aux, n_dead))
+        dead_feats = topk_relu(pre_dead_BN, min(k_aux, n_dead))
     else:
-        feats = Features(*pre_dead_BF.topk(min(k_aux, n_dead), dim=-1, sorted=False))
-    # dense [B, F] @ W_dec^T: pre_BF is already [B, F]; faster than embedding_bag for k_aux ~ D/2
-    aux_BD = feats.dense(d.dict_size).to(d.decoder.weight.dtype) @ d.decoder.weight.T
+        dead_feats = Features(*pre_dead_BN.topk(min(k_aux, n_dead), dim=-1, sorted=False))
+    # Dense over the dead columns only: faster than embedding_bag for k_aux ~ D/2, and [B, n_dead].
+    aux_BD = dead_feats.dense(n_dead).to(d.decoder.weight.dtype) @ d.decoder.weight[:, dead_idx].T
     return fvu(residual_BD.detach(), aux_BD, across_ranks=True)
 
 
