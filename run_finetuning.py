@@ -22,8 +22,8 @@ COEFF = 1.0  # weight of the pruned FVU in the loss
 LOSS = "vanilla+pruned"  # or "pruned"
 ACT_COEFF = 0.0  # weight of the vanilla-vs-pruned activation difference term
 N_THRESHOLD = 32  # candidates after the vanilla top K
-N_RANDOM = 32  # random candidates per token for the penalty
-RANDOM_COEFF = 0.1  # weight of the random-candidate penalty
+N_RANDOM = 0  # random candidates per token for the penalty (off: see README, "Hyperparameters")
+RANDOM_COEFF = 0.0  # weight of the random-candidate penalty
 FINETUNE_STEPS = None  # None: the preset's
 LR = None  # None: base_lr / sqrt(F / 2^14) per dictionary
 WANDB_MODE = "disabled"  # "disabled", "offline" or "online" (online needs WANDB_API_KEY)
@@ -93,7 +93,7 @@ class PipelineConfig:
     """Importance averaged over the feature's active tokens ("active") or all tokens ("all")."""
     connection_tokens: int = 2**17
     """Tokens the importance is averaged over."""
-    finetune_steps: int = 600
+    finetune_steps: int = 400
     """Finetuning steps (each run: top-C and random connections)."""
     batch_tokens: int = 1024
     """Tokens per optimisation step (global, over all ranks)."""
@@ -142,11 +142,16 @@ def make_config(preset: str = PRESET, quick: bool = False, **overrides) -> Pipel
         cfg = replace(
             cfg, dict_size=256, k=8, pretrain_steps=60, C=min(cfg.C, 16), connection_tokens=4096,
             finetune_steps=40, batch_tokens=256, buffer_tokens=4096, eval_tokens=2048,
-            finetune=replace(cfg.finetune, n_threshold=16, n_random=16),
+            finetune=replace(cfg.finetune, n_threshold=16, n_random=min(N_RANDOM, 16)),
         )
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    cfg.finetune = replace(cfg.finetune, total_steps=cfg.finetune_steps,
-                           warmup_steps=min(cfg.finetune.warmup_steps, max(1, cfg.finetune_steps // 10)))
+    tokens = cfg.finetune_steps * cfg.batch_tokens
+    cfg.finetune = replace(
+        cfg.finetune, total_steps=cfg.finetune_steps,
+        warmup_steps=min(cfg.finetune.warmup_steps, max(1, cfg.finetune_steps // 10)),
+        # a short run needs a dead-feature window well inside its token budget for AuxK to act
+        dead_tokens=min(cfg.finetune.dead_tokens, max(tokens // 20, 4 * cfg.batch_tokens)),
+    )
     return cfg
 
 

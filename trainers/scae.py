@@ -341,10 +341,11 @@ class SCAETrainerConfig(TopKTrainerConfig):
     """Weight of the activation-difference term ||f_vanilla - f_pruned||^2 / ||f_vanilla||^2."""
     n_threshold: int = 32
     """Candidates after the vanilla top K, by vanilla pre-activation."""
-    n_random: int = 32
-    """Random other candidates per token, used only by the penalty."""
-    random_coeff: float = 0.1
-    """Weight of the random-candidate penalty sum relu(pre_random - min(pre_top))."""
+    n_random: int = 0
+    """Random other candidates per token, used only by the penalty (0: no penalty)."""
+    random_coeff: float = 0.0
+    """Weight of the random-candidate penalty sum relu(pre_random - min(pre_top)), averaged over
+    tokens. Off by default: its raw scale (~10 at the start of finetuning) dwarfs the FVU terms."""
     warmup_steps: int = 50
     auxk_alpha: float = 1 / 32
     """AuxK on the vanilla pass, as in pretraining, to keep features alive."""
