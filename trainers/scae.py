@@ -25,6 +25,7 @@ from dictionary_learning.connections import (
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.distributed import rank
 from dictionary_learning.names import module_names, parse_module_name
+from dictionary_learning.suite_io import load_suite, save_suite
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
@@ -42,8 +43,9 @@ class DictOutput(NamedTuple):
     """Active features: values [B, K] and indices [B, K]."""
     recon_BD: Tensor
     """Reconstruction of the target."""
-    pre_BN: Tensor
-    """Pre-activations before ReLU/TopK: all features [B, F], or the candidates [B, N]."""
+    pre_BN: Tensor | None
+    """Pre-activations before ReLU/TopK: all features [B, F], or the candidates [B, N] when
+    cand_BN is set; None where the training step no longer needs them."""
     cand_BN: Tensor | None = None
     """Candidate feature indices (candidates mode of the pruned pass), else None."""
     penalty: Tensor | None = None
@@ -304,8 +306,6 @@ class SCAESuite(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> None:
         """Save dictionaries, connections and `meta` (default: self.meta) as a suite folder."""
-        from dictionary_learning.suite_io import save_suite
-
         conns = self.connections if self.has_connections else None
         meta = {k: v for k, v in (self.meta if meta is None else meta).items()
                 if k not in ("format", "format_version", "dictionaries", "versions")}
@@ -317,8 +317,6 @@ class SCAESuite(nn.Module):
         connections: Connections | None = None,
     ) -> "SCAESuite":
         """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id."""
-        from dictionary_learning.suite_io import load_suite
-
         files = load_suite(path_or_repo_id, device=device, dtype=dtype)
         suite = cls(files.dicts, connections if connections is not None else files.connections)
         suite.meta = dict(files.meta)
