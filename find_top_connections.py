@@ -227,15 +227,14 @@ def connection_stats(conns: Connections) -> dict[str, dict[str, float]]:
 
 
 def main(argv=None) -> None:
-    from dictionary_learning.model import load_model
-
     from buffer import AllActivationBuffer
-    from dictionary_learning.data import text_source, token_contexts
+    from dictionary_learning.data import contexts_from
+    from dictionary_learning.model import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", required=True, help="suite folder or Hub id")
     p.add_argument("--model", default=None, help="model name or path (default: the suite's)")
-    p.add_argument("--data", default=None, help="'embedded', a Hub dataset name, or a text file")
+    p.add_argument("--data", default=None, help="'embedded', a text file or folder, or a datasets name")
     p.add_argument("--tokens", type=int, default=200_000, help="tokens to average over")
     p.add_argument("--C", type=int, default=100, help="connections per downstream feature")
     p.add_argument("--variant", choices=["active", "all"], default="active")
@@ -245,21 +244,21 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     suite = SCAESuite.from_pretrained(args.suite, device=args.device)
-    meta = getattr(suite, "meta", {})
-    model = load_model(args.model or meta.get("model_name"), device=args.device)
-    ctx_len = int(meta.get("buffer", {}).get("ctx_len", 128))
-    texts = text_source(args.data or meta.get("data", "embedded"))
-    contexts = token_contexts(texts, model.tokenizer, ctx_len)
-    buf = AllActivationBuffer(
-        model, contexts, n_tokens=min(args.tokens, 1 << 17), out_batch_size=1024,
-        model_batch_size=32, device=args.device, dtype=torch.float32,
-    )
-    acts = collect_activations(suite, buf, args.tokens)
-    conns = top_connections(suite, acts, args.C, args.variant)
+    buffer_meta = suite.meta.get("buffer", {})
+    model_name = args.model or suite.meta.get("model_name")
+    if model_name is None:
+        p.error("the suite does not record its model: pass --model")
+    model = load_model(model_name, device=args.device)
+    contexts = contexts_from(args.data or buffer_meta.get("data", "embedded"), model.tokenizer,
+                             int(buffer_meta.get("ctx_len", 128)), repeat=True)
+    buf = AllActivationBuffer(model, contexts, n_tokens=min(args.tokens, 1 << 17),
+                              out_batch_size=1024, device=args.device)
+    conns = top_connections(suite, collect_activations(suite, buf, args.tokens), args.C, args.variant)
     if args.random:
         conns = random_connections(suite, conns)
     save_connections(conns, args.out)
-    logger.info("saved connections for %d transcoders to %s", len(conns), args.out)
+    logger.info("saved connections of %d transcoders to %s: %s", len(conns), args.out,
+                connection_stats(conns))
 
 
 if __name__ == "__main__":
