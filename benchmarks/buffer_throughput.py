@@ -84,7 +84,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
 
     model = load_model(EMBEDDED_MODEL, device=args.device, dtype=dtype)
-    print(json.dumps(bench_case(EMBEDDED_MODEL, model, 128, 64, 16, args.device, dtype, args.repeats)),
+    print(json.dumps(bench_case(EMBEDDED_MODEL, model, 128, 128, 32, args.device, dtype, args.repeats)),
           flush=True)
 
     from transformers import GPT2Config, GPT2LMHeadModel
