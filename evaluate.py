@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from buffer import ActivationBatch, trace_activations
 from dictionary_learning.dictionary import Features
+from dictionary_learning.files import atomic_write
 from dictionary_learning.model import hf_model, model_info
 from trainers.scae import SCAESuite
 from trainers.top_k import fvu
@@ -333,16 +333,6 @@ def _chain(first, it):
     yield from it
 
 
-def _check_fit(suite: SCAESuite, model) -> None:
-    info = model_info(model)
-    if suite.n_layers != info.n_layers or suite.d_model != info.d_model:
-        raise ValueError(
-            f"the suite has {suite.n_layers} layers of width {suite.d_model} but the model has "
-            f"{info.n_layers} layers of width {info.d_model}; evaluate the suite with the model it "
-            "was trained on (--model)."
-        )
-
-
 @torch.no_grad()
 def evaluate_suite(
     suite: SCAESuite,
@@ -367,7 +357,8 @@ def evaluate_suite(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    _check_fit(suite, model)
+    info = model_info(model)
+    suite.check_fits(info.n_layers, info.d_model, "the model")
     info = model_info(model)
     suite = suite.to(device=device, dtype=dtype).eval()
     names, pruned_on = suite.names, suite.has_connections
@@ -489,19 +480,6 @@ def _clean_float(x):
     return x
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temp file next to `path`, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def eval_to_dict(ev: SuiteEval) -> dict:
     """The report dict of a SuiteEval (schema: see `report`)."""
     notes = []
@@ -565,7 +543,7 @@ def report(
         pngs = [str(p) for p in save_plots(rep, out)] if plots else []
         rep["files"] = {"report": str(out / "report.json"), "plots": pngs}
         text = json.dumps(rep, indent=2)
-        _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(out / "report.json", lambda fh: fh.write(text.encode()))
     return rep
 
 
@@ -581,7 +559,7 @@ def save_plots(rep: dict, out_dir: str | os.PathLike) -> list[Path]:
 
     def save(fig: Figure, name: str) -> None:
         FigureCanvasAgg(fig)
-        _atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+        atomic_write(out / name, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
         paths.append(out / name)
 
     mods = rep["modules"]
