@@ -217,7 +217,7 @@ def test_limits_and_errors(model, toks):
     with pytest.raises(ValueError, match="3 <= ctx_len"):
         ev.evaluate_suite(suite, model, toks[:, :2], progress=False)
     wide = random_suite(n_layers=L, d=8, F=16, k=2, dtype=torch.float32)
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(ValueError, match=r"d_model=8 but the model has d_model=32; load the suite"):
         ev.evaluate_suite(wide, model, toks, progress=False)
 
 
