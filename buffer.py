@@ -15,13 +15,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dictionary_learning.errors import DataExhaustedError
 from dictionary_learning.model import check_gpt2_like, hf_model, model_info, module_names
 
 logger = logging.getLogger(__name__)
-
-
-class DataExhaustedError(RuntimeError):
-    """The context iterator ran out before a full output batch could be formed."""
 
 
 class ActivationBatch(NamedTuple):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dictionary_learning.distributed import all_gather_object, barrier, is_main, rank, world_size
 from dictionary_learning.errors import DataExhaustedError
-from dictionary_learning.files import atomic_torch_save, atomic_write_json  # noqa: F401 (re-exported)
+from dictionary_learning.files import atomic_torch_save
 from dictionary_learning.logger import MetricsLogger
 
 logger = logging.getLogger(__name__)

@@ -16,4 +16,4 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class DataExhaustedError(RuntimeError):
-    """The activation buffer ran out of data before training reached its planned step count."""
+    """The data ran out before a full batch could be formed or training reached its last step."""
