@@ -36,6 +36,7 @@ K = None  # active features per token when pretraining (16 / 8)
 PRETRAIN_STEPS = None  # pretraining steps (1000 / 60)
 FINETUNE_STEPS = None  # finetuning steps (400, gpt2 10,000 / 40)
 EVAL_TOKENS = None  # evaluation tokens (32,768, gpt2 131,072 / 2,048)
+CTX_LEN = None  # context length, BOS included (128)
 
 # Finetuning hyperparameters
 C = None  # connections per transcoder feature (None: the preset's: 32 tiny, 100 gpt2; QUICK 16)
@@ -200,7 +201,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
     constants = dict(
         model=MODEL, data=DATA, eval_data=EVAL_DATA, suite=SUITE, connections=CONNECTIONS,
         dict_size=DICT_SIZE, k=K, pretrain_steps=PRETRAIN_STEPS, finetune_steps=FINETUNE_STEPS,
-        eval_tokens=EVAL_TOKENS, C=C, variant=VARIANT, device=DEVICE, dtype=DTYPE,
+        eval_tokens=EVAL_TOKENS, ctx_len=CTX_LEN, C=C, variant=VARIANT, device=DEVICE, dtype=DTYPE,
     )
     chosen = {k: v for k, v in {**constants, **overrides}.items() if v is not None}
     if "data" in chosen and "eval_data" not in chosen:

@@ -91,10 +91,11 @@ def _wandb_row(row: dict) -> tuple[dict, int]:
 
 
 def _log_curves(run, png: Path | None) -> None:
+    """curves.png as the run's summary image (not a history row: history mirrors metrics.jsonl)."""
     if run is not None and png is not None and png.is_file():
         import wandb
 
-        run.log({"curves": wandb.Image(str(png))})
+        run.summary["curves"] = wandb.Image(str(png))
 
 
 def replay_metrics(
