@@ -18,7 +18,7 @@ ROOT = Path(dictionary_learning.__file__).resolve().parent.parent
 
 @pytest.fixture
 def pypi_namesake(monkeypatch):
-    """Pretend PyPI's `dictionary-learning` 9.9.9 is installed: importlib.metadata answers for it."""
+    """Pretend PyPI's `dictionary-learning` 9.9.9 is installed (importlib.metadata answers)."""
     real = importlib.metadata.version
 
     def version(name):
