@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .names import parse_module_name, suite_order  # noqa: F401  (suite_order re-exported)
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder, build_dictionary
+from .version import __version__, git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,9 @@ def library_versions() -> dict[str, str]:
             out[mod] = __import__(mod).__version__
         except Exception:  # not installed or broken: record it, don't fail the save
             out[mod] = "unavailable"
-    try:
-        from importlib.metadata import version
-
-        out["dictionary_learning"] = version("dictionary_learning")
-    except Exception:
-        out["dictionary_learning"] = "source"
+    # This code's own version and commit: an installed PyPI `dictionary-learning` must not stand in.
+    out["scae"] = __version__
+    out["scae_commit"] = git_commit() or "unavailable"
     return out
 
 
