@@ -108,7 +108,12 @@ from dictionary_learning.distributed import (
     world_size,
 )
 from dictionary_learning.embedded import EMBEDDED_MODEL, cache_root
-from dictionary_learning.logger import WandbSettings, replay_metrics, resolve_wandb_mode, summary_run
+from dictionary_learning.logger import (
+    WandbSettings,
+    replay_metrics,
+    resolve_wandb_mode,
+    summary_run,
+)
 from dictionary_learning.model import load_model
 from evaluate import format_table, module_rows, report
 from find_top_connections import collect_activations, random_connections, top_connections
@@ -198,11 +203,13 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
             finetune_steps=40, batch_tokens=256, buffer_tokens=4096, eval_tokens=2048,
             finetune=replace(cfg.finetune, n_threshold=16, n_random=min(N_RANDOM, 16)),
         )
-    constants = dict(
-        model=MODEL, data=DATA, eval_data=EVAL_DATA, suite=SUITE, connections=CONNECTIONS,
-        dict_size=DICT_SIZE, k=K, pretrain_steps=PRETRAIN_STEPS, finetune_steps=FINETUNE_STEPS,
-        eval_tokens=EVAL_TOKENS, ctx_len=CTX_LEN, C=C, variant=VARIANT, device=DEVICE, dtype=DTYPE,
-    )
+    constants = {
+        "model": MODEL, "data": DATA, "eval_data": EVAL_DATA, "suite": SUITE,
+        "connections": CONNECTIONS, "dict_size": DICT_SIZE, "k": K,
+        "pretrain_steps": PRETRAIN_STEPS, "finetune_steps": FINETUNE_STEPS,
+        "eval_tokens": EVAL_TOKENS, "ctx_len": CTX_LEN, "C": C, "variant": VARIANT,
+        "device": DEVICE, "dtype": DTYPE,
+    }
     chosen = {k: v for k, v in {**constants, **overrides}.items() if v is not None}
     if "data" in chosen and "eval_data" not in chosen:
         chosen["eval_data"] = chosen["data"]  # held-out documents of the same text
@@ -428,7 +435,7 @@ def variant_rows(result: dict) -> tuple[list[str], list[list]]:
 
 def summary(result: dict) -> str:
     """The finetuned suite's table, then mean transcoder FVUs and CE recovered of each variant."""
-    cols, rows = variant_rows(result)
+    _, rows = variant_rows(result)
     lines = [format_table(result), "", f"{'suite':<20} {'mean mlp FVU vanilla':>21} "
              f"{'mean mlp FVU pruned':>20} {'CE rec. pruned':>15}"]
     for name, fv, fp, _, _, rec in rows:
@@ -465,7 +472,8 @@ def log_evaluation(wb: WandbSettings, result: dict, out_dir: Path) -> None:
     its summary, a wandb.Table of the modules per suite and of the suites, the plots as images."""
     scalars, tables, images = {}, {"suites": variant_rows(result)}, {}
     for name, rep in variants(result).items():
-        scalars.update({f"{name}/ce/{k}": v for k, v in rep["ce"].items() if not isinstance(v, dict)})
+        ce = {k: v for k, v in rep["ce"].items() if not isinstance(v, dict)}  # splice: a table
+        scalars.update({f"{name}/ce/{k}": v for k, v in ce.items()})
         cols, rows = module_rows(rep)
         tables[f"{name}/modules"] = (cols, rows)
         for row in rows:

@@ -169,7 +169,8 @@ def train(
 
     mlog = MetricsLogger(
         out, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
-        config=wandb_config(getattr(trainer, "cfg", None), cfg), resume_step=start if start > 0 else None,
+        config=wandb_config(getattr(trainer, "cfg", None), cfg),
+        resume_step=start if start > 0 else None,
         wandb_group=cfg.wandb_group, wandb_dir=cfg.wandb_dir, job_type="train",
     )
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)

@@ -3,9 +3,9 @@
     # 1. in this project's environment: export a suite in every format, with reference outputs
     python benchmarks/verify_exports.py make --suite SUITE_DIR --out /tmp/exports
     # 2. in an environment holding the library (none of them imports this project):
-    /work/venvs/saelens/bin/python benchmarks/verify_exports.py check --dir /tmp/exports --library saelens
-    /work/venvs/sparsify/bin/python benchmarks/verify_exports.py check --dir /tmp/exports --library sparsify
-    /work/venvs/dictlearn/bin/python benchmarks/verify_exports.py check --dir /tmp/exports \
+    VENV/bin/python benchmarks/verify_exports.py check --dir /tmp/exports --library saelens
+    VENV/bin/python benchmarks/verify_exports.py check --dir /tmp/exports --library sparsify
+    VENV/bin/python benchmarks/verify_exports.py check --dir /tmp/exports \
         --library dictionary_learning
 
 `make` feeds real activations of the suite's model (the embedded default unless the suite says
@@ -50,9 +50,11 @@ def make(suite_dir: str, out: Path) -> None:
         for name, d in files.dicts.items():
             x = batch.src[name].float()
             recon, feats = d.float()(x, output_features=True)
-            ref[f"{name}.x"], ref[f"{name}.f"], ref[f"{name}.recon"] = x, feats.dense(d.dict_size), recon
+            ref[f"{name}.x"], ref[f"{name}.recon"] = x, recon
+            ref[f"{name}.f"] = feats.dense(d.dict_size)
             y = batch.tgt[name].float()
-            ref[f"{name}.fvu"] = ((y - recon).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).reshape(1)
+            fvu = (y - recon).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+            ref[f"{name}.fvu"] = fvu.reshape(1)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ref.items()}, str(out / "reference.safetensors"))
     for fmt in export.FORMATS:
@@ -64,7 +66,8 @@ def check(folder: Path, library: str) -> None:
     """Load each export with `library` and compare to reference.safetensors (library's env)."""
     ref = load_file(str(folder / "reference.safetensors"))
     manifest = json.loads((folder / library / "export.json").read_text())
-    print(f"{library}: {len(manifest['written'])} dictionaries, skipped {sorted(manifest['skipped'])}")
+    print(f"{library}: {len(manifest['written'])} dictionaries, "
+          f"skipped {sorted(manifest['skipped'])}")
     print(f"{'module':<8} {'folder':<24} {'max |f - f_ours|':>17} {'max |recon - ours|':>19} "
           f"{'max |f_ours|':>13} {'FVU (ours)':>11}")
     if library == "saelens":
@@ -102,7 +105,8 @@ def check(folder: Path, library: str) -> None:
             df = (f.float() - ref[f"{name}.f"]).abs().max().item()
             dr = (recon.float() - ref[f"{name}.recon"]).abs().max().item()
             worst = max(worst, df, dr)
-            print(f"{name:<8} {sub:<24} {df:17.3g} {dr:19.3g} {ref[f'{name}.f'].abs().max().item():13.4g} "
+            f_max = ref[f"{name}.f"].abs().max().item()
+            print(f"{name:<8} {sub:<24} {df:17.3g} {dr:19.3g} {f_max:13.4g} "
                   f"{ref[f'{name}.fvu'].item():11.4f}")
     print(f"largest difference: {worst:.3g}")
 
@@ -115,7 +119,8 @@ def main() -> None:
     m.add_argument("--out", required=True)
     c = sub.add_parser("check")
     c.add_argument("--dir", required=True)
-    c.add_argument("--library", required=True, choices=["saelens", "sparsify", "dictionary_learning"])
+    c.add_argument("--library", required=True,
+                   choices=["saelens", "sparsify", "dictionary_learning"])
     args = p.parse_args()
     if args.cmd == "make":
         make(args.suite, Path(args.out))

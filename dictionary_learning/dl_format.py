@@ -27,9 +27,10 @@ DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "th
 def centered_encoder_bias(ae: TopKDictionary) -> torch.Tensor:
     """b_enc' + W_enc b_dec (fp32, CPU): the encoder bias of the libraries that encode
     W_enc (x - b_dec) + b (dictionary_learning, sparsify's SAEs); exact, as the map is linear."""
-    W_FD = ae.encoder.weight.detach().double().cpu()
     # float64 keeps the round trip within one float32 rounding
-    return (ae.encoder.bias.detach().double().cpu() + W_FD @ ae.b_dec.detach().double().cpu()).float()
+    W_FD = ae.encoder.weight.detach().double().cpu()
+    b_dec_D = ae.b_dec.detach().double().cpu()
+    return (ae.encoder.bias.detach().double().cpu() + W_FD @ b_dec_D).float()
 
 
 def export_dictionary_learning(

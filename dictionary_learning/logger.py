@@ -37,7 +37,9 @@ def resolve_wandb_mode(constant: str, flag: str | None = None) -> str:
     """The wandb mode in force: the `--wandb` flag, else $WANDB_MODE, else the script's constant."""
     mode = flag or os.environ.get("WANDB_MODE") or constant
     if mode not in WANDB_MODES:
-        raise ValueError(f"wandb mode {mode!r} (flag, $WANDB_MODE or constant); use one of {WANDB_MODES}")
+        raise ValueError(
+            f"wandb mode {mode!r} (flag, $WANDB_MODE or constant); use one of {WANDB_MODES}"
+        )
     return mode
 
 

@@ -128,7 +128,8 @@ def test_dictionary_learning_format_formula(suite_dir, tmp_path):
     assert set(res.written) == set(dicts) and res.skipped == {}
     for name, d in dicts.items():
         cfg = json.loads((res.written[name] / "config.json").read_text())
-        assert cfg["trainer"]["dict_class"] == "AutoEncoderTopK" and cfg["trainer"]["lm_name"] == "m"
+        assert cfg["trainer"]["dict_class"] == "AutoEncoderTopK"
+        assert cfg["trainer"]["lm_name"] == "m"
         assert cfg["trainer"]["transcoder"] is d.is_transcoder
         assert cfg["buffer"]["io"] == ("in_and_out" if d.is_transcoder else "out")
         sd = torch.load(res.written[name] / "ae.pt", weights_only=True)
@@ -146,7 +147,8 @@ def test_export_errors(suite_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown export format"):
         export.export_suite(path, tmp_path / "x", "onnx")
     with pytest.raises(ValueError, match="model_name"):
-        export.export_suite(type("S", (), {"dicts": dicts, "meta": {}})(), tmp_path / "x", "sparsify")
+        export.export_suite(type("S", (), {"dicts": dicts, "meta": {}})(), tmp_path / "x",
+                            "sparsify")
     assert not (tmp_path / "x").exists()
     wide = {"mlp_0": _randomize(TopKTranscoder(D, 2 * D, F, K), 5)}
     res = export.export_suite(type("S", (), {"dicts": wide, "meta": {"model_name": "m"}})(),

@@ -100,9 +100,9 @@ def pipeline(tmp_path_factory):
     tiny_tokenizer().save_pretrained(model_dir)
     (tmp / "train.txt").write_text("\n".join(random_texts(800, seed=1, min_len=20, max_len=60)))
     (tmp / "eval.txt").write_text("\n".join(random_texts(100, seed=2, min_len=20, max_len=60)))
-    settings = dict(QUICK=True, OUT=str(tmp / "out_nb"), MODEL=str(model_dir),
-                    DATA=str(tmp / "train.txt"), EVAL_DATA=str(tmp / "eval.txt"), CTX_LEN=32,
-                    FINETUNE_STEPS=8, PRETRAIN_STEPS=12, EVAL_TOKENS=512)
+    settings = {"QUICK": True, "OUT": str(tmp / "out_nb"), "MODEL": str(model_dir),
+                "DATA": str(tmp / "train.txt"), "EVAL_DATA": str(tmp / "eval.txt"), "CTX_LEN": 32,
+                "FINETUNE_STEPS": 8, "PRETRAIN_STEPS": 12, "EVAL_TOKENS": 512}
 
     nb = jupytext.read(REPO / "run_finetuning.py")
     cell = next(c for c in nb.cells if c.cell_type == "code" and "\nPRESET = " in "\n" + c.source)
