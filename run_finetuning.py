@@ -90,7 +90,8 @@ def repo_root() -> Path:
     )
 
 
-# the notebook and `python path/to/run_finetuning.py` import the project from its own folder
+# a kernel started in a folder below the repository (or elsewhere, from a notebook Jupyter or
+# VS Code located) still imports the project's modules
 if str(repo_root()) not in sys.path:
     sys.path.insert(0, str(repo_root()))
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 N_TOKENS = 1024
 
 
-def make(suite_dir: str, out: Path) -> None:
+def make(suite_dir: str, out: Path, data: str) -> None:
     """Export in every format and write reference.safetensors (project environment)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import export
@@ -41,7 +41,7 @@ def make(suite_dir: str, out: Path) -> None:
     files = load_suite(suite_dir)
     model = load_model(files.meta.get("model_name") or "scae-shakespeare")
     ctx_len = (files.meta.get("buffer") or {}).get("ctx_len", 128)
-    buf = AllActivationBuffer(model, contexts_from("embedded", model.tokenizer, ctx_len,
+    buf = AllActivationBuffer(model, contexts_from(data, model.tokenizer, ctx_len,
                                                    split="validation"),
                               n_tokens=4 * N_TOKENS, out_batch_size=N_TOKENS, seed=0)
     batch = next(buf)
@@ -117,13 +117,14 @@ def main() -> None:
     m = sub.add_parser("make")
     m.add_argument("--suite", required=True)
     m.add_argument("--out", required=True)
+    m.add_argument("--data", default="embedded", help="text the inputs come from")
     c = sub.add_parser("check")
     c.add_argument("--dir", required=True)
     c.add_argument("--library", required=True,
                    choices=["saelens", "sparsify", "dictionary_learning"])
     args = p.parse_args()
     if args.cmd == "make":
-        make(args.suite, Path(args.out))
+        make(args.suite, Path(args.out), args.data)
     else:
         check(Path(args.dir), args.library)
 
