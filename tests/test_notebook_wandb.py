@@ -199,3 +199,22 @@ def test_warm_cache_replays_the_same_curves(pipeline):
                  for h in warm[name]["history"]]
         assert strip == again
         assert "replayed_from" in warm[name]["config"]
+
+
+def test_kernel_finds_the_repository(tmp_path, monkeypatch):
+    """A kernel has no __file__: the project is found from the working directory up, or from the
+    notebook's path that Jupyter (JPY_SESSION_NAME) gives; elsewhere a clear error."""
+    jupytext = pytest.importorskip("jupytext")
+    nb = jupytext.read(REPO / "run_finetuning.py")
+    cell = next(c.source for c in nb.cells if "def repo_root" in c.source)
+    ns = {}
+    exec(cell.split("\n# a kernel started")[0], ns)  # the definitions, not the imports after them
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    monkeypatch.chdir(REPO / "tests")
+    assert ns["repo_root"]() == REPO
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModuleNotFoundError, match="start the notebook's kernel in the repository"):
+        ns["repo_root"]()
+    monkeypatch.setenv("JPY_SESSION_NAME", str(REPO / "run_finetuning.ipynb"))
+    assert ns["repo_root"]() == REPO
+    assert ns["in_notebook"]() is False  # pytest is no kernel: the script path parses flags
