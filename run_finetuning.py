@@ -49,7 +49,8 @@ N_RANDOM = 0  # random candidates per token for the penalty (off: see README, "H
 RANDOM_COEFF = 0.0  # weight of the random-candidate penalty
 LR = None  # None: base_lr / sqrt(F / 2^14) per dictionary
 
-# Logging and hardware
+# Outputs, logging and hardware
+EXPORT = ()  # also write the finetuned suite as ("saelens", "sparsify", "dictionary_learning")
 WANDB_MODE = "disabled"  # "disabled", "offline" or "online"; $WANDB_MODE overrides it, --wandb both
 DEVICE = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available
 DTYPE = "float32"  # "float32" or "bfloat16" for dictionaries and activations
@@ -117,6 +118,7 @@ from dictionary_learning.logger import (
 )
 from dictionary_learning.model import load_model
 from evaluate import format_table, module_rows, report
+from export import FORMATS, export_suite
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAESuite, SCAETrainerConfig
 from dictionary_learning.files import atomic_write_json
@@ -165,6 +167,8 @@ class PipelineConfig:
     """Evaluation tokens."""
     random_baseline: bool = True
     """Also finetune with random connections of the same counts."""
+    export: tuple[str, ...] = ()
+    """Formats (export.FORMATS) the finetuned suite is also written in, to OUT/export/<format>."""
     finetune: SCAETrainerConfig = field(default_factory=lambda: SCAETrainerConfig(total_steps=600))
     """Finetuning hyperparameters (total_steps is set from finetune_steps)."""
     wandb_mode: str = "disabled"
@@ -209,9 +213,13 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
         "connections": CONNECTIONS, "dict_size": DICT_SIZE, "k": K,
         "pretrain_steps": PRETRAIN_STEPS, "finetune_steps": FINETUNE_STEPS,
         "eval_tokens": EVAL_TOKENS, "ctx_len": CTX_LEN, "C": C, "variant": VARIANT,
-        "device": DEVICE, "dtype": DTYPE,
+        "device": DEVICE, "dtype": DTYPE, "export": tuple(EXPORT) or None,
     }
     chosen = {k: v for k, v in {**constants, **overrides}.items() if v is not None}
+    if "export" in chosen:
+        chosen["export"] = tuple(chosen["export"])
+        if unknown := [f for f in chosen["export"] if f not in FORMATS]:
+            raise ValueError(f"EXPORT / --export: unknown format(s) {unknown}; use {FORMATS}")
     if "data" in chosen and "eval_data" not in chosen:
         chosen["eval_data"] = chosen["data"]  # held-out documents of the same text
     chosen["wandb_mode"] = resolve_wandb_mode(WANDB_MODE, overrides.get("wandb_mode"))
@@ -405,6 +413,12 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     lap("evaluate")
     result["config"] = asdict(cfg)
     result["timings_s"] = timings
+    for fmt in cfg.export:
+        exported = export_suite(tuned, out_dir / "export" / fmt, fmt, model_name=cfg.model,
+                                ctx_len=cfg.ctx_len)
+        result.setdefault("exports", {})[fmt] = {
+            "dir": str(exported.out_dir), "written": sorted(exported.written),
+            "skipped": exported.skipped}
     atomic_write_json(out_dir / "report.json", result)
     log_evaluation(wb, result, out_dir)
     return result
@@ -501,6 +515,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--ctx-len", type=int, dest="ctx_len", help="context length, BOS included")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--export", action="append", choices=FORMATS,
+                   help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
     p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],
                    help="wandb mode; overrides $WANDB_MODE, which overrides WANDB_MODE in the file")
     args = p.parse_args(argv)

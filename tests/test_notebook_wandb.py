@@ -121,7 +121,7 @@ def pipeline(tmp_path_factory):
 
         argv = ["--quick", "--out", str(tmp / "out_script"), "--model", str(model_dir),
                 "--data", str(tmp / "train.txt"), "--eval-data", str(tmp / "eval.txt"),
-                "--ctx-len", "32", "--steps", "8"]
+                "--ctx-len", "32", "--steps", "8", "--export", "sparsify"]
         for k, v in (("DICT_SIZE", None), ("PRETRAIN_STEPS", 12), ("EVAL_TOKENS", 512)):
             setattr(run_finetuning, k, v)  # no flags for these: the script's constants
         try:
@@ -218,3 +218,25 @@ def test_kernel_finds_the_repository(tmp_path, monkeypatch):
     monkeypatch.setenv("JPY_SESSION_NAME", str(REPO / "run_finetuning.ipynb"))
     assert ns["repo_root"]() == REPO
     assert ns["in_notebook"]() is False  # pytest is no kernel: the script path parses flags
+
+
+def test_pipeline_export_step(pipeline):
+    tmp, _ = pipeline
+    report = json.loads((tmp / "out_script" / "report.json").read_text())
+    assert report["exports"]["sparsify"]["written"] == ["attn_0", "attn_1", "mlp_0", "mlp_1"]
+    folder = tmp / "out_script" / "export" / "sparsify" / "h.1.mlp"
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["transcode"] is True and cfg["num_latents"] == 256 and cfg["k"] == 8
+
+
+def test_wandb_mode_order(monkeypatch):
+    from dictionary_learning.logger import resolve_wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("disabled") == "offline"  # the environment over the constant
+    assert resolve_wandb_mode("offline", "disabled") == "disabled"  # the flag over both
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    with pytest.raises(ValueError, match="'dryrun'"):
+        resolve_wandb_mode("disabled")
