@@ -171,6 +171,11 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> Path:
         raise
 
 
+def suite_folder(path_or_repo_id: str | os.PathLike) -> Path:
+    """The local folder of a suite: the path itself, or the Hub snapshot of a repo id."""
+    return _resolve(path_or_repo_id)
+
+
 def _check_keys(found: set[str], expected: set[str], where: str) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
