@@ -355,9 +355,12 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         "ce": main_report["ce"],
         "before_finetuning": {"modules": before["modules"], "ce": before["ce"]},
     }
+    notes = [f"before_finetuning: {n}" for n in before["notes"]] + main_report["notes"]
     if rnd is not None:
         r = evaluate(rnd, "random_connections")
         result["random_connections"] = {"modules": r["modules"], "ce": r["ce"]}
+        notes += [f"random_connections: {n}" for n in r["notes"]]
+    result["notes"] = notes
     lap("evaluate")
     result["config"] = asdict(cfg)
     result["inputs"] = {**hashes, "suite": suite_hash, "connections": tensors_hash(conns)}
