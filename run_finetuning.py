@@ -223,22 +223,23 @@ def pretrained_suite(
         return suite, content_hash(folder)
     from run_pretraining import PretrainConfig, make_config as pretrain_config, pretrain_suite
 
+    pcfg: PretrainConfig = pretrain_config(False, "", cfg.pretrain_steps)
+    pcfg = replace(pcfg, model=cfg.model, data=cfg.data, dict_size=cfg.dict_size, k=cfg.k,
+                   batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
+                   ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                   eval_data=cfg.eval_data,
+                   eval_skip_docs=cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0,
+                   eval_tokens=min(cfg.eval_tokens, pcfg.eval_tokens))
     k = settings_key("pretrain", cfg, hashes, eval_data=hashes["eval_data"],
-                     eval_skip_docs=cfg.eval_skip_docs, eval_tokens=cfg.eval_tokens,
+                     eval_skip_docs=pcfg.eval_skip_docs, eval_tokens=pcfg.eval_tokens,
                      dict_size=cfg.dict_size, k=cfg.k, pretrain_steps=cfg.pretrain_steps,
-                     batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens)
+                     batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
+                     model_batch_size=pcfg.model_batch_size, trainer=asdict(pcfg.trainer))
     out = cache / f"pretrain-{k}"
 
     def compute() -> None:
-        pcfg: PretrainConfig = pretrain_config(False, str(out), cfg.pretrain_steps)
-        pcfg = replace(pcfg, model=cfg.model, data=cfg.data, dict_size=cfg.dict_size, k=cfg.k,
-                       batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
-                       ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                       eval_data=cfg.eval_data,
-                       eval_skip_docs=cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0,
-                       eval_tokens=min(cfg.eval_tokens, pcfg.eval_tokens))
-        pcfg.loop = replace(pcfg.loop, resume=True, wandb_mode=cfg.wandb_mode)
-        pretrain_suite(pcfg)
+        loop = replace(pcfg.loop, out_dir=str(out), resume=True, wandb_mode=cfg.wandb_mode)
+        pretrain_suite(replace(pcfg, loop=loop))
 
     stages["pretrain"] = run_stage(out, k, (out / "suite" / "config.json").is_file, compute,
                                    cache.parent / "locks")
