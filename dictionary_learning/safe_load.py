@@ -91,7 +91,7 @@ def load_tensor_file(path: str | os.PathLike, what: str, fix: str):
             if m or "Unsupported" in str(exc):
                 raise _unsafe(path, what, m.group(1) if m else "object", fix) from None
             raise CorruptFileError(f"{what} {str(path)!r} cannot be read ({exc}). {fix}") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (torch raises many types for damaged zips)
             raise CorruptFileError(
                 f"{what} {str(path)!r} is truncated or corrupt: {str(exc).splitlines()[0]}. {fix}"
             ) from None
@@ -101,7 +101,7 @@ def load_tensor_file(path: str | os.PathLike, what: str, fix: str):
     except _Refused as exc:
         if not exc.name.startswith("persistent id"):
             raise _unsafe(path, what, exc.name, fix) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (any failure here means: not a pickle of tensors)
         raise CorruptFileError(
             f"{what} {str(path)!r} is neither a torch.save file nor a pickle of tensors "
             f"({type(exc).__name__}: {exc}). {fix}"
@@ -111,7 +111,7 @@ def load_tensor_file(path: str | os.PathLike, what: str, fix: str):
     except pickle.UnpicklingError as exc:
         m = re.search(r"GLOBAL ([\w.]+)", str(exc))
         raise _unsafe(path, what, m.group(1) if m else "object", fix) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (damaged legacy file: any error type)
         raise CorruptFileError(f"{what} {str(path)!r} cannot be read ({exc}). {fix}") from None
 
 

@@ -249,7 +249,7 @@ def _load_ours(root: Path, config: dict) -> dict[str, TopKDictionary]:
     weights = root / "model.safetensors"
     try:
         tensors = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error types for truncated headers/data
+    except Exception as exc:  # noqa: BLE001  (safetensors has its own error types)
         raise CorruptFileError(
             f"{str(weights)!r} is truncated or corrupt ({exc}); was the copy or download cut "
             "short? Save or download the suite again."

@@ -10,11 +10,14 @@ import pickle
 import pytest
 import torch
 
-import dictionary_learning.files as files
-from dictionary_learning.connections import load_connections, save_connections
+from dictionary_learning import files
+from dictionary_learning.connections import load_connections
 from dictionary_learning.dl_format import export_dictionary_learning, load_dictionary_learning
 from dictionary_learning.errors import (
-    CorruptFileError, DiskFullError, NonFiniteWeightsError, UnsafeFileError,
+    CorruptFileError,
+    DiskFullError,
+    NonFiniteWeightsError,
+    UnsafeFileError,
 )
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
 from tests.scae_fixtures import random_connections, random_suite
@@ -280,7 +283,7 @@ def test_full_disk_says_no_space_and_keeps_the_old_file(tmp_path, monkeypatch, k
 
 
 def test_full_disk_while_saving_a_suite(tmp_path, monkeypatch, suite):
-    import dictionary_learning.suite_io as suite_io
+    from dictionary_learning import suite_io
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
