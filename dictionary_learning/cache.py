@@ -127,8 +127,8 @@ def stage_lock(path: str | os.PathLike):
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             logger.warning(
                 "waiting for the lock %s: another process (pid %s) is computing this stage; this "
-                "run will reuse its result (stop that run, or delete the lock file if no run is "
-                "alive, to take over)", path, holder,
+                "run will reuse its result (the lock is released when that process ends, even if "
+                "it is killed)", path, holder,
             )
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
