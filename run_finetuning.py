@@ -58,8 +58,6 @@ DTYPE = "float32"  # "float32" or "bfloat16" for dictionaries and activations
 #%% Imports
 import argparse
 import copy
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -99,8 +97,11 @@ if str(repo_root()) not in sys.path:
 import torch
 
 from buffer import AllActivationBuffer
+from dictionary_learning.cache import (
+    StageRecord, content_hash, run_stage, source_hash, stage_key, tensors_hash,
+)
 from dictionary_learning.connections import load_connections, save_connections
-from dictionary_learning.data import contexts_from
+from dictionary_learning.data import check_text_source, contexts_from, looks_like_path
 from dictionary_learning.distributed import (
     barrier,
     default_device,
@@ -109,14 +110,16 @@ from dictionary_learning.distributed import (
     rank,
     world_size,
 )
-from dictionary_learning.embedded import EMBEDDED_MODEL, cache_root
+from dictionary_learning.embedded import EMBEDDED_MODEL, ensure_embedded_model
 from dictionary_learning.logger import (
     WandbSettings,
     replay_metrics,
     resolve_wandb_mode,
     summary_run,
 )
-from dictionary_learning.model import load_model
+from dictionary_learning.model import load_model, model_info
+from dictionary_learning.suite_io import suite_folder
+from dictionary_learning.validate import check_cache_root, check_ctx_len, check_device, check_out_dir
 from evaluate import format_table, module_rows, report
 from export import FORMATS, export_suite
 from find_top_connections import collect_activations, random_connections, top_connections
@@ -239,10 +242,36 @@ def dtype_of(cfg: PipelineConfig) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
-def key(*parts) -> str:
-    """A short stable hash of the settings a cached stage depends on."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+STAGE_VERSIONS = {"pretrain": 2, "connections": 2, "finetune": 2}
+"""Version of each cached stage's output format (part of its key): bump one to recompute it."""
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check every argument that can be checked before any work; each error names it and the fix."""
+    check_device(cfg.device)
+    check_ctx_len(cfg.ctx_len)
+    check_text_source(cfg.data)
+    check_text_source(cfg.eval_data)
+    for spec, what in ((cfg.connections, "connections file"), (cfg.suite, "suite folder")):
+        if spec is not None and not Path(spec).expanduser().exists() and looks_like_path(spec):
+            raise FileNotFoundError(f"{what} {spec!r} does not exist; pass an existing path")
+    if cfg.connections is not None and Path(cfg.connections).is_file():
+        load_connections(cfg.connections)  # safe load, structure and integer dtype, before work
+
+
+def input_hashes(cfg: PipelineConfig) -> dict[str, str]:
+    """Content hashes of the model and the texts (their names when they come from a hub)."""
+    model = ensure_embedded_model() if cfg.model == EMBEDDED_MODEL else cfg.model
+    return {"model": source_hash(model), "data": source_hash(cfg.data),
+            "eval_data": source_hash(cfg.eval_data)}
+
+
+def settings_key(stage: str, cfg: PipelineConfig, hashes: dict[str, str], **more) -> str:
+    """A stage's cache key: its format version, the model and data contents, the settings every
+    stage shares, and `more` (its own settings and the hashes of its other inputs)."""
+    return stage_key(stage, STAGE_VERSIONS[stage], model=hashes["model"], data=hashes["data"],
+                     ctx_len=cfg.ctx_len, dtype=cfg.dtype, seed=cfg.seed, world_size=world_size(),
+                     device=torch.device(cfg.device).type, **more)
 
 
 def contexts(cfg: PipelineConfig, tokenizer, split: str):
@@ -264,37 +293,48 @@ def make_buffer(cfg: PipelineConfig, model, seed: int) -> AllActivationBuffer:
 
 
 def pretrained_suite(
-    cfg: PipelineConfig, model, cache: Path, wb: WandbSettings | None = None
+    cfg: PipelineConfig, model, cache: Path, hashes: dict, stages: dict[str, StageRecord],
+    wb: WandbSettings | None = None,
 ) -> tuple[SCAESuite, str]:
-    """The suite to finetune: cfg.suite, or one pretrained here (and cached). With `wb`, the
-    pretraining is a wandb run of the group: logged live, or replayed from a cached stage."""
+    """The suite to finetune and its content hash: cfg.suite, or one pretrained here (cached).
+    With `wb`, the pretraining is a wandb run of the group: logged live, or replayed from the
+    cached stage's metrics.jsonl."""
     if cfg.suite is not None:
-        return SCAESuite.from_pretrained(cfg.suite, device=cfg.device, dtype=dtype_of(cfg)), cfg.suite
+        folder = suite_folder(cfg.suite)
+        suite = SCAESuite.from_pretrained(folder, device=cfg.device, dtype=dtype_of(cfg))
+        return suite, content_hash(folder)
     from run_pretraining import PretrainConfig, make_config as pretrain_config, pretrain_suite
 
-    k = key("pretrain", cfg.model, cfg.data, cfg.ctx_len, cfg.dict_size, cfg.k, cfg.pretrain_steps,
-            cfg.batch_tokens, cfg.buffer_tokens, cfg.dtype, cfg.seed, world_size())
-    out = cache / f"pretrain-{k}"
-    pcfg: PretrainConfig = pretrain_config(False, str(out), cfg.pretrain_steps)
+    pcfg: PretrainConfig = pretrain_config(False, "", cfg.pretrain_steps)
     pcfg = replace(pcfg, model=cfg.model, data=cfg.data, dict_size=cfg.dict_size, k=cfg.k,
                    batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
                    ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
                    eval_data=cfg.eval_data,
                    eval_skip_docs=cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0,
                    eval_tokens=min(cfg.eval_tokens, pcfg.eval_tokens))
+    k = settings_key("pretrain", cfg, hashes, eval_data=hashes["eval_data"],
+                     eval_skip_docs=pcfg.eval_skip_docs, eval_tokens=pcfg.eval_tokens,
+                     dict_size=cfg.dict_size, k=cfg.k, pretrain_steps=cfg.pretrain_steps,
+                     batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
+                     model_batch_size=pcfg.model_batch_size, trainer=asdict(pcfg.trainer))
+    out = cache / f"pretrain-{k}"
     wb = wb or WandbSettings("disabled")
     run_cfg = {"pretrain": {k: v for k, v in asdict(pcfg).items() if k not in ("trainer", "loop")},
                "pipeline": asdict(cfg)}
-    pcfg.loop = replace(pcfg.loop, resume=True, wandb_mode=wb.mode, wandb_group=wb.group,
-                        wandb_dir=wb.dir, run_name="pretrain", wandb_config=run_cfg)
-    if not (out / "suite" / "config.json").is_file():
-        pretrain_suite(pcfg)
-        barrier()
-    else:
+    loop = replace(pcfg.loop, out_dir=str(out), resume=True, wandb_mode=wb.mode,
+                   wandb_group=wb.group, wandb_dir=wb.dir, run_name="pretrain",
+                   wandb_config=run_cfg)
+
+    def compute() -> None:
+        pretrain_suite(replace(pcfg, loop=loop))
+
+    stages["pretrain"] = run_stage(out, k, (out / "suite" / "config.json").is_file, compute,
+                                   cache.parent / "locks")
+    if stages["pretrain"].cached:
         replay_metrics(out / "metrics.jsonl", wb, name="pretrain", job_type="train",
-                       config=wandb_config(pcfg.trainer, pcfg.loop))
+                       config=wandb_config(pcfg.trainer, loop))
     suite = SCAESuite.from_pretrained(out / "suite", device=cfg.device, dtype=dtype_of(cfg))
-    return suite, str(out / "suite")
+    return suite, content_hash(out / "suite")
 
 
 def fetch_connections(spec: str, cache: Path) -> Path:
@@ -317,28 +357,34 @@ def fetch_connections(spec: str, cache: Path) -> Path:
     return target
 
 
-def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_id: str, model, cache: Path):
+def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, model, cache: Path,
+                    hashes: dict, stages: dict[str, StageRecord]):
     """cfg.connections if given, else the top-C connections computed (on rank 0) and cached."""
     if cfg.connections is not None:
         return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes)
-    k = key("connections", suite_id, cfg.data, cfg.C, cfg.variant, cfg.connection_tokens, cfg.seed)
+    k = settings_key("connections", cfg, hashes, suite=suite_hash, C=cfg.C, variant=cfg.variant,
+                     connection_tokens=cfg.connection_tokens, buffer_tokens=cfg.buffer_tokens)
     path = cache / f"connections-{k}.pt"
-    if not path.is_file() and is_main():
-        buf = make_buffer(replace(cfg, batch_tokens=1024 * world_size()), model, cfg.seed + 17)
-        acts = collect_activations(suite, buf, cfg.connection_tokens)
-        save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
-    barrier()
+
+    def compute() -> None:
+        if is_main():
+            buf = make_buffer(replace(cfg, batch_tokens=1024 * world_size()), model, cfg.seed + 17)
+            acts = collect_activations(suite, buf, cfg.connection_tokens)
+            save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
+
+    stages["connections"] = run_stage(path, k, path.is_file, compute, cache.parent / "locks")
     return load_connections(path, suite.dict_sizes)
 
 
-def finetuned(
-    cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path,
-    wb: WandbSettings | None = None,
-) -> SCAESuite:
+def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path,
+              suite_hash: str, hashes: dict, stages: dict[str, StageRecord],
+              wb: WandbSettings | None = None) -> SCAESuite:
     """Finetune a copy of `suite` with `conns` (cached; an interrupted run resumes). With `wb`,
-    the finetuning is a wandb run of the group: logged live, or replayed from a cached stage."""
-    k = key("finetune", tag, asdict(cfg.finetune), cfg.finetune_steps, cfg.batch_tokens,
-            cfg.buffer_tokens, cfg.data, cfg.dtype, cfg.seed, world_size())
+    the finetuning is a wandb run of the group: logged live, or replayed from the cache."""
+    k = settings_key("finetune", cfg, hashes, tag=tag, suite=suite_hash,
+                     connections=tensors_hash(conns), C=cfg.C, variant=cfg.variant,
+                     finetune=asdict(cfg.finetune), finetune_steps=cfg.finetune_steps,
+                     batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens)
     out = cache / f"finetune-{tag}-{k}"
     wb = wb or WandbSettings("disabled")
     loop = TrainConfig(steps=cfg.finetune_steps, out_dir=str(out), resume=True,
@@ -346,11 +392,15 @@ def finetuned(
                        log_steps=max(1, cfg.finetune_steps // 50), wandb_mode=wb.mode,
                        run_name=f"finetune-{tag}", seed=cfg.seed, wandb_group=wb.group,
                        wandb_dir=wb.dir, wandb_config={"pipeline": asdict(cfg), "connections": tag})
-    if not (out / "suite" / "config.json").is_file():
+
+    def compute() -> None:
         train_scae_suite(make_buffer(cfg, model, cfg.seed + 1), suite=copy.deepcopy(suite),
                          connections=conns, trainer_cfg=cfg.finetune, train_cfg=loop,
                          device=cfg.device, dtype=dtype_of(cfg))
-    else:
+
+    stages[f"finetune_{tag}"] = run_stage(out, k, (out / "suite" / "config.json").is_file, compute,
+                                          cache.parent / "locks")
+    if stages[f"finetune_{tag}"].cached:
         replay_metrics(out / "metrics.jsonl", wb, name=loop.run_name, job_type="train",
                        config=wandb_config(cfg.finetune, loop))
     return SCAESuite.from_pretrained(out / "suite", device=cfg.device, dtype=dtype_of(cfg))
@@ -363,7 +413,8 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     training stage (replayed from metrics.jsonl when the stage came from the cache) and an
     "evaluation" run whose summary holds the evaluation.
     """
-    out_dir = Path(out_dir)
+    preflight(cfg)
+    out_dir = check_out_dir(out_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -373,22 +424,25 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         timings[stage] = round(now - clock, 2)
         clock = now
 
-    cache = cache_root() / "pipeline"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
     wb = WandbSettings(cfg.wandb_mode, group=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
                        dir=str(out_dir))
     model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
+    check_ctx_len(cfg.ctx_len, model_info(model).n_ctx)
+    hashes = input_hashes(cfg)
+    stages: dict[str, StageRecord] = {}
     lap("model")
-    suite, suite_id = pretrained_suite(cfg, model, cache, wb)
+    suite, suite_hash = pretrained_suite(cfg, model, cache, hashes, stages, wb)
     lap("pretrain")
-    conns = connections_for(cfg, suite, suite_id, model, cache)
+    conns = connections_for(cfg, suite, suite_hash, model, cache, hashes, stages)
     lap("connections")
-    tuned = finetuned(cfg, suite, conns, "top", model, cache, wb)
+    tuned = finetuned(cfg, suite, conns, "top", model, cache, suite_hash, hashes, stages, wb)
     lap("finetune")
     rnd = None
     if cfg.random_baseline:
         rnd_conns = random_connections(suite, conns, seed=cfg.seed)
-        rnd = finetuned(cfg, suite, rnd_conns, "random", model, cache, wb)
+        rnd = finetuned(cfg, suite, rnd_conns, "random", model, cache, suite_hash, hashes, stages,
+                        wb)
         lap("finetune_random")
     if not is_main():
         return None
@@ -407,11 +461,16 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         "ce": main_report["ce"],
         "before_finetuning": {"modules": before["modules"], "ce": before["ce"]},
     }
+    notes = [f"before_finetuning: {n}" for n in before["notes"]] + main_report["notes"]
     if rnd is not None:
         r = evaluate(rnd, "random_connections")
         result["random_connections"] = {"modules": r["modules"], "ce": r["ce"]}
+        notes += [f"random_connections: {n}" for n in r["notes"]]
+    result["notes"] = notes
     lap("evaluate")
     result["config"] = asdict(cfg)
+    result["inputs"] = {**hashes, "suite": suite_hash, "connections": tensors_hash(conns)}
+    result["stages"] = {name: r._asdict() for name, r in stages.items()}
     result["timings_s"] = timings
     for fmt in cfg.export:
         exported = export_suite(tuned, out_dir / "export" / fmt, fmt, model_name=cfg.model,

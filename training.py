@@ -20,13 +20,17 @@ import torch
 from tqdm.auto import tqdm
 
 from dictionary_learning.distributed import all_gather_object, barrier, is_main, rank, world_size
-from dictionary_learning.errors import DataExhaustedError
+from dictionary_learning.errors import DataExhaustedError, UnsafeFileError
 from dictionary_learning.files import atomic_torch_save
 from dictionary_learning.logger import MetricsLogger
+from dictionary_learning.safe_load import check_finite, flat_state, load_tensor_file
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "scae-checkpoint"
+CHECKPOINT_VERSION = 2
+"""Version 2: only tensors and plain containers (loads with torch.load(weights_only=True))."""
 
 
 @dataclass
@@ -69,10 +73,13 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------- checkpoint I/O
 def rng_state() -> dict:
-    """RNG states of torch, python, numpy (if imported) and CUDA (if present)."""
+    """RNG states of torch, python, numpy (if imported) and CUDA (if present), as tensors and plain
+    containers so a checkpoint loads with weights_only=True."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if "numpy" in sys.modules:
-        state["numpy"] = sys.modules["numpy"].random.get_state()
+        name, keys, pos, has_gauss, gauss = sys.modules["numpy"].random.get_state()
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": pos,
+                          "has_gauss": has_gauss, "cached_gaussian": gauss}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -80,11 +87,14 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -103,15 +113,33 @@ def save_checkpoint(path, trainer, buffer, step: int, cfg: TrainConfig) -> None:
     ranks = all_gather_object(local)
     if is_main():
         atomic_torch_save(
-            {"step": step, "trainer": trainer.state_dict(), "ranks": ranks, "train_config": asdict(cfg)},
+            {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": step,
+             "trainer": trainer.state_dict(), "ranks": ranks, "train_config": asdict(cfg)},
             path,
         )
     barrier()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint on CPU (trainers move state to their device)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a training checkpoint on CPU (trainers move state to their device) without running
+    code from it; refuse old or foreign files and non-finite dictionary weights, naming them."""
+    fix = (f"Delete {str(path)!r} to restart this run from step 0 (the pipeline then recomputes "
+           "the stage).")
+    ckpt = load_tensor_file(path, "training checkpoint", fix)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UnsafeFileError(
+            f"refusing to resume from {str(path)!r}: it is not a {CHECKPOINT_FORMAT} file (written "
+            f"by another program, or by a version before checkpoint format {CHECKPOINT_VERSION}). "
+            f"{fix}"
+        )
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise UnsafeFileError(
+            f"refusing to resume from {str(path)!r}: checkpoint format version "
+            f"{ckpt.get('format_version')} but this code reads version {CHECKPOINT_VERSION}. {fix}"
+        )
+    dicts = ckpt.get("trainer", {}).get("dicts", {})
+    check_finite(flat_state(dicts), f"training checkpoint {str(path)!r}", fix)
+    return ckpt
 
 
 def restore_checkpoint(ckpt: dict, trainer, buffer) -> int:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder
+from .files import disk_full_errors
+from .safe_load import check_finite, load_tensor_file
 
 DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold")
 
@@ -81,8 +83,9 @@ def export_dictionary_learning(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
-        torch.save(state, tmp / "ae.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        with disk_full_errors(out / "ae.pt"):
+            torch.save(state, tmp / "ae.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,7 +118,14 @@ def load_dictionary_learning(
     ae_file = p / "ae.pt" if p.is_dir() else p
     if not ae_file.is_file():
         raise FileNotFoundError(f"no dictionary_learning ae.pt at {str(ae_file)!r}")
-    state = torch.load(ae_file, map_location="cpu", weights_only=True)
+    state = load_tensor_file(
+        ae_file, "dictionary_learning ae.pt",
+        "Pass a folder written by dictionary_learning's AutoEncoderTopK (ae.pt + config.json).",
+    )
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{ae_file}: holds a {type(state).__name__}, not a dictionary_learning state dict"
+        )
     missing = [k for k in DL_KEYS if k not in state and k != "threshold"]
     unexpected = [k for k in state if k not in DL_KEYS]
     if missing or unexpected:
@@ -129,6 +139,11 @@ def load_dictionary_learning(
             f"{ae_file}: threshold={thr} is set (inference-time JumpReLU threshold); our TopK "
             "dictionaries do not support it. Use the TopK encoding (threshold -1)."
         )
+    check_finite(
+        {f"ae.{k}": state[k] for k in DL_KEYS if k in state},
+        f"dictionary_learning file {str(ae_file)!r}",
+        "Retrain the dictionary, or load an earlier copy of it.",
+    )
     W_FD = state["encoder.weight"].float()
     F, D = W_FD.shape
     W_dec_DF = state["decoder.weight"].float()
