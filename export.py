@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.dl_format import centered_encoder_bias, export_dictionary_learning
+from dictionary_learning.files import disk_full_errors
 from dictionary_learning.names import parse_module_name, suite_order
 from dictionary_learning.suite_io import _replace_dir, load_suite
 
@@ -104,6 +105,30 @@ def sparsify_folder(d: TopKDictionary, out: Path) -> None:
     (out / "cfg.json").write_text(json.dumps(cfg, indent=2))
 
 
+def export_one(
+    d: TopKDictionary, name: str, fmt: str, root: Path, model_name: str, ctx_len: int
+) -> tuple[str, str | None]:
+    """Write dictionary `name` under `root` in `fmt`: (its folder name, None), or
+    ("", the reason) when that format cannot hold it."""
+    kind, layer = parse_module_name(name)
+    hf_module = f"h.{layer}.{kind}"
+    if fmt == "saelens":
+        if d.is_transcoder:
+            return "", NO_SAELENS_TRANSCODER
+        folder = f"blocks.{layer}.hook_attn_out"
+        saelens_folder(d, root / folder, layer, model_name, ctx_len)
+        return folder, None
+    if d.d_in != d.d_out:
+        what = "sparsify's SparseCoder" if fmt == "sparsify" else "AutoEncoderTopK"
+        return "", f"d_in={d.d_in} != d_out={d.d_out}: {what} has one width for input and output"
+    if fmt == "sparsify":
+        sparsify_folder(d, root / hf_module)
+        return hf_module, None
+    export_dictionary_learning(d, root / name, layer=layer, lm_name=model_name,
+                               submodule_name=f"transformer.{hf_module}", ctx_len=ctx_len)
+    return name, None
+
+
 def export_suite(
     suite,
     out_dir: str | os.PathLike,
@@ -137,39 +162,19 @@ def export_suite(
     written: dict[str, str] = {}
     skipped: dict[str, str] = {}
     try:
-        for name in suite_order(dicts):
-            d, (kind, layer) = dicts[name], parse_module_name(name)
-            hf_module = f"h.{layer}.{kind}"
+        with disk_full_errors(out / "export.json"):
+            for name in suite_order(dicts):
+                folder, why = export_one(dicts[name], name, fmt, tmp, model_name, ctx_len)
+                if why is None:
+                    written[name] = folder
+                else:
+                    skipped[name] = why
+            manifest = {"format": fmt, "model_name": model_name, "ctx_len": ctx_len,
+                        "written": written, "skipped": skipped}
             if fmt == "saelens":
-                if d.is_transcoder:
-                    skipped[name] = NO_SAELENS_TRANSCODER
-                    continue
-                folder = f"blocks.{layer}.hook_attn_out"
-                saelens_folder(d, tmp / folder, layer, model_name, ctx_len)
-            elif fmt == "sparsify":
-                if d.d_in != d.d_out:
-                    skipped[name] = (f"d_in={d.d_in} != d_out={d.d_out}: sparsify's SparseCoder "
-                                     "has one width for input and output")
-                    continue
-                folder = hf_module
-                sparsify_folder(d, tmp / folder)
-            else:
-                if d.d_in != d.d_out:
-                    skipped[name] = (f"d_in={d.d_in} != d_out={d.d_out}: AutoEncoderTopK has one "
-                                     "activation_dim")
-                    continue
-                folder = name
-                export_dictionary_learning(
-                    d, tmp / folder, layer=layer, lm_name=model_name,
-                    submodule_name=f"transformer.{hf_module}", ctx_len=ctx_len,
-                )
-            written[name] = folder
-        manifest = {"format": fmt, "model_name": model_name, "ctx_len": ctx_len,
-                    "written": written, "skipped": skipped}
-        if fmt == "saelens":
-            manifest["saelens_version"] = SAELENS_VERSION
-        (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
-        _replace_dir(tmp, out)
+                manifest["saelens_version"] = SAELENS_VERSION
+            (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
+            _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, why in skipped.items():
