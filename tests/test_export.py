@@ -1,7 +1,7 @@
 """export.py: each format, read back by a plain re-implementation of its library's documented
 loading formula, reproduces the suite's features and reconstructions; sparsify (pinned) also
-loads them itself. SAELens and PyPI dictionary-learning are checked in their own venvs by
-benchmarks/verify_exports.py (README, "Export")."""
+loads them itself, and SAELens does where it is installed. SAELens and PyPI dictionary-learning
+are checked in their own venvs by benchmarks/verify_exports.py (README, "Export")."""
 
 import json
 
@@ -79,6 +79,22 @@ def test_saelens_format_formula(suite_dir, tmp_path):
         f_ours, r_ours = _ours(dicts[f"attn_{layer}"], x)
         _close(acts, f_ours)
         _close(acts @ w["W_dec"] + w["b_dec"], r_ours)  # TopKSAE.decode
+
+
+def test_saelens_library_loads_it(suite_dir, tmp_path):
+    """With SAELens installed (not pinned here: README, "Export"), its own loader agrees."""
+    sae_lens = pytest.importorskip("sae_lens")
+    path, dicts = suite_dir
+    res = export.export_suite(path, tmp_path / "sl", "saelens")
+    for name, folder in res.written.items():
+        sae = sae_lens.SAE.load_from_disk(str(folder))
+        assert sae.cfg.architecture() == "topk"
+        assert sae.cfg.metadata.hook_name == folder.name
+        x = _inputs(4)
+        f_lib = sae.encode(x)
+        f_ours, r_ours = _ours(dicts[name], x)
+        _close(f_lib, f_ours)
+        _close(sae.decode(f_lib), r_ours)
 
 
 def _sparsify_formula(cfg, w, x):
