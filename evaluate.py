@@ -656,6 +656,18 @@ def format_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
+MODULE_COLUMNS = ("module", "fvu_vanilla", "fvu_pruned", "l0", "l0_pruned", "dead_frac",
+                  "agreement", "splice_ce")
+
+
+def module_rows(rep: dict) -> tuple[list[str], list[list]]:
+    """The per-module metrics of a report dict as (columns, rows): for tables (wandb, HTML)."""
+    splice = rep["ce"].get("splice") or {}
+    rows = [[n] + [m.get(c) for c in MODULE_COLUMNS[1:-1]] + [splice.get(n)]
+            for n, m in rep["modules"].items()]
+    return list(MODULE_COLUMNS), rows
+
+
 def print_table(rep: dict) -> None:
     """Print `format_table(rep)`."""
     print(format_table(rep))

@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +53,12 @@ class TrainConfig:
     """wandb project name."""
     run_name: str | None = None
     """wandb run name."""
+    wandb_group: str | None = None
+    """wandb group (a pipeline puts all its runs in one)."""
+    wandb_dir: str | None = None
+    """Folder wandb writes its run folders into (None: out_dir)."""
+    wandb_config: dict | None = None
+    """More entries for the wandb run's config (e.g. the whole pipeline's settings)."""
     seed: int = 0
     """Seed of torch / random / numpy at the start of a fresh run."""
     max_steps_this_run: int | None = None
@@ -154,6 +160,15 @@ def restore_checkpoint(ckpt: dict, trainer, buffer) -> int:
 
 
 # ------------------------------------------------------------------------------------ loop
+def wandb_config(trainer_cfg, cfg: TrainConfig) -> dict:
+    """A run's wandb config: the loop settings, the trainer's hyperparameters (a dataclass, e.g.
+    `trainer.cfg`) and cfg.wandb_config."""
+    out = {"loop": {k: v for k, v in asdict(cfg).items() if k != "wandb_config"}}
+    if is_dataclass(trainer_cfg):
+        out["trainer"] = asdict(trainer_cfg)
+    return {**out, **(cfg.wandb_config or {})}
+
+
 def train(
     trainer,
     buffer,
@@ -182,7 +197,9 @@ def train(
 
     mlog = MetricsLogger(
         out, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
-        config=asdict(cfg), resume_step=start if start > 0 else None,
+        config=wandb_config(getattr(trainer, "cfg", None), cfg),
+        resume_step=start if start > 0 else None,
+        wandb_group=cfg.wandb_group, wandb_dir=cfg.wandb_dir, job_type="train",
     )
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not is_main(),
