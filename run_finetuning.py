@@ -262,8 +262,9 @@ def preflight(cfg: PipelineConfig) -> None:
 def input_hashes(cfg: PipelineConfig) -> dict[str, str]:
     """Content hashes of the model and the texts (their names when they come from a hub)."""
     model = ensure_embedded_model() if cfg.model == EMBEDDED_MODEL else cfg.model
-    return {"model": source_hash(model), "data": source_hash(cfg.data),
-            "eval_data": source_hash(cfg.eval_data)}
+    data = source_hash(cfg.data)
+    eval_data = data if cfg.eval_data == cfg.data else source_hash(cfg.eval_data)
+    return {"model": source_hash(model), "data": data, "eval_data": eval_data}
 
 
 def settings_key(stage: str, cfg: PipelineConfig, hashes: dict[str, str], **more) -> str:

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scae-checkpoint"
 CHECKPOINT_VERSION = 2
-"""Version 2: only tensors and plain containers (loads with torch.load(weights_only=True))."""
+"""Version 2: only tensors and plain containers (they load with weights_only=True)."""
 
 
 @dataclass

@@ -87,9 +87,13 @@ def source_hash(spec: str | os.PathLike) -> str:
     """The content hash of a local file or folder; "name:<spec>" for a Hub or `datasets` name
     (those are versioned by their own hub). "embedded" (the text) hashes the embedded corpus."""
     if str(spec) == "embedded":
-        from .embedded import embedded_corpus
+        from .embedded import play_paths
 
-        return tensors_hash({s: embedded_corpus(s) for s in ("train", "validation")})
+        h = hashlib.sha256()
+        for name, path in play_paths().items():  # the raw play files the corpus is made of
+            h.update(f"\0{name}\0".encode())
+            _update_file(h, path)
+        return h.hexdigest()
     p = Path(spec).expanduser()
     return content_hash(p) if p.exists() else f"name:{spec}"
 

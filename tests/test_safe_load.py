@@ -292,3 +292,19 @@ def test_full_disk_while_saving_a_suite(tmp_path, monkeypatch, suite):
     with pytest.raises(DiskFullError, match=r"no space left on device while writing .*model.safetensors"):
         suite.save_pretrained(tmp_path / "s")
     assert os.listdir(tmp_path) == []
+
+
+def test_no_other_code_path_unpickles():
+    """Every load goes through safe_load.py: no torch.load / pickle.load elsewhere in the library."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    names = subprocess.run(["git", "ls-files", "*.py"], cwd=repo, capture_output=True, text=True,
+                           check=True).stdout.split()
+    pattern = re.compile(r"torch\.load\(|pickle\.loads?\(|weights_only\s*=\s*False|Unpickler\(")
+    allowed = "dictionary_learning/safe_load.py"
+    offenders = [n for n in names if not n.startswith("tests/") and n != allowed
+                 and pattern.search((repo / n).read_text())]
+    assert offenders == []
