@@ -151,7 +151,8 @@ else
   run_stage pruned 180 "$PY" benchmarks/pruned_forward.py --cases g12k-4k,g24k-4k --repeats 3 \
     --device "$DEVICE" --dtype "$DTYPE"
   BUF_CASES=random-gpt2-small
-  if "$PY" -c "import sys; from dictionary_learning.embedded import embedded_model_dir as d; \
+  if ! wanted buffer; then :
+  elif "$PY" -c "import sys; from dictionary_learning.embedded import embedded_model_dir as d; \
 sys.exit(0 if (d() / 'metrics.json').is_file() else 1)" 2>/dev/null; then
     BUF_CASES="embedded,$BUF_CASES"
   else
