@@ -101,39 +101,15 @@ def _virtual_weights_block(suite: SCAESuite, down: str, lo: int, hi: int) -> Ten
     return torch.cat([Wc @ suite.dicts[u].decoder.weight for u in upstream_names(down)], dim=1)
 
 
-def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, tok: Tensor | slice,
-              dtype: torch.dtype):
-    """Upstream values divided by sigma, and their global indices, [b, K_total], for tokens `tok`
-    (a slice, or the token of each downstream entry)."""
-    sig_b1 = acts.sigma[down][tok, None].to(dtype)
+def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, dtype: torch.dtype):
+    """Upstream values divided by sigma, and their global indices, [b, K_total], for tokens sl."""
+    sig_b1 = acts.sigma[down][sl, None].to(dtype)
     vals, idx, off = [], [], 0
     for u in upstream_names(down):
-        vals.append(acts.vals[u][tok].to(dtype) / sig_b1)
-        idx.append(acts.idx[u][tok].long() + off)
+        vals.append(acts.vals[u][sl].to(dtype) / sig_b1)
+        idx.append(acts.idx[u][sl].long() + off)
         off += suite.dicts[u].dict_size
     return torch.cat(vals, 1), torch.cat(idx, 1)
-
-
-class DownstreamEntries(NamedTuple):
-    """The active (token, feature) entries of one transcoder, grouped by feature."""
-
-    tok_E: Tensor
-    """Token of each entry (int32); entries of feature i are tok_E[ptr[i] : ptr[i + 1]], in token
-    order."""
-    ptr: Tensor
-    """[F + 1] start of each feature's entries (on the CPU)."""
-
-
-def downstream_entries(acts: SparseActivations, down: str, F: int) -> DownstreamEntries:
-    """Group the transcoder's active entries by feature (a stable sort keeps token order, so every
-    co-activation sum adds its terms in the same order as a pass over the tokens)."""
-    active_NK = acts.vals[down] > 0
-    t, k = active_NK.nonzero(as_tuple=True)
-    feat = acts.idx[down][t, k].long()
-    order = torch.argsort(feat, stable=True)
-    ptr = torch.zeros(F + 1, dtype=torch.int64)
-    ptr[1:] = torch.bincount(feat, minlength=F).cumsum(0).cpu()
-    return DownstreamEntries(t[order].to(torch.int32), ptr)
 
 
 @torch.no_grad()
@@ -145,16 +121,11 @@ def importance_blocks(
     *,
     memory_budget_bytes: int = 1 << 30,
     token_batch: int = 1024,
-    cache_bytes: int | None = None,
 ):
     """Yield (lo, hi, I [hi - lo, n_up]) blocks of the importance matrix of transcoder `down`.
 
-    The virtual weights are computed densely per block of downstream features (block set by
-    memory_budget_bytes); the co-activation sums of the "active" variant are accumulated in
-    sub-blocks of cache_bytes (default: 8 MiB on CPU, so the scattered adds hit the cache; the
-    whole block on other devices) from the entries of the sub-block's own features only, so the
-    stored activations are read once per sub-block's entries instead of once per block.
-    Memory: one [block, n_up] buffer of virtual weights plus sub-block buffers.
+    Memory: three [block, n_up] buffers (block set by memory_budget_bytes) plus one token batch of
+    upstream activations; the stored activations are read a token batch at a time.
     """
     if variant not in ("active", "all"):
         raise ValueError(f"variant must be 'active' or 'all', got {variant!r}")
@@ -163,19 +134,13 @@ def importance_blocks(
     ref = acts.vals[down]
     dtype = torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
     N = acts.n_tokens
+    batches = [slice(s, min(N, s + token_batch)) for s in range(0, N, token_batch)]
     if variant == "all":
         a_U = torch.zeros(n_up, dtype=dtype, device=ref.device)
-        for s in range(0, N, token_batch):
-            up_vals, up_idx = _upstream(acts, suite, down, slice(s, min(N, s + token_batch)), dtype)
+        for sl in batches:
+            up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
             a_U.index_add_(0, up_idx.flatten(), up_vals.flatten())
         a_U /= N
-    else:
-        entries = downstream_entries(acts, down, F)
-        if cache_bytes is None:
-            cache_bytes = 8 << 20 if ref.device.type == "cpu" else memory_budget_bytes
-        sub = max(1, cache_bytes // (4 * n_up))
-        # entries per chunk of the upstream gather: bounds its [entries, K_total] buffers
-        per_chunk = max(1, token_batch * 8)
     block = max(1, min(F, memory_budget_bytes // (4 * n_up * 3)))
     for lo in range(0, F, block):
         hi = min(F, lo + block)
@@ -183,21 +148,19 @@ def importance_blocks(
         if variant == "all":
             yield lo, hi, V * a_U
             continue
-        for s_lo in range(lo, hi, sub):
-            s_hi = min(hi, s_lo + sub)
-            e_lo, e_hi = int(entries.ptr[s_lo]), int(entries.ptr[s_hi])
-            count = (entries.ptr[s_lo + 1 : s_hi + 1] - entries.ptr[s_lo:s_hi]).to(ref.device, dtype)
-            A = torch.zeros((s_hi - s_lo) * n_up, dtype=dtype, device=V.device)
-            for c_lo in range(e_lo, e_hi, per_chunk):
-                c_hi = min(e_hi, c_lo + per_chunk)
-                tok = entries.tok_E[c_lo:c_hi].long()
-                # row of each entry within the sub-block, from the feature pointers
-                row = torch.searchsorted(entries.ptr[s_lo + 1 : s_hi + 1],
-                                         torch.arange(c_lo, c_hi), right=True).to(V.device)
-                up_vals, up_idx = _upstream(acts, suite, down, tok, dtype)
-                A.index_add_(0, (row[:, None] * n_up + up_idx).flatten(), up_vals.flatten())
-            imp = V[s_lo - lo : s_hi - lo] * A.view(s_hi - s_lo, n_up)
-            yield s_lo, s_hi, imp / count.clamp_min(1)[:, None]
+        A = torch.zeros((hi - lo) * n_up, dtype=dtype, device=V.device)
+        count = torch.zeros(hi - lo, dtype=dtype, device=V.device)
+        for sl in batches:
+            d_idx = acts.idx[down][sl].long()
+            sel = (acts.vals[down][sl] > 0) & (d_idx >= lo) & (d_idx < hi)
+            t, k = sel.nonzero(as_tuple=True)
+            if t.numel() == 0:
+                continue
+            up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
+            i = d_idx[t, k] - lo
+            count.index_add_(0, i, torch.ones_like(i, dtype=dtype))
+            A.index_add_(0, (i[:, None] * n_up + up_idx[t]).flatten(), up_vals[t].flatten())
+        yield lo, hi, V * A.view(hi - lo, n_up) / count.clamp_min(1)[:, None]
 
 
 def importance(suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active") -> Tensor:

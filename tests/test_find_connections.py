@@ -1,6 +1,5 @@
 """The connection finder against a plain loop, and recovery of planted connections."""
 
-import pytest
 import torch
 
 from dictionary_learning.connections import load_connections, save_connections, upstream_names
@@ -8,7 +7,6 @@ from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from find_top_connections import (
     collect_activations,
     importance,
-    importance_blocks,
     random_connections,
     top_connections,
 )
@@ -134,61 +132,3 @@ def test_random_connections_keep_per_module_counts():
         for u, idx in ups.items():
             assert torch.equal((idx >= 0).sum(1), (rnd[d][u] >= 0).sum(1))
     assert any(not torch.equal(rnd[d][u], conns[d][u]) for d in conns for u in conns[d])
-
-
-def dense_block_importance(suite, acts, down, block):
-    """The importance as computed before issue 17: per block of downstream features, a pass over
-    every token batch with index_add into a dense [block, n_up] co-activation buffer."""
-    from find_top_connections import _upstream, _virtual_weights_block
-
-    n_up = sum(suite.dicts[u].dict_size for u in upstream_names(down))
-    F, N, dtype = suite.dicts[down].dict_size, acts.n_tokens, acts.vals[down].dtype
-    out = []
-    for lo in range(0, F, block):
-        hi = min(F, lo + block)
-        V = _virtual_weights_block(suite, down, lo, hi).to(dtype)
-        A = torch.zeros((hi - lo) * n_up, dtype=dtype)
-        count = torch.zeros(hi - lo, dtype=dtype)
-        for s in range(0, N, 16):
-            sl = slice(s, min(N, s + 16))
-            d_idx = acts.idx[down][sl].long()
-            sel = (acts.vals[down][sl] > 0) & (d_idx >= lo) & (d_idx < hi)
-            t, k = sel.nonzero(as_tuple=True)
-            up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
-            i = d_idx[t, k] - lo
-            count.index_add_(0, i, torch.ones_like(i, dtype=dtype))
-            A.index_add_(0, (i[:, None] * n_up + up_idx[t]).flatten(), up_vals[t].flatten())
-        out.append(V * A.view(hi - lo, n_up) / count.clamp_min(1)[:, None])
-    return torch.cat(out)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sub_block_accumulation_is_identical_to_the_dense_block_pass(dtype):
-    """Same importance bit for bit, and so the same top-C choice, for any block and sub-block size."""
-    suite = random_suite(n_layers=3, d=6, F=20, k=3, dtype=dtype)
-    batches = [random_batch(3, 6, B=50, seed=s, dtype=dtype) for s in range(3)]
-    acts = collect_activations(suite, batches, 140)
-    C = 9
-    for down in suite.transcoder_names:
-        n_up = sum(suite.dicts[u].dict_size for u in upstream_names(down))
-        # the virtual-weight blocks are the same as before (a GEMM's rounding may depend on its
-        # shape), the co-activation sums are accumulated per sub-block
-        for block, cache_bytes in [(7, 4 * n_up), (7, 4 * n_up * 3), (20, 4 * n_up * 3), (20, None)]:
-            want = dense_block_importance(suite, acts, down, block)
-            budget = 4 * n_up * 3 * block
-            got = torch.cat([imp for _, _, imp in importance_blocks(
-                suite, acts, down, memory_budget_bytes=budget, cache_bytes=cache_bytes)])
-            assert torch.equal(got, want), (down, block, cache_bytes)
-        want = dense_block_importance(suite, acts, down, block=5)
-        want_top = want.abs().topk(C, dim=1)
-        got_conns = top_connections(suite, acts, C, memory_budget_bytes=4 * n_up * 3 * 5)[down]
-        off = 0
-        for u in upstream_names(down):
-            F_u = suite.dicts[u].dict_size
-            mine = (want_top.indices >= off) & (want_top.indices < off + F_u) & (want_top.values > 0)
-            for i in range(want.shape[0]):
-                expect = sorted((want_top.indices[i][mine[i]] - off).tolist())
-                got = sorted(j for j in got_conns.get(u, torch.empty(20, 0, dtype=torch.long))[i].tolist()
-                             if j >= 0)
-                assert got == expect, (down, u, i)
-            off += F_u
