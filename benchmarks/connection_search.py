@@ -57,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device: str,
-             dtype_name: str = "fp32") -> dict:
+             dtype_name: str = "fp32", budget_gb: float = 1.0) -> dict:
     device, dtype = torch.device(device), DTYPES[dtype_name]
     torch.manual_seed(0)
     g = torch.Generator(device=device).manual_seed(0)
@@ -77,7 +77,7 @@ def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device:
     acts = collect_activations(suite, batches(d, layers, n_tokens, 1024, g, dtype), n_tokens)
     _sync(device)
     t1 = time.perf_counter()
-    conns = top_connections(suite, acts, C)
+    conns = top_connections(suite, acts, C, memory_budget_bytes=int(budget_gb * 2**30))
     _sync(device)
     t2 = time.perf_counter()
     n_conn = sum(int((i >= 0).sum()) for ups in conns.values() for i in ups.values())
@@ -86,6 +86,7 @@ def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device:
         "top_connections_s": round(t2 - t1, 2),
         "peak_rss_mb": round((_status_kb("VmHWM") - before) / 1024, 1),
         "connections": n_conn, "device": str(device), "dtype": dtype_name,
+        "memory_budget_gb": budget_gb,
     }
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - cuda_before
@@ -104,17 +105,19 @@ def main(argv=None) -> None:
     p.add_argument("--target", type=int, default=1_000_000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--budget-gb", type=float, default=1.0,
+                   help="memory_budget_bytes of top_connections, in GiB (fewer, larger blocks)")
     p.add_argument("--_here", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._here is not None:
         print(json.dumps(run_here(args._here, args.d, args.layers, args.F, args.k, args.C,
-                                  args.device, args.dtype)))
+                                  args.device, args.dtype, args.budget_gb)))
         return
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
         cmd = [sys.executable, __file__, "--_here", str(n), "--F", str(args.F), "--d", str(args.d),
                "--layers", str(args.layers), "--k", str(args.k), "--C", str(args.C), "--device", args.device,
-               "--dtype", args.dtype]
+               "--dtype", args.dtype, "--budget-gb", str(args.budget_gb)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.stderr.write(out.stderr)

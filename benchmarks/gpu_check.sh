@@ -160,8 +160,9 @@ sys.exit(0 if (d() / 'metrics.json').is_file() else 1)" 2>/dev/null; then
   fi
   run_stage buffer 90 "$PY" benchmarks/buffer_throughput.py --cases "$BUF_CASES" \
     --small-contexts 256 --repeats 3 --device "$DEVICE" --dtype "$DTYPE"
+  # an 8 GiB importance budget: 8x fewer blocks (Python loop turns) than the 1 GiB default
   run_stage search 150 "$PY" benchmarks/connection_search.py --layers 12 --F 12288 \
-    --tokens 131072 --device "$DEVICE" --dtype "$DTYPE"
+    --tokens 131072 --budget-gb 8 --device "$DEVICE" --dtype "$DTYPE"
 fi
 
 STATUS=pass
