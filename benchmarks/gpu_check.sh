@@ -119,13 +119,18 @@ if device.type == "cuda":
         sys.exit(f"--device {device} but torch.cuda.is_available() is False")
     p = torch.cuda.get_device_properties(device)
     row.update(gpu=p.name, gpu_mem_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
-missing = []
-for mod in ("nnsight", "transformers", "datasets", "einops", "tqdm", "pytest", "matplotlib"):
-    try:
-        __import__(mod)
-    except Exception as e:
-        missing.append(f"{mod} ({type(e).__name__})")
+def absent(mods):
+    out = []
+    for mod in mods:
+        try:
+            __import__(mod)
+        except Exception as e:
+            out.append(f"{mod} ({type(e).__name__})")
+    return out
+# the stages import these; the others are reported (the library imports them lazily)
+missing = absent(("nnsight", "transformers", "tokenizers", "tqdm", "pytest"))
 row["missing_packages"] = missing
+row["missing_optional"] = absent(("datasets", "einops", "matplotlib", "wandb"))
 import dictionary_learning.sparse_ops as so
 for dt in (torch.float32, torch.float64):
     for k in ("csr", "embedding_bag"):

@@ -22,6 +22,7 @@ def test_env_stage_passes_on_cpu_and_prints_json_lines(tmp_path):
     assert rc == 0, rows
     env, stage, summary = rows
     assert env["device"] == "cpu" and env["missing_packages"] == [] and env["csr_float32"]
+    assert "missing_optional" in env
     assert stage == {**stage, "stage": "env", "status": "ok", "exit": 0}
     assert summary["gpu_check"] == "pass" and summary["failed"] == []
     assert (tmp_path / "env.log").is_file()
