@@ -146,8 +146,11 @@ class PromptRun(NamedTuple):
     pruned: dict[str, DictOutput]
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> Tensor:
-    """[BOS] + the prompt's tokens (BOS = the eos token, as in training contexts)."""
+def tokenize_prompt(tokenizer, prompt: str | list[int]) -> Tensor:
+    """[BOS] + the prompt's tokens (BOS = the eos token, as in training contexts). A list of token
+    ids is taken as it is (text does not always survive a decode/encode round trip)."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return torch.tensor([tokenizer.eos_token_id] + list(prompt), dtype=torch.long)
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("the prompt is empty; pass some text, e.g. --prompt 'To be, or not to be'")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -313,10 +316,10 @@ class _Nodes:
 
 @torch.no_grad()
 def build_graph(
-    model, suite: SCAESuite, prompt: str, target: str | int | None = None,
+    model, suite: SCAESuite, prompt: str | list[int], target: str | int | None = None,
     cfg: GraphConfig | None = None,
 ) -> AttributionGraph:
-    """The attribution graph of `prompt` (module docstring, phases 1-3)."""
+    """The attribution graph of `prompt`, text or token ids (module docstring, phases 1-3)."""
     cfg = cfg or GraphConfig()
     dt = cfg.dtype
     t0 = time.perf_counter()
@@ -487,6 +490,8 @@ def build_graph(
                 "constant - value| = %.2e", T, N, n_feat, info["n_edges"], info["build_s"],
                 identity_error)
     token_strs = [tok.decode([int(t)]) for t in tokens_T[1:]]
+    if not isinstance(prompt, str):
+        prompt = tok.decode(tokens_T[1:].tolist())
     return AttributionGraph(prompt, tokens_T[1:].tolist(), token_strs, list(names), kind_N,
                             module_N, pos_N, index_N, act_N, const_N, A_NN,
                             probs_V[logit_ids.to(device)],
@@ -859,7 +864,7 @@ def slugify(prompt: str, i: int) -> str:
     return f"{i:02d}-{words or 'prompt'}"
 
 
-def write_circuits(model, suite: SCAESuite, prompts: list[str], out_dir: str | Path,
+def write_circuits(model, suite: SCAESuite, prompts: list[str | list[int]], out_dir: str | Path,
                    targets: list | None = None, cfg: GraphConfig | None = None, pages=None
                    ) -> Path:
     """Graphs of several prompts in the field's format, plus the offline viewer DIR/index.html."""
@@ -873,7 +878,7 @@ def write_circuits(model, suite: SCAESuite, prompts: list[str], out_dir: str | P
     graphs = []
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         graph = build_graph(model, suite, prompt, target, cfg)
-        files = write_graph_files(graph, out_dir, slugify(prompt, i), cfg, pages)
+        files = write_graph_files(graph, out_dir, slugify(graph.prompt, i), cfg, pages)
         graphs.append(files.data)
         logger.info("wrote %s: %d of %d nodes kept, %d edges, influence retained %.3f",
                     files.graph_path, files.data["metadata"]["info"]["n_nodes_pruned"],
