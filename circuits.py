@@ -96,9 +96,10 @@ class AttributionGraph(NamedTuple):
     index_N: Tensor
     """Feature index (features), token id (embeddings, logits), -1 (errors)."""
     activation_N: Tensor
-    """Pre-activation (features), logit (logits), norm of the vector written (errors, embeddings)."""
+    """Pre-activation (features), logit (logits), norm of the vector written (errors, embeddings:
+    display only)."""
     constant_N: Tensor
-    """The node's constant term: its value minus the sum of its incoming edges."""
+    """The node's constant term (biases, b_dec, the BOS position): value minus incoming edges."""
     adjacency_NN: Tensor
     """A[target, source] = direct effect of the source on the target (activation x weight)."""
     logit_probs: Tensor
@@ -179,13 +180,7 @@ def run_prompt(model, suite: SCAESuite, tokens_T: Tensor, dtype: torch.dtype) ->
         outputs[f"mlp_{layer}"] = acts[f"mlp_out_{layer}"]
         r_TD = r_TD + acts[f"attn_{layer}"] + acts[f"mlp_out_{layer}"]
     resid["final"] = r_TD
-    batch = ActivationBatch(
-        initial=acts["initial"][1:],
-        src={**{f"attn_{l}": acts[f"attn_{l}"][1:] for l in range(suite.n_layers)},
-             **{f"mlp_{l}": acts[f"mlp_in_{l}"][1:] for l in range(suite.n_layers)}},
-        tgt={n: outputs[n][1:] for n in suite.names},
-        layernorm_scale={f"mlp_{l}": acts[f"sigma_{l}"][1:] for l in range(suite.n_layers)},
-    )
+    batch = ActivationBatch.from_trace({k: v[1:] for k, v in acts.items()}, suite.n_layers)
     vanilla = suite.vanilla_forward(batch)
     pruned = suite.pruned_forward(batch, vanilla)
     return PromptRun(tokens_T, resid, outputs, batch, vanilla, pruned)
@@ -334,7 +329,7 @@ def build_graph(
     tokens_T = tokenize_prompt(tok, prompt)
     run = run_prompt(model, suite, tokens_T, dt)
     T = tokens_T.shape[0] - 1
-    L, names = suite.n_layers, suite.names
+    names = suite.names
     device = run.batch.initial.device
     timing = {"run_s": time.perf_counter() - t0}
 
@@ -422,7 +417,8 @@ def build_graph(
         r, c = (src_SC >= 0).nonzero(as_tuple=True)
         A_NN[tgt[r], src_SC[r, c]] = terms_SC[r.to(device), c.to(device)]
         Wc_FD = center(ae.encoder.weight)
-        A_NN[tgt, emb_nodes[p_S]] = (x0_TD[p_S.to(device)] * Wc_FD[i_S.to(device)]).sum(-1) / sigma_S
+        x0_SD = x0_TD[p_S.to(device)]
+        A_NN[tgt, emb_nodes[p_S]] = (x0_SD * Wc_FD[i_S.to(device)]).sum(-1) / sigma_S
         b_D = sum(suite.dicts[u].b_dec for u in comp.ups)
         const_N[tgt] = (Wc_FD[i_S.to(device)] @ b_D) / sigma_S + ae.encoder.bias[i_S.to(device)]
 
@@ -484,7 +480,8 @@ def build_graph(
     info = {
         "n_nodes": N, "n_features": n_feat, "n_edges": int((A_NN != 0).sum()),
         "identity_error": identity_error, "dtype": str(dt).removeprefix("torch."),
-        "build_s": round(time.perf_counter() - t0, 3), **{k: round(v, 3) for k, v in timing.items()},
+        "build_s": round(time.perf_counter() - t0, 3),
+        **{k: round(v, 3) for k, v in timing.items()},
     }
     logger.info("graph of %d tokens: %d nodes (%d features), %d edges in %.2fs; max |edges + "
                 "constant - value| = %.2e", T, N, n_feat, info["n_edges"], info["build_s"],
@@ -560,7 +557,8 @@ def compute_influence(A_NN: Tensor, logit_weights_N: Tensor, max_iter: int = 100
 
 def logit_weights(graph: AttributionGraph) -> Tensor:
     """circuit-tracer's weights: each logit node weighted by its token's probability."""
-    w_N = torch.zeros(graph.n_nodes, dtype=graph.adjacency_NN.dtype, device=graph.adjacency_NN.device)
+    A = graph.adjacency_NN
+    w_N = torch.zeros(graph.n_nodes, dtype=A.dtype, device=A.device)
     w_N[(graph.kind_N == LOGIT).to(w_N.device)] = graph.logit_probs.to(w_N.dtype)
     return w_N
 
@@ -740,7 +738,8 @@ def process_token(token: str) -> str:
 
 
 def graph_json(graph: AttributionGraph, pruned: PruneResult, slug: str, scan: str,
-               node_threshold: float, edge_threshold: float, effect_N: Tensor | None = None) -> dict:
+               node_threshold: float, edge_threshold: float, effect_N: Tensor | None = None
+               ) -> dict:
     """The graph as circuit-tracer / Neuronpedia attribution-graph JSON (kept nodes and edges)."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", slug):
         raise ValueError(f"slug {slug!r}: use letters, digits, '-', '_' or '.' (it is a file name)")

@@ -226,7 +226,8 @@ class FeaturePages:
                         "virtual_weight": round(float(c["V"][i, slot]), 6),
                         "mean_contribution": round(total / n_both, 6) if n_both else 0.0,
                         "co_active_tokens": n_both,
-                        "fraction_of_pre_activation": round(total / sum_pre, 6) if sum_pre else 0.0})
+                        "fraction_of_pre_activation":
+                            round(total / sum_pre, 6) if sum_pre else 0.0})
         out.sort(key=lambda r: -abs(r["fraction_of_pre_activation"]) or -abs(r["virtual_weight"]))
         return out
 
@@ -355,13 +356,7 @@ def compute_pages(model, suite: SCAESuite, cfg: PageConfig, contexts=None) -> Fe
         acts = trace_activations(model, toks_bC.to(model_dev))
         flat = {k: v[:, 1:].reshape(b * T, *v.shape[2:]).to(device=dev, dtype=dt)
                 for k, v in acts.items()}
-        batch = ActivationBatch(
-            initial=flat["initial"],
-            src={**{f"attn_{l}": flat[f"attn_{l}"] for l in range(suite.n_layers)},
-                 **{f"mlp_{l}": flat[f"mlp_in_{l}"] for l in range(suite.n_layers)}},
-            tgt={**{f"attn_{l}": flat[f"attn_{l}"] for l in range(suite.n_layers)},
-                 **{f"mlp_{l}": flat[f"mlp_out_{l}"] for l in range(suite.n_layers)}},
-            layernorm_scale={f"mlp_{l}": flat[f"sigma_{l}"] for l in range(suite.n_layers)})
+        batch = ActivationBatch.from_trace(flat, suite.n_layers)
         vanilla = suite.vanilla_forward(batch)
         pruned = suite.pruned_forward(batch, vanilla) if V else {}
         ctx_b = torch.arange(n_ctx, n_ctx + b, device=dev)

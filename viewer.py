@@ -21,7 +21,8 @@ PAGE = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy"
-      content="default-src 'none'; script-src 'unsafe-inline' file: 'self'; style-src 'unsafe-inline'; img-src data:">
+      content="default-src 'none'; script-src 'unsafe-inline' file: 'self';
+               style-src 'unsafe-inline'; img-src data:">
 <title>SCAE circuits: {title}</title>
 <style>
 {css}

@@ -55,7 +55,8 @@ QPARAMS = {"pinnedIds": ((list,), True), "supernodes": ((list,), True),
            "linkType": ((str,), True), "clickedId": ((str,), True), "sg_pos": ((str,), True)}
 NODE = {"node_id": ((str,), True), "feature": ((int,), True), "layer": ((str,), True),
         "ctx_idx": ((int,), True), "feature_type": ((str,), True), "jsNodeId": ((str,), True),
-        "token_prob": (_NUM, False), "is_target_logit": ((bool,), False), "run_idx": ((int,), False),
+        "token_prob": (_NUM, False), "is_target_logit": ((bool,), False),
+        "run_idx": ((int,), False),
         "reverse_ctx_idx": ((int,), False), "clerp": ((str,), False),
         "influence": (_NUM, False), "activation": (_NUM, False)}
 LINK = {"source": ((str,), True), "target": ((str,), True), "weight": (_NUM, True)}

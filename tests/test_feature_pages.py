@@ -33,14 +33,7 @@ def dense_reference(model, suite, ctxs):
     toks = torch.stack(ctxs)
     acts = trace_activations(model, toks)
     flat = {k: v[:, 1:].reshape(-1, *v.shape[2:]) for k, v in acts.items()}
-    L = suite.n_layers
-    batch = ActivationBatch(
-        flat["initial"],
-        {**{f"attn_{l}": flat[f"attn_{l}"] for l in range(L)},
-         **{f"mlp_{l}": flat[f"mlp_in_{l}"] for l in range(L)}},
-        {**{f"attn_{l}": flat[f"attn_{l}"] for l in range(L)},
-         **{f"mlp_{l}": flat[f"mlp_out_{l}"] for l in range(L)}},
-        {f"mlp_{l}": flat[f"sigma_{l}"] for l in range(L)})
+    batch = ActivationBatch.from_trace(flat, suite.n_layers)
     van = suite.vanilla_forward(batch)
     pr = suite.pruned_forward(batch, van)
     T = toks.shape[1] - 1

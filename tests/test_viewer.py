@@ -37,7 +37,8 @@ def circuits_dir(tmp_path_factory):
     suite = random_suite(n_layers=2, d=32, F=40, k=5, seed=0, dtype=torch.float32)
     suite.set_connections(random_connections(suite, C=12))
     suite.save_pretrained(root / "suite", meta={
-        "model_name": str(root / "model"), "buffer": {"ctx_len": 33, "data": str(root / "text.txt")}})
+        "model_name": str(root / "model"),
+        "buffer": {"ctx_len": 33, "data": str(root / "text.txt")}})
     index = C.main(["--suite", str(root / "suite"), "--prompt", "To be, or not to be",
                     "--prompt", "that is the question", "--target", "?", "--target", " ",
                     "--out", str(root / "out"), "--page-tokens", "512"])
@@ -98,7 +99,7 @@ def test_viewer_in_chromium(circuits_dir, tmp_path):
 
         # click the transcoder feature with the most incoming edges
         feats = [n for n in graph["nodes"] if n.get("module", "").startswith("mlp_")]
-        n_in = {n["node_id"]: sum(l["target"] == n["node_id"] for l in graph["links"])
+        n_in = {n["node_id"]: sum(e["target"] == n["node_id"] for e in graph["links"])
                 for n in feats}
         node = max(feats, key=lambda n: n_in[n["node_id"]])
         fpage = data["pages"][f"{node['module']}/{node['index']}"]
@@ -123,7 +124,7 @@ def test_viewer_in_chromium(circuits_dir, tmp_path):
         ids = {n["node_id"] for n in keep}
         assert page.locator("#nodes .node").count() == len(keep)
         assert page.locator("#edges .edge").count() == sum(
-            l["source"] in ids and l["target"] in ids for l in graph["links"])
+            e["source"] in ids and e["target"] in ids for e in graph["links"])
         page.locator("#threshold").fill("1")
 
         # search by feature id
