@@ -69,17 +69,17 @@ def test_zeroing_a_node_changes_the_logit_by_its_total_effect(setup):
     torch.testing.assert_close(base, g.activation_N[g.kind_N == C.LOGIT], rtol=0, atol=1e-10)
     effect = C.total_effect(g)
     # the strongest nodes of every kind, and a few random ones
-    picks = set(torch.randperm(g.n_nodes - 5, generator=torch.Generator().manual_seed(0))[:6]
+    picks = set(torch.randperm(g.n_nodes - 5, generator=torch.Generator().manual_seed(0))[:3]
                 .tolist())
     for kind in (C.FEATURE, C.ERROR, C.EMBEDDING):
         sel = (g.kind_N == kind).nonzero()[:, 0]
-        picks |= set(sel[effect[sel].abs().topk(3).indices].tolist())
+        picks |= set(sel[effect[sel].abs().topk(2).indices].tolist())
     hit = 0
     for n in sorted(picks):
         delta = float(base[0] - C.frozen_logits(model, suite, g, zero=n)[0])
         assert abs(delta - float(effect[n])) < 1e-10, g.node_label(n)
         hit += abs(delta) > 1e-6
-    assert hit >= 6  # the check is not vacuous
+    assert hit >= 5  # the check is not vacuous
 
 
 def test_influence_matches_its_closed_form(setup):
