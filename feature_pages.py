@@ -52,7 +52,7 @@ class PageConfig:
     split: str = "validation"
     """Split of the text source."""
     n_tokens: int = 2**16
-    """Tokens (BOS excluded) the pages are computed over."""
+    """Tokens (BOS excluded) the pages are computed over, rounded up to whole contexts."""
     ctx_len: int = 128
     """Context length, BOS included."""
     batch_contexts: int = 16
