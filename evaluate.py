@@ -34,6 +34,7 @@ from buffer import ActivationBatch, trace_activations
 from dictionary_learning.dictionary import Features
 from dictionary_learning.files import atomic_write
 from dictionary_learning.model import hf_model, model_info
+from dictionary_learning.safe_load import check_finite, flat_state
 from trainers.scae import SCAESuite
 from trainers.top_k import fvu
 
@@ -359,7 +360,8 @@ def evaluate_suite(
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     info = model_info(model)
     suite.check_fits(info.n_layers, info.d_model, "the model")
-    info = model_info(model)
+    check_finite(flat_state({n: d.state_dict() for n, d in suite.dicts.items()}), "the suite",
+                 "Evaluate a finite suite: retrain it or load an earlier copy.")
     suite = suite.to(device=device, dtype=dtype).eval()
     names, pruned_on = suite.names, suite.has_connections
     if not pruned_on:
@@ -469,19 +471,35 @@ def evaluate_suite(
 # ==================================================================================== report
 
 
-def _clean_float(x):
-    """JSON-safe: non-finite floats become None."""
+def _clean_float(x, path: str = "", nulls: list | None = None):
+    """JSON-safe: non-finite floats become None; their paths ("ce.pruned") go to `nulls`."""
     if isinstance(x, float) and not math.isfinite(x):
+        if nulls is not None:
+            nulls.append((path, x))
         return None
     if isinstance(x, dict):
-        return {k: _clean_float(v) for k, v in x.items()}
+        return {k: _clean_float(v, f"{path}.{k}".lstrip("."), nulls) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean_float(v) for v in x]
+        return [_clean_float(v, f"{path}[{i}]", nulls) for i, v in enumerate(x)]
     return x
 
 
+def _why_null(path: str, value: float, ev: SuiteEval) -> str:
+    """Why a metric came out NaN/Inf, for the report's notes."""
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf.startswith("recovered_") and ev.ce.ablated == ev.ce.clean:
+        return "CE_ablated equals CE_clean, so CE recovered is undefined"
+    if leaf.startswith("fvu"):
+        return ("the target activations have zero variance over the evaluation tokens, or the "
+                "reconstruction is non-finite")
+    if leaf == "agreement":
+        return "no evaluation token had an active vanilla feature"
+    return "a non-finite model or reconstruction output (check the model and the suite)"
+
+
 def eval_to_dict(ev: SuiteEval) -> dict:
-    """The report dict of a SuiteEval (schema: see `report`)."""
+    """The report dict of a SuiteEval (schema: see `report`). Every metric written as null (a
+    NaN/Inf value) gets a note saying which one and why, and a logged warning."""
     notes = []
     if not ev.has_connections:
         notes.append("the suite has no connections: pruned metrics are None (no pruned pass)")
@@ -489,7 +507,8 @@ def eval_to_dict(ev: SuiteEval) -> dict:
     for n, m in ev.modules.items():
         kind, _, layer = n.partition("_")
         modules[n] = {"kind": kind, "layer": int(layer), **m._asdict()}
-    return _clean_float({
+    nulls: list[tuple[str, float]] = []
+    out = _clean_float({
         "modules": modules,
         "ce": ev.ce._asdict(),
         "n_tokens": ev.n_tokens,
@@ -498,7 +517,12 @@ def eval_to_dict(ev: SuiteEval) -> dict:
         "ctx_len": ev.ctx_len,
         "has_connections": ev.has_connections,
         "notes": notes,
-    })
+    }, nulls=nulls)
+    for path, value in nulls:
+        note = f"{path} is null: its value was {value} ({_why_null(path, value, ev)})"
+        logger.warning(note)
+        out["notes"].append(note)
+    return out
 
 
 def report(
@@ -632,6 +656,18 @@ def format_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
+MODULE_COLUMNS = ("module", "fvu_vanilla", "fvu_pruned", "l0", "l0_pruned", "dead_frac",
+                  "agreement", "splice_ce")
+
+
+def module_rows(rep: dict) -> tuple[list[str], list[list]]:
+    """The per-module metrics of a report dict as (columns, rows): for tables (wandb, HTML)."""
+    splice = rep["ce"].get("splice") or {}
+    rows = [[n] + [m.get(c) for c in MODULE_COLUMNS[1:-1]] + [splice.get(n)]
+            for n, m in rep["modules"].items()]
+    return list(MODULE_COLUMNS), rows
+
+
 def print_table(rep: dict) -> None:
     """Print `format_table(rep)`."""
     print(format_table(rep))
@@ -650,8 +686,11 @@ def _parse_dtype(name: str) -> torch.dtype:
 def main(argv: list[str] | None = None) -> dict:
     """CLI: evaluate a saved suite and write report.json, the plots and the printed table."""
     from dictionary_learning.connections import load_connections
-    from dictionary_learning.data import embedded_text_source, text_file_source, token_contexts
+    from dictionary_learning.data import (
+        check_text_source, embedded_text_source, text_file_source, token_contexts,
+    )
     from dictionary_learning.model import load_model
+    from dictionary_learning.validate import check_ctx_len, check_device, check_out_dir
 
     p = argparse.ArgumentParser(description="Evaluate a saved SCAE suite (SCAE-SPEC §5).")
     p.add_argument("--suite", required=True, help="suite folder (save_pretrained) or Hub id")
@@ -669,6 +708,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     dtype = _parse_dtype(args.dtype)
+    # every argument checked before any work (each error names it and the fix)
+    check_out_dir(args.out)
+    check_device(args.device)
+    if args.ctx_len is not None:
+        check_ctx_len(args.ctx_len)
+    check_text_source(args.data)
     suite = SCAESuite.from_pretrained(args.suite, device=args.device, dtype=dtype)
     meta = getattr(suite, "meta", {}) or {}
     model_name = args.model or meta.get("model_name")
@@ -680,6 +725,8 @@ def main(argv: list[str] | None = None) -> dict:
         suite.set_connections(load_connections(args.connections, suite.dict_sizes))
     model = load_model(model_name, device=args.device, dtype=torch.float32)
     info = model_info(model)
+    if args.ctx_len is not None:
+        check_ctx_len(args.ctx_len, info.n_ctx)
     ctx_len = args.ctx_len or (meta.get("buffer") or {}).get("ctx_len") or 128
     ctx_len = min(int(ctx_len), info.n_ctx)
     texts = embedded_text_source("validation") if args.data == "embedded" else text_file_source(args.data)

@@ -3,47 +3,105 @@
     python run_finetuning.py                      # PRESET "tiny": the embedded Shakespeare GPT-2
     python run_finetuning.py --preset gpt2        # gpt2-small, openwebtext, jacobcd52's suite
     python run_finetuning.py --quick --out DIR    # tiny budgets, a smoke test
+    python run_finetuning.py --quick --wandb offline   # also log the runs to OUT/wandb
     torchrun --standalone --nproc_per_node 2 run_finetuning.py --quick --out DIR
 
 Every stage is cached in $SCAE_CACHE (default ~/.cache/scae) under a key of the settings it
-depends on, so a second run only recomputes what changed. The result is DIR/report.json (and a
-printed table): the finetuned suite, the same suite before finetuning, and a suite finetuned with
-random connections of the same counts. Hyperparameters are the constants below; `#%%` cells let it
-run as a notebook.
+depends on, so a second run only recomputes what changed. The result is OUT/report.json (and a
+table): the finetuned suite, the same suite before finetuning, and a suite finetuned with random
+connections of the same counts.
+
+As a notebook: run the `#%%` cells (VS Code, Jupyter with jupytext), or make one with
+`jupytext --to ipynb run_finetuning.py`. In a notebook the constants below rule (no flags are
+parsed), the tables render as tables and the plots appear inline (they are saved under OUT too).
 """
 
-#%% Hyperparameters
+#%% Settings: edit these. As a script, a flag overrides its constant (`--help`).
 from __future__ import annotations
 
 PRESET = "tiny"  # "tiny" (embedded default, runs anywhere) or "gpt2" (needs a network)
-C = None  # connections per transcoder feature (None: the preset's: 32 tiny, 100 gpt2)
+QUICK = False  # True: tiny budgets, every stage in about 25 s on a CPU once the model is built
+OUT = "runs/finetune"  # report.json, tables, plots and wandb/ go here
+
+# Model and data; None: the preset's
+MODEL = None  # a model name ("gpt2"), Hub id or save_pretrained folder (tiny: the embedded one)
+DATA = None  # training text: "embedded", a .txt file, a folder of .txt/.md, or a datasets name
+EVAL_DATA = None  # evaluation text; None: the held-out part of DATA
+SUITE = None  # pretrained suite folder or Hub id; None: gpt2's Hub suite, or pretrain one (tiny)
+CONNECTIONS = None  # connections file or Google Drive id; None: compute the top-C connections
+
+# Sizes; None: the preset's (tiny / QUICK)
+DICT_SIZE = None  # features per dictionary when pretraining (512 / 256)
+K = None  # active features per token when pretraining (16 / 8)
+PRETRAIN_STEPS = None  # pretraining steps (1000 / 60)
+FINETUNE_STEPS = None  # finetuning steps (400, gpt2 10,000 / 40)
+EVAL_TOKENS = None  # evaluation tokens (32,768, gpt2 131,072 / 2,048)
+CTX_LEN = None  # context length, BOS included (128)
+
+# Finetuning hyperparameters
+C = None  # connections per transcoder feature (None: the preset's: 32 tiny, 100 gpt2; QUICK 16)
 VARIANT = "active"  # importance averaged over tokens where the feature is active, or "all"
 COEFF = 1.0  # weight of the pruned FVU in the loss
 LOSS = "vanilla+pruned"  # or "pruned"
 ACT_COEFF = 0.0  # weight of the vanilla-vs-pruned activation difference term
-N_THRESHOLD = 32  # candidates after the vanilla top K
+N_THRESHOLD = 32  # candidates after the vanilla top K (QUICK: 16)
 N_RANDOM = 0  # random candidates per token for the penalty (off: see README, "Hyperparameters")
 RANDOM_COEFF = 0.0  # weight of the random-candidate penalty
-FINETUNE_STEPS = None  # None: the preset's
 LR = None  # None: base_lr / sqrt(F / 2^14) per dictionary
-WANDB_MODE = "disabled"  # "disabled", "offline" or "online" (online needs WANDB_API_KEY)
+
+# Outputs, logging and hardware
+EXPORT = ()  # also write the finetuned suite as ("saelens", "sparsify", "dictionary_learning")
+WANDB_MODE = "disabled"  # "disabled", "offline" or "online"; $WANDB_MODE overrides it, --wandb both
+DEVICE = None  # "cpu", "cuda", "cuda:1", ...; None: cuda when available
+DTYPE = "float32"  # "float32" or "bfloat16" for dictionaries and activations
 
 #%% Imports
 import argparse
 import copy
-import hashlib
-import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (Jupyter, VS Code cells, nbclient): no flags to parse there."""
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def repo_root() -> Path:
+    """This file's folder. A kernel has no __file__: it is looked for from the notebook's folder
+    (Jupyter's JPY_SESSION_NAME, VS Code's __vsc_ipynb_file__) and from the working directory up."""
+    if "__file__" in globals():
+        return Path(__file__).resolve().parent
+    hints = [os.environ.get("JPY_SESSION_NAME"), globals().get("__vsc_ipynb_file__")]
+    starts = [Path(h).resolve().parent for h in hints if h] + [Path.cwd()]
+    for start in starts:
+        for folder in (start, *start.parents):
+            if (folder / "run_finetuning.py").is_file() and (folder / "buffer.py").is_file():
+                return folder
+    raise ModuleNotFoundError(
+        "cannot find the SCAE repository (the folder holding run_finetuning.py and buffer.py) from "
+        f"{Path.cwd()}; start the notebook's kernel in the repository or a folder below it"
+    )
+
+
+# a kernel started in a folder below the repository (or elsewhere, from a notebook Jupyter or
+# VS Code located) still imports the project's modules
+if str(repo_root()) not in sys.path:
+    sys.path.insert(0, str(repo_root()))
+
 import torch
 
 from buffer import AllActivationBuffer
+from dictionary_learning.cache import (
+    StageRecord, content_hash, run_stage, source_hash, stage_key, tensors_hash,
+)
 from dictionary_learning.connections import load_connections, save_connections
-from dictionary_learning.data import contexts_from
+from dictionary_learning.data import check_text_source, contexts_from, looks_like_path
 from dictionary_learning.distributed import (
     barrier,
     default_device,
@@ -52,13 +110,22 @@ from dictionary_learning.distributed import (
     rank,
     world_size,
 )
-from dictionary_learning.embedded import EMBEDDED_MODEL, cache_root
-from dictionary_learning.model import load_model
-from evaluate import format_table, report
+from dictionary_learning.embedded import EMBEDDED_MODEL, ensure_embedded_model
+from dictionary_learning.logger import (
+    WandbSettings,
+    replay_metrics,
+    resolve_wandb_mode,
+    summary_run,
+)
+from dictionary_learning.model import load_model, model_info
+from dictionary_learning.suite_io import suite_folder
+from dictionary_learning.validate import check_cache_root, check_ctx_len, check_device, check_out_dir
+from evaluate import format_table, module_rows, report
+from export import FORMATS, export_suite
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAESuite, SCAETrainerConfig
 from dictionary_learning.files import atomic_write_json
-from training import TrainConfig, train_scae_suite
+from training import TrainConfig, train_scae_suite, wandb_config
 
 logger = logging.getLogger("run_finetuning")
 
@@ -109,6 +176,8 @@ class PipelineConfig:
     """Tokens per circuit prompt."""
     page_tokens: int = 2**16
     """Held-out tokens of the finetuned suite's feature pages."""
+    export: tuple[str, ...] = ()
+    """Formats (export.FORMATS) the finetuned suite is also written in, to OUT/export/<format>."""
     finetune: SCAETrainerConfig = field(default_factory=lambda: SCAETrainerConfig(total_steps=600))
     """Finetuning hyperparameters (total_steps is set from finetune_steps)."""
     wandb_mode: str = "disabled"
@@ -121,8 +190,12 @@ class PipelineConfig:
     """Seed of every stage."""
 
 
-def make_config(preset: str = PRESET, quick: bool = False, **overrides) -> PipelineConfig:
-    """The preset's config, the constants at the top of the file, then explicit overrides."""
+def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> PipelineConfig:
+    """The preset's config, then QUICK's budgets, then the constants at the top that are set, then
+    `overrides` (the script's flags; None values are ignored).
+
+    The wandb mode is the `wandb_mode` override (--wandb), else $WANDB_MODE, else WANDB_MODE.
+    """
     finetune = SCAETrainerConfig(
         total_steps=1, coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
         n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR, auxk_relu=False,
@@ -138,12 +211,6 @@ def make_config(preset: str = PRESET, quick: bool = False, **overrides) -> Pipel
         )
     else:
         raise ValueError(f"unknown preset {preset!r}; use 'tiny' or 'gpt2'")
-    if C is not None:
-        cfg.C = C
-    cfg.variant = VARIANT
-    if FINETUNE_STEPS is not None:
-        cfg.finetune_steps = FINETUNE_STEPS
-    cfg.wandb_mode = WANDB_MODE
     if quick:
         cfg = replace(
             cfg, dict_size=256, k=8, pretrain_steps=60, C=min(cfg.C, 16), connection_tokens=4096,
@@ -151,7 +218,22 @@ def make_config(preset: str = PRESET, quick: bool = False, **overrides) -> Pipel
             circuit_prompts=2, prompt_tokens=24, page_tokens=4096,
             finetune=replace(cfg.finetune, n_threshold=16, n_random=min(N_RANDOM, 16)),
         )
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    constants = {
+        "model": MODEL, "data": DATA, "eval_data": EVAL_DATA, "suite": SUITE,
+        "connections": CONNECTIONS, "dict_size": DICT_SIZE, "k": K,
+        "pretrain_steps": PRETRAIN_STEPS, "finetune_steps": FINETUNE_STEPS,
+        "eval_tokens": EVAL_TOKENS, "ctx_len": CTX_LEN, "C": C, "variant": VARIANT,
+        "device": DEVICE, "dtype": DTYPE, "export": tuple(EXPORT) or None,
+    }
+    chosen = {k: v for k, v in {**constants, **overrides}.items() if v is not None}
+    if "export" in chosen:
+        chosen["export"] = tuple(chosen["export"])
+        if unknown := [f for f in chosen["export"] if f not in FORMATS]:
+            raise ValueError(f"EXPORT / --export: unknown format(s) {unknown}; use {FORMATS}")
+    if "data" in chosen and "eval_data" not in chosen:
+        chosen["eval_data"] = chosen["data"]  # held-out documents of the same text
+    chosen["wandb_mode"] = resolve_wandb_mode(WANDB_MODE, overrides.get("wandb_mode"))
+    cfg = replace(cfg, **chosen)
     tokens = cfg.finetune_steps * cfg.batch_tokens
     cfg.finetune = replace(
         cfg.finetune, total_steps=cfg.finetune_steps,
@@ -167,10 +249,37 @@ def dtype_of(cfg: PipelineConfig) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
-def key(*parts) -> str:
-    """A short stable hash of the settings a cached stage depends on."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+STAGE_VERSIONS = {"pretrain": 2, "connections": 2, "finetune": 2}
+"""Version of each cached stage's output format (part of its key): bump one to recompute it."""
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check every argument that can be checked before any work; each error names it and the fix."""
+    check_device(cfg.device)
+    check_ctx_len(cfg.ctx_len)
+    check_text_source(cfg.data)
+    check_text_source(cfg.eval_data)
+    for spec, what in ((cfg.connections, "connections file"), (cfg.suite, "suite folder")):
+        if spec is not None and not Path(spec).expanduser().exists() and looks_like_path(spec):
+            raise FileNotFoundError(f"{what} {spec!r} does not exist; pass an existing path")
+    if cfg.connections is not None and Path(cfg.connections).is_file():
+        load_connections(cfg.connections)  # safe load, structure and integer dtype, before work
+
+
+def input_hashes(cfg: PipelineConfig) -> dict[str, str]:
+    """Content hashes of the model and the texts (their names when they come from a hub)."""
+    model = ensure_embedded_model() if cfg.model == EMBEDDED_MODEL else cfg.model
+    data = source_hash(cfg.data)
+    eval_data = data if cfg.eval_data == cfg.data else source_hash(cfg.eval_data)
+    return {"model": source_hash(model), "data": data, "eval_data": eval_data}
+
+
+def settings_key(stage: str, cfg: PipelineConfig, hashes: dict[str, str], **more) -> str:
+    """A stage's cache key: its format version, the model and data contents, the settings every
+    stage shares, and `more` (its own settings and the hashes of its other inputs)."""
+    return stage_key(stage, STAGE_VERSIONS[stage], model=hashes["model"], data=hashes["data"],
+                     ctx_len=cfg.ctx_len, dtype=cfg.dtype, seed=cfg.seed, world_size=world_size(),
+                     device=torch.device(cfg.device).type, **more)
 
 
 def contexts(cfg: PipelineConfig, tokenizer, split: str):
@@ -191,28 +300,49 @@ def make_buffer(cfg: PipelineConfig, model, seed: int) -> AllActivationBuffer:
     )
 
 
-def pretrained_suite(cfg: PipelineConfig, model, cache: Path) -> tuple[SCAESuite, str]:
-    """The suite to finetune: cfg.suite, or one pretrained here (and cached)."""
+def pretrained_suite(
+    cfg: PipelineConfig, model, cache: Path, hashes: dict, stages: dict[str, StageRecord],
+    wb: WandbSettings | None = None,
+) -> tuple[SCAESuite, str]:
+    """The suite to finetune and its content hash: cfg.suite, or one pretrained here (cached).
+    With `wb`, the pretraining is a wandb run of the group: logged live, or replayed from the
+    cached stage's metrics.jsonl."""
     if cfg.suite is not None:
-        return SCAESuite.from_pretrained(cfg.suite, device=cfg.device, dtype=dtype_of(cfg)), cfg.suite
+        folder = suite_folder(cfg.suite)
+        suite = SCAESuite.from_pretrained(folder, device=cfg.device, dtype=dtype_of(cfg))
+        return suite, content_hash(folder)
     from run_pretraining import PretrainConfig, make_config as pretrain_config, pretrain_suite
 
-    k = key("pretrain", cfg.model, cfg.data, cfg.ctx_len, cfg.dict_size, cfg.k, cfg.pretrain_steps,
-            cfg.batch_tokens, cfg.buffer_tokens, cfg.dtype, cfg.seed, world_size())
+    pcfg: PretrainConfig = pretrain_config(False, "", cfg.pretrain_steps)
+    pcfg = replace(pcfg, model=cfg.model, data=cfg.data, dict_size=cfg.dict_size, k=cfg.k,
+                   batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
+                   ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                   eval_data=cfg.eval_data,
+                   eval_skip_docs=cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0,
+                   eval_tokens=min(cfg.eval_tokens, pcfg.eval_tokens))
+    k = settings_key("pretrain", cfg, hashes, eval_data=hashes["eval_data"],
+                     eval_skip_docs=pcfg.eval_skip_docs, eval_tokens=pcfg.eval_tokens,
+                     dict_size=cfg.dict_size, k=cfg.k, pretrain_steps=cfg.pretrain_steps,
+                     batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
+                     model_batch_size=pcfg.model_batch_size, trainer=asdict(pcfg.trainer))
     out = cache / f"pretrain-{k}"
-    if not (out / "suite" / "config.json").is_file():
-        pcfg: PretrainConfig = pretrain_config(False, str(out), cfg.pretrain_steps)
-        pcfg = replace(pcfg, model=cfg.model, data=cfg.data, dict_size=cfg.dict_size, k=cfg.k,
-                       batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens,
-                       ctx_len=cfg.ctx_len, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-                       eval_data=cfg.eval_data,
-                       eval_skip_docs=cfg.eval_skip_docs if cfg.eval_data == cfg.data else 0,
-                       eval_tokens=min(cfg.eval_tokens, pcfg.eval_tokens))
-        pcfg.loop = replace(pcfg.loop, resume=True, wandb_mode=cfg.wandb_mode)
-        pretrain_suite(pcfg)
-        barrier()
+    wb = wb or WandbSettings("disabled")
+    run_cfg = {"pretrain": {k: v for k, v in asdict(pcfg).items() if k not in ("trainer", "loop")},
+               "pipeline": asdict(cfg)}
+    loop = replace(pcfg.loop, out_dir=str(out), resume=True, wandb_mode=wb.mode,
+                   wandb_group=wb.group, wandb_dir=wb.dir, run_name="pretrain",
+                   wandb_config=run_cfg)
+
+    def compute() -> None:
+        pretrain_suite(replace(pcfg, loop=loop))
+
+    stages["pretrain"] = run_stage(out, k, (out / "suite" / "config.json").is_file, compute,
+                                   cache.parent / "locks")
+    if stages["pretrain"].cached:
+        replay_metrics(out / "metrics.jsonl", wb, name="pretrain", job_type="train",
+                       config=wandb_config(pcfg.trainer, loop))
     suite = SCAESuite.from_pretrained(out / "suite", device=cfg.device, dtype=dtype_of(cfg))
-    return suite, str(out / "suite")
+    return suite, content_hash(out / "suite")
 
 
 def fetch_connections(spec: str, cache: Path) -> Path:
@@ -235,38 +365,52 @@ def fetch_connections(spec: str, cache: Path) -> Path:
     return target
 
 
-def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_id: str, model, cache: Path):
+def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, model, cache: Path,
+                    hashes: dict, stages: dict[str, StageRecord]):
     """cfg.connections if given, else the top-C connections computed (on rank 0) and cached."""
     if cfg.connections is not None:
         return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes)
-    k = key("connections", suite_id, cfg.data, cfg.C, cfg.variant, cfg.connection_tokens, cfg.seed)
+    k = settings_key("connections", cfg, hashes, suite=suite_hash, C=cfg.C, variant=cfg.variant,
+                     connection_tokens=cfg.connection_tokens, buffer_tokens=cfg.buffer_tokens)
     path = cache / f"connections-{k}.pt"
-    if not path.is_file() and is_main():
-        buf = make_buffer(replace(cfg, batch_tokens=1024 * world_size()), model, cfg.seed + 17)
-        acts = collect_activations(suite, buf, cfg.connection_tokens)
-        save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
-    barrier()
+
+    def compute() -> None:
+        if is_main():
+            buf = make_buffer(replace(cfg, batch_tokens=1024 * world_size()), model, cfg.seed + 17)
+            acts = collect_activations(suite, buf, cfg.connection_tokens)
+            save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
+
+    stages["connections"] = run_stage(path, k, path.is_file, compute, cache.parent / "locks")
     return load_connections(path, suite.dict_sizes)
 
 
-def tuned_dir(cfg: PipelineConfig, cache: Path, tag: str) -> Path:
-    """The cache folder of a finetuning run."""
-    k = key("finetune", tag, asdict(cfg.finetune), cfg.finetune_steps, cfg.batch_tokens,
-            cfg.buffer_tokens, cfg.data, cfg.dtype, cfg.seed, world_size())
-    return cache / f"finetune-{tag}-{k}"
+def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path,
+              suite_hash: str, hashes: dict, stages: dict[str, StageRecord],
+              wb: WandbSettings | None = None) -> SCAESuite:
+    """Finetune a copy of `suite` with `conns` (cached; an interrupted run resumes). With `wb`,
+    the finetuning is a wandb run of the group: logged live, or replayed from the cache."""
+    k = settings_key("finetune", cfg, hashes, tag=tag, suite=suite_hash,
+                     connections=tensors_hash(conns), C=cfg.C, variant=cfg.variant,
+                     finetune=asdict(cfg.finetune), finetune_steps=cfg.finetune_steps,
+                     batch_tokens=cfg.batch_tokens, buffer_tokens=cfg.buffer_tokens)
+    out = cache / f"finetune-{tag}-{k}"
+    wb = wb or WandbSettings("disabled")
+    loop = TrainConfig(steps=cfg.finetune_steps, out_dir=str(out), resume=True,
+                       save_steps=max(1, cfg.finetune_steps // 4),
+                       log_steps=max(1, cfg.finetune_steps // 50), wandb_mode=wb.mode,
+                       run_name=f"finetune-{tag}", seed=cfg.seed, wandb_group=wb.group,
+                       wandb_dir=wb.dir, wandb_config={"pipeline": asdict(cfg), "connections": tag})
 
-
-def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path) -> SCAESuite:
-    """Finetune a copy of `suite` with `conns` (cached; an interrupted run resumes)."""
-    out = tuned_dir(cfg, cache, tag)
-    if not (out / "suite" / "config.json").is_file():
-        loop = TrainConfig(steps=cfg.finetune_steps, out_dir=str(out), resume=True,
-                           save_steps=max(1, cfg.finetune_steps // 4),
-                           log_steps=max(1, cfg.finetune_steps // 50), wandb_mode=cfg.wandb_mode,
-                           run_name=f"scae-{tag}", seed=cfg.seed)
+    def compute() -> None:
         train_scae_suite(make_buffer(cfg, model, cfg.seed + 1), suite=copy.deepcopy(suite),
                          connections=conns, trainer_cfg=cfg.finetune, train_cfg=loop,
                          device=cfg.device, dtype=dtype_of(cfg))
+
+    stages[f"finetune_{tag}"] = run_stage(out, k, (out / "suite" / "config.json").is_file, compute,
+                                          cache.parent / "locks")
+    if stages[f"finetune_{tag}"].cached:
+        replay_metrics(out / "metrics.jsonl", wb, name=loop.run_name, job_type="train",
+                       config=wandb_config(cfg.finetune, loop))
     return SCAESuite.from_pretrained(out / "suite", device=cfg.device, dtype=dtype_of(cfg))
 
 
@@ -285,7 +429,8 @@ def write_products(cfg: PipelineConfig, tuned: SCAESuite, model, out_dir: Path) 
     pages_path = pages.save(out_dir / "circuits" / "feature_pages.pt")
     # prompts: the starts of the first validation contexts (BOS dropped)
     ctxs = contexts(cfg, model.tokenizer, "validation")
-    prompts = [c[1 : 1 + cfg.prompt_tokens].tolist() for _, c in zip(range(cfg.circuit_prompts), ctxs)]
+    prompts = [c[1 : 1 + cfg.prompt_tokens].tolist()
+               for _, c in zip(range(cfg.circuit_prompts), ctxs)]
     graph_cfg = GraphConfig()
     hf_model(model).to(graph_cfg.dtype)  # the graphs' one run per prompt, in float64
     index = write_circuits(model, copy.deepcopy(tuned).to(graph_cfg.dtype), prompts,
@@ -295,8 +440,14 @@ def write_products(cfg: PipelineConfig, tuned: SCAESuite, model, out_dir: Path) 
 
 
 def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
-    """Run every stage; rank 0 returns the report (also written to out_dir/report.json)."""
-    out_dir = Path(out_dir)
+    """Run every stage; rank 0 returns the report (also written to out_dir/report.json).
+
+    With cfg.wandb_mode not "disabled", the run is one wandb group under out_dir/wandb: a run per
+    training stage (replayed from metrics.jsonl when the stage came from the cache) and an
+    "evaluation" run whose summary holds the evaluation.
+    """
+    preflight(cfg)
+    out_dir = check_out_dir(out_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -306,20 +457,25 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         timings[stage] = round(now - clock, 2)
         clock = now
 
-    cache = cache_root() / "pipeline"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
+    wb = WandbSettings(cfg.wandb_mode, group=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+                       dir=str(out_dir))
     model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
+    check_ctx_len(cfg.ctx_len, model_info(model).n_ctx)
+    hashes = input_hashes(cfg)
+    stages: dict[str, StageRecord] = {}
     lap("model")
-    suite, suite_id = pretrained_suite(cfg, model, cache)
+    suite, suite_hash = pretrained_suite(cfg, model, cache, hashes, stages, wb)
     lap("pretrain")
-    conns = connections_for(cfg, suite, suite_id, model, cache)
+    conns = connections_for(cfg, suite, suite_hash, model, cache, hashes, stages)
     lap("connections")
-    tuned = finetuned(cfg, suite, conns, "top", model, cache)
+    tuned = finetuned(cfg, suite, conns, "top", model, cache, suite_hash, hashes, stages, wb)
     lap("finetune")
     rnd = None
     if cfg.random_baseline:
         rnd_conns = random_connections(suite, conns, seed=cfg.seed)
-        rnd = finetuned(cfg, suite, rnd_conns, "random", model, cache)
+        rnd = finetuned(cfg, suite, rnd_conns, "random", model, cache, suite_hash, hashes, stages,
+                        wb)
         lap("finetune_random")
     if not is_main():
         return None
@@ -338,9 +494,12 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         "ce": main_report["ce"],
         "before_finetuning": {"modules": before["modules"], "ce": before["ce"]},
     }
+    notes = [f"before_finetuning: {n}" for n in before["notes"]] + main_report["notes"]
     if rnd is not None:
         r = evaluate(rnd, "random_connections")
         result["random_connections"] = {"modules": r["modules"], "ce": r["ce"]}
+        notes += [f"random_connections: {n}" for n in r["notes"]]
+    result["notes"] = notes
     lap("evaluate")
     artifacts = write_products(cfg, tuned, model, out_dir)
     lap("circuits")
@@ -348,35 +507,108 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         **artifacts, "report": str(out_dir / "report.json"),
         **{name: str(out_dir / name) for name in ("before_finetuning", "finetuned")},
         **({"random_connections": str(out_dir / "random_connections")} if rnd is not None else {}),
-        "pretrained_suite": suite_id, "finetune_cache": str(tuned_dir(cfg, cache, "top")),
+        "pretrained_suite": stages["pretrain"].dir if "pretrain" in stages else cfg.suite,
+        "finetune_cache": stages["finetune_top"].dir,
     }
     result["config"] = asdict(cfg)
+    result["inputs"] = {**hashes, "suite": suite_hash, "connections": tensors_hash(conns)}
+    result["stages"] = {name: r._asdict() for name, r in stages.items()}
     result["timings_s"] = timings
+    for fmt in cfg.export:
+        exported = export_suite(tuned, out_dir / "export" / fmt, fmt, model_name=cfg.model,
+                                ctx_len=cfg.ctx_len)
+        result.setdefault("exports", {})[fmt] = {
+            "dir": str(exported.out_dir), "written": sorted(exported.written),
+            "skipped": exported.skipped}
     atomic_write_json(out_dir / "report.json", result)
+    log_evaluation(wb, result, out_dir)
     return result
+
+
+#%% Results: tables, plots, wandb
+def variants(result: dict) -> dict[str, dict]:
+    """The evaluated suites of a report, each {"modules", "ce"}: finetuned first."""
+    out = {"finetuned": result, "before_finetuning": result["before_finetuning"]}
+    if result.get("random_connections") is not None:
+        out["random_connections"] = result["random_connections"]
+    return out
+
+
+VARIANT_COLUMNS = ["suite", "mean mlp FVU vanilla", "mean mlp FVU pruned", "CE vanilla",
+                   "CE pruned", "CE recovered pruned"]
+
+
+def variant_rows(result: dict) -> tuple[list[str], list[list]]:
+    """Mean transcoder FVUs and CE of each evaluated suite, as (columns, rows)."""
+    rows = []
+    for name, r in variants(result).items():
+        mlp = [m for n, m in r["modules"].items() if n.startswith("mlp_")]
+        rows.append([name, sum(m["fvu_vanilla"] for m in mlp) / len(mlp),
+                     sum(m["fvu_pruned"] for m in mlp) / len(mlp), r["ce"]["vanilla"],
+                     r["ce"]["pruned"], r["ce"]["recovered_pruned"]])
+    return VARIANT_COLUMNS, rows
 
 
 def summary(result: dict) -> str:
     """The finetuned suite's table, then mean transcoder FVUs and CE recovered of each variant."""
-    lines = [format_table(result), "", f"{'suite':<22} {'mean mlp FVU vanilla':>21} "
+    _, rows = variant_rows(result)
+    lines = [format_table(result), "", f"{'suite':<20} {'mean mlp FVU vanilla':>21} "
              f"{'mean mlp FVU pruned':>20} {'CE rec. pruned':>15}"]
-    for label, r in (("before finetuning", result["before_finetuning"]), ("finetuned (top-C)", result),
-                     ("finetuned (random)", result.get("random_connections"))):
-        if r is None:
-            continue
-        mlp = [m for n, m in r["modules"].items() if n.startswith("mlp_")]
-        fv = sum(m["fvu_vanilla"] for m in mlp) / len(mlp)
-        fp = sum(m["fvu_pruned"] for m in mlp) / len(mlp)
-        lines.append(f"{label:<22} {fv:21.4f} {fp:20.4f} {r['ce']['recovered_pruned']:15.3f}")
+    for name, fv, fp, _, _, rec in rows:
+        lines.append(f"{name:<20} {fv:21.4f} {fp:20.4f} {rec:15.3f}")
     return "\n".join(lines)
 
 
-#%% Main
-def main(argv=None) -> None:
+def html_table(columns: list[str], rows: list[list], caption: str = "") -> str:
+    """A plain HTML table (floats to 4 significant digits, None as "-") for a notebook."""
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    head = "".join(f"<th>{c}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><caption>{caption}</caption><tr>{head}</tr>{body}</table>"
+
+
+def show(result: dict, out_dir: str | os.PathLike) -> None:
+    """In a notebook: both tables rendered, the finetuned suite's plots inline. Else: print them."""
+    if not in_notebook():
+        print(summary(result))
+        print(f"\nreport: {Path(out_dir) / 'report.json'}; timings (s): {result['timings_s']}")
+        print(f"finetuned suite: {result['artifacts']['suite']}")
+        print(f"circuits viewer: {Path(result['artifacts']['viewer']).resolve()}")
+        return
+    from IPython.display import HTML, Image, display
+
+    display(HTML(html_table(*module_rows(result), caption="finetuned suite (top-C connections)")))
+    display(HTML(html_table(*variant_rows(result), caption="every evaluated suite")))
+    for png in sorted((Path(out_dir) / "finetuned").glob("*.png")):
+        display(Image(filename=str(png)))
+
+
+def log_evaluation(wb: WandbSettings, result: dict, out_dir: Path) -> None:
+    """The evaluation as the group's "evaluation" run: CE and per-module figures of every suite in
+    its summary, a wandb.Table of the modules per suite and of the suites, the plots as images."""
+    scalars, tables, images = {}, {"suites": variant_rows(result)}, {}
+    for name, rep in variants(result).items():
+        ce = {k: v for k, v in rep["ce"].items() if not isinstance(v, dict)}  # splice: a table
+        scalars.update({f"{name}/ce/{k}": v for k, v in ce.items()})
+        cols, rows = module_rows(rep)
+        tables[f"{name}/modules"] = (cols, rows)
+        for row in rows:
+            scalars.update({f"{name}/{row[0]}/{c}": v for c, v in zip(cols[1:], row[1:])})
+        images.update({f"{name}/{p.stem}": p for p in sorted((out_dir / name).glob("*.png"))})
+    summary_run(wb, name="evaluation", job_type="evaluate", config={"pipeline": result["config"]},
+                scalars=scalars, tables=tables, images=images, default_dir=out_dir)
+
+
+#%% Main: the script's flags (a notebook never parses any)
+def main(argv: list[str] | None = None) -> dict | None:
+    """Parse the flags (each defaults to its constant at the top), run, show the results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=PRESET, choices=["tiny", "gpt2"])
-    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of every stage")
-    p.add_argument("--out", default="runs/finetune", help="folder for report.json and plots")
+    p.add_argument("--quick", action="store_true", default=QUICK,
+                   help="tiny budgets: a smoke test of every stage")
+    p.add_argument("--out", default=OUT, help="folder for report.json, plots and wandb/")
     p.add_argument("--model", help="override the preset's model (name or save_pretrained folder)")
     p.add_argument("--suite", help="override the pretrained suite (folder or Hub id)")
     p.add_argument("--connections", help="connections file or Google Drive id")
@@ -386,20 +618,25 @@ def main(argv=None) -> None:
     p.add_argument("--ctx-len", type=int, dest="ctx_len", help="context length, BOS included")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--export", action="append", choices=FORMATS,
+                   help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
+    p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],
+                   help="wandb mode; overrides $WANDB_MODE, which overrides WANDB_MODE in the file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "quick", "out")}
-    if args.data and not args.eval_data:
-        overrides["eval_data"] = args.data
-    cfg = make_config(args.preset, args.quick, **overrides)
-    result = run(cfg, args.out)
+    result = run(make_config(args.preset, args.quick, **overrides), args.out)
     if result is not None:
-        print(summary(result))
-        print(f"\nreport: {Path(args.out) / 'report.json'}; timings (s): {result['timings_s']}")
-        print(f"finetuned suite: {result['artifacts']['suite']}")
-        print(f"circuits viewer: {Path(result['artifacts']['viewer']).resolve()}")
+        show(result, args.out)
+    return result
 
 
+#%% Run: as a script, with its flags; in a notebook, with the constants at the top
 if __name__ == "__main__":
-    main()
+    if in_notebook():
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        result = run(make_config(PRESET, QUICK), OUT)
+        show(result, OUT)
+    else:
+        main()

@@ -34,6 +34,7 @@ from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.distributed import is_main, rank, world_size
 from dictionary_learning.model import load_model, model_info, module_names
 from dictionary_learning.suite_io import save_suite
+from dictionary_learning.validate import check_out_dir
 from trainers.top_k import DictQuality, TopKSuiteTrainer, TopKTrainerConfig, evaluate_dictionaries
 from training import TrainConfig, train
 
@@ -176,6 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true", help="resume from OUT/checkpoint.pt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_out_dir(args.out)
     cfg = make_config(args.quick, args.out, args.steps)
     cfg.loop.resume = args.resume
     t0 = time.perf_counter()

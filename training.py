@@ -13,20 +13,24 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dictionary_learning.distributed import all_gather_object, barrier, is_main, rank, world_size
-from dictionary_learning.errors import DataExhaustedError
+from dictionary_learning.errors import DataExhaustedError, UnsafeFileError
 from dictionary_learning.files import atomic_torch_save
 from dictionary_learning.logger import MetricsLogger
+from dictionary_learning.safe_load import check_finite, flat_state, load_tensor_file
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "scae-checkpoint"
+CHECKPOINT_VERSION = 2
+"""Version 2: only tensors and plain containers (they load with weights_only=True)."""
 
 
 @dataclass
@@ -49,6 +53,12 @@ class TrainConfig:
     """wandb project name."""
     run_name: str | None = None
     """wandb run name."""
+    wandb_group: str | None = None
+    """wandb group (a pipeline puts all its runs in one)."""
+    wandb_dir: str | None = None
+    """Folder wandb writes its run folders into (None: out_dir)."""
+    wandb_config: dict | None = None
+    """More entries for the wandb run's config (e.g. the whole pipeline's settings)."""
     seed: int = 0
     """Seed of torch / random / numpy at the start of a fresh run."""
     max_steps_this_run: int | None = None
@@ -63,10 +73,13 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------- checkpoint I/O
 def rng_state() -> dict:
-    """RNG states of torch, python, numpy (if imported) and CUDA (if present)."""
+    """RNG states of torch, python, numpy (if imported) and CUDA (if present), as tensors and plain
+    containers so a checkpoint loads with weights_only=True."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if "numpy" in sys.modules:
-        state["numpy"] = sys.modules["numpy"].random.get_state()
+        name, keys, pos, has_gauss, gauss = sys.modules["numpy"].random.get_state()
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": pos,
+                          "has_gauss": has_gauss, "cached_gaussian": gauss}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -74,11 +87,14 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        s = state["numpy"]
+        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -97,15 +113,33 @@ def save_checkpoint(path, trainer, buffer, step: int, cfg: TrainConfig) -> None:
     ranks = all_gather_object(local)
     if is_main():
         atomic_torch_save(
-            {"step": step, "trainer": trainer.state_dict(), "ranks": ranks, "train_config": asdict(cfg)},
+            {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "step": step,
+             "trainer": trainer.state_dict(), "ranks": ranks, "train_config": asdict(cfg)},
             path,
         )
     barrier()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a training checkpoint on CPU (trainers move state to their device)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Load a training checkpoint on CPU (trainers move state to their device) without running
+    code from it; refuse old or foreign files and non-finite dictionary weights, naming them."""
+    fix = (f"Delete {str(path)!r} to restart this run from step 0 (the pipeline then recomputes "
+           "the stage).")
+    ckpt = load_tensor_file(path, "training checkpoint", fix)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UnsafeFileError(
+            f"refusing to resume from {str(path)!r}: it is not a {CHECKPOINT_FORMAT} file (written "
+            f"by another program, or by a version before checkpoint format {CHECKPOINT_VERSION}). "
+            f"{fix}"
+        )
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise UnsafeFileError(
+            f"refusing to resume from {str(path)!r}: checkpoint format version "
+            f"{ckpt.get('format_version')} but this code reads version {CHECKPOINT_VERSION}. {fix}"
+        )
+    dicts = ckpt.get("trainer", {}).get("dicts", {})
+    check_finite(flat_state(dicts), f"training checkpoint {str(path)!r}", fix)
+    return ckpt
 
 
 def restore_checkpoint(ckpt: dict, trainer, buffer) -> int:
@@ -126,6 +160,15 @@ def restore_checkpoint(ckpt: dict, trainer, buffer) -> int:
 
 
 # ------------------------------------------------------------------------------------ loop
+def wandb_config(trainer_cfg, cfg: TrainConfig) -> dict:
+    """A run's wandb config: the loop settings, the trainer's hyperparameters (a dataclass, e.g.
+    `trainer.cfg`) and cfg.wandb_config."""
+    out = {"loop": {k: v for k, v in asdict(cfg).items() if k != "wandb_config"}}
+    if is_dataclass(trainer_cfg):
+        out["trainer"] = asdict(trainer_cfg)
+    return {**out, **(cfg.wandb_config or {})}
+
+
 def train(
     trainer,
     buffer,
@@ -154,7 +197,9 @@ def train(
 
     mlog = MetricsLogger(
         out, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
-        config=asdict(cfg), resume_step=start if start > 0 else None,
+        config=wandb_config(getattr(trainer, "cfg", None), cfg),
+        resume_step=start if start > 0 else None,
+        wandb_group=cfg.wandb_group, wandb_dir=cfg.wandb_dir, job_type="train",
     )
     end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not is_main(),

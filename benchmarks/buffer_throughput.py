@@ -3,6 +3,7 @@
 Prints one JSON line per case: {"case", "tokens", "buffer_tokens_per_s", "plain_tokens_per_s",
 "ratio"}. Cases: the embedded model (built if needed) and a random gpt2-small-sized GPT-2.
 Usage: python benchmarks/buffer_throughput.py [--device cuda] [--dtype bf16] [--repeats 3]
+       [--cases embedded,random-gpt2-small] [--small-contexts 8]
 """
 
 from __future__ import annotations
@@ -79,21 +80,36 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small-contexts", type=int, default=8, help="contexts for gpt2-small case")
+    parser.add_argument("--cases", default="embedded,random-gpt2-small",
+                        help="comma-separated: embedded (the embedded model, built if needed), "
+                             "random-gpt2-small (12 layers, d 768, random weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dtype = DTYPES[args.dtype]
+    cases = args.cases.split(",")
+    unknown = set(cases) - {"embedded", "random-gpt2-small"}
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from embedded, random-gpt2-small")
 
-    model = load_model(EMBEDDED_MODEL, device=args.device, dtype=dtype)
-    print(json.dumps(bench_case(EMBEDDED_MODEL, model, 128, 128, 32, args.device, dtype, args.repeats)),
-          flush=True)
+    if "embedded" in cases:
+        model = load_model(EMBEDDED_MODEL, device=args.device, dtype=dtype)
+        row = bench_case(EMBEDDED_MODEL, model, 128, 128, 32, args.device, dtype, args.repeats)
+        print(json.dumps({**row, "device": args.device, "dtype": args.dtype}), flush=True)
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    if "random-gpt2-small" in cases:
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
-    small = load_model(GPT2LMHeadModel(cfg), device=args.device, dtype=dtype, tokenizer=model.tokenizer)
-    print(json.dumps(bench_case("random-gpt2-small", small, 128, args.small_contexts, 8,
-                                args.device, dtype, args.repeats)), flush=True)
+        from tests.helpers import tiny_tokenizer
+
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257,
+                         bos_token_id=0, eos_token_id=0)
+        # any tokenizer with an eos id serves: the contexts are random token ids
+        small = load_model(GPT2LMHeadModel(cfg), device=args.device, dtype=dtype,
+                           tokenizer=tiny_tokenizer())
+        row = bench_case("random-gpt2-small", small, 128, args.small_contexts, 8, args.device,
+                         dtype, args.repeats)
+        print(json.dumps({**row, "device": args.device, "dtype": args.dtype}), flush=True)
 
 
 if __name__ == "__main__":

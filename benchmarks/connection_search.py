@@ -34,44 +34,63 @@ from find_top_connections import collect_activations, top_connections  # noqa: E
 from trainers.scae import SCAESuite  # noqa: E402
 
 
-def batches(d: int, layers: int, n_tokens: int, batch_size: int, g: torch.Generator):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def batches(d: int, layers: int, n_tokens: int, batch_size: int, g: torch.Generator, dtype):
+    """Random activation batches, drawn on the generator's device."""
+    kw = dict(generator=g, device=g.device, dtype=dtype)
     for _ in range(0, n_tokens, batch_size):
         src, tgt, scale = {}, {}, {}
         for layer in range(layers):
-            a = torch.randn(batch_size, d, generator=g)
+            a = torch.randn(batch_size, d, **kw)
             src[f"attn_{layer}"] = tgt[f"attn_{layer}"] = a
-            src[f"mlp_{layer}"] = torch.randn(batch_size, d, generator=g)
-            tgt[f"mlp_{layer}"] = torch.randn(batch_size, d, generator=g)
-            scale[f"mlp_{layer}"] = 1.0 + torch.rand(batch_size, generator=g)
-        yield ActivationBatch(torch.randn(batch_size, d, generator=g), src, tgt, scale)
+            src[f"mlp_{layer}"] = torch.randn(batch_size, d, **kw)
+            tgt[f"mlp_{layer}"] = torch.randn(batch_size, d, **kw)
+            scale[f"mlp_{layer}"] = 1.0 + torch.rand(batch_size, **kw)
+        yield ActivationBatch(torch.randn(batch_size, d, **kw), src, tgt, scale)
 
 
-def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device: str) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device: str,
+             dtype_name: str = "fp32", budget_gb: float = 1.0) -> dict:
+    device, dtype = torch.device(device), DTYPES[dtype_name]
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     dicts = {}
     for layer in range(layers):
         dicts[f"attn_{layer}"] = AutoEncoderTopK(d, F, k)
         dicts[f"mlp_{layer}"] = TopKTranscoder(d, d, F, k)
-    suite = SCAESuite(dicts).to(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    suite = SCAESuite(dicts).to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_before = torch.cuda.memory_allocated(device)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = _status_kb("VmRSS")
     t0 = time.perf_counter()
-    acts = collect_activations(suite, batches(d, layers, n_tokens, 1024, g), n_tokens)
+    acts = collect_activations(suite, batches(d, layers, n_tokens, 1024, g, dtype), n_tokens)
+    _sync(device)
     t1 = time.perf_counter()
-    conns = top_connections(suite, acts, C)
+    conns = top_connections(suite, acts, C, memory_budget_bytes=int(budget_gb * 2**30))
+    _sync(device)
     t2 = time.perf_counter()
     n_conn = sum(int((i >= 0).sum()) for ups in conns.values() for i in ups.values())
     row = {
-        "tokens": n_tokens, "F": F, "C": C, "collect_s": round(t1 - t0, 2),
-        "top_connections_s": round(t2 - t1, 2), "peak_rss_mb": round((_status_kb("VmHWM") - before) / 1024, 1),
-        "connections": n_conn, "device": device,
+        "tokens": n_tokens, "layers": layers, "F": F, "C": C, "collect_s": round(t1 - t0, 2),
+        "top_connections_s": round(t2 - t1, 2),
+        "peak_rss_mb": round((_status_kb("VmHWM") - before) / 1024, 1),
+        "connections": n_conn, "device": str(device), "dtype": dtype_name,
+        "memory_budget_gb": budget_gb,
     }
-    if device == "cuda":
-        row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - cuda_before
+        row["cuda_peak_mb"] = round(peak / 2**20, 1)
     return row
 
 
@@ -85,26 +104,35 @@ def main(argv=None) -> None:
     p.add_argument("--C", type=int, default=100)
     p.add_argument("--target", type=int, default=1_000_000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--budget-gb", type=float, default=1.0,
+                   help="memory_budget_bytes of top_connections, in GiB (fewer, larger blocks)")
     p.add_argument("--_here", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._here is not None:
-        print(json.dumps(run_here(args._here, args.d, args.layers, args.F, args.k, args.C, args.device)))
+        print(json.dumps(run_here(args._here, args.d, args.layers, args.F, args.k, args.C,
+                                  args.device, args.dtype, args.budget_gb)))
         return
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
         cmd = [sys.executable, __file__, "--_here", str(n), "--F", str(args.F), "--d", str(args.d),
-               "--layers", str(args.layers), "--k", str(args.k), "--C", str(args.C), "--device", args.device]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+               "--layers", str(args.layers), "--k", str(args.k), "--C", str(args.C), "--device", args.device,
+               "--dtype", args.dtype, "--budget-gb", str(args.budget_gb)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr)
+            raise SystemExit(f"connection search at {n} tokens failed (exit {out.returncode})")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     if len(rows) >= 2:
         a, b = rows[-2], rows[-1]
         dn = b["tokens"] - a["tokens"]
         pred = {}
-        for key in ("collect_s", "top_connections_s", "peak_rss_mb"):
+        keys = ["collect_s", "top_connections_s", "peak_rss_mb"] + (["cuda_peak_mb"] if "cuda_peak_mb" in b else [])
+        for key in keys:
             slope = (b[key] - a[key]) / dn
             pred[key] = round(b[key] + slope * (args.target - b["tokens"]), 1)
-        print(json.dumps({"extrapolated_to_tokens": args.target, "F": args.F, **pred,
+        print(json.dumps({"extrapolated_to_tokens": args.target, "layers": args.layers, "F": args.F, **pred,
                           "fit_from_tokens": [a["tokens"], b["tokens"]]}), flush=True)
 
 

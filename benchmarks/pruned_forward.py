@@ -13,9 +13,10 @@ mode "all" (evaluation, forward only, no_grad, "backward": false):
   pruned  = suite.forward(batch, mode="all")  (vanilla pass + every feature of every transcoder)
 
 Timings are the median of --repeats runs after one warm-up, in one process. Peak memory is
-measured in a fresh subprocess per (case, mode, pass): on CPU the kernel's high-water mark VmHWM
-is reset (/proc/self/clear_refs) after building the suite and the batch, and the peak is
-VmHWM - VmRSS at that point; on CUDA torch.cuda.max_memory_allocated minus the allocation before.
+measured on CPU in a fresh subprocess per (case, mode, pass), whose kernel high-water mark VmHWM
+is reset (/proc/self/clear_refs) after building the suite and the batch, the peak being
+VmHWM - VmRSS at that point; on CUDA in this process after a warm-up run of the same pass,
+torch.cuda.max_memory_allocated after reset_peak_memory_stats minus the allocation before.
 
 Suites are random (weights, connections spread over the upstream modules like a top-C choice,
 Gaussian activations, so TopK gives K active features per token). Cases:
@@ -61,7 +62,8 @@ N_THRESHOLD = N_RANDOM = 100
 
 def random_connections(suite: SCAESuite, C: int, g: torch.Generator, block: int = 1024) -> dict:
     """C distinct upstream features per downstream feature, drawn uniformly from all upstream
-    modules together (so the per-module counts vary per feature, like a shared top-C budget)."""
+    modules together (so the per-module counts vary per feature, like a shared top-C budget).
+    The scores are drawn on the generator's device (a GPU draws the F x n_up scores in no time)."""
     sizes = suite.dict_sizes
     conns = {}
     for m in suite.transcoder_names:
@@ -70,7 +72,8 @@ def random_connections(suite: SCAESuite, C: int, g: torch.Generator, block: int 
         rows = []
         for lo in range(0, sizes[m], block):
             n = min(block, sizes[m] - lo)
-            rows.append(torch.rand(n, n_up, generator=g).topk(min(C, n_up), dim=1).indices)
+            scores = torch.rand(n, n_up, generator=g, device=g.device)
+            rows.append(scores.topk(min(C, n_up), dim=1).indices.cpu())
         glob = torch.cat(rows)
         conns[m], off = {}, 0
         for u in ups:
@@ -93,7 +96,9 @@ def build(case: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
         dicts[f"attn_{layer}"] = AutoEncoderTopK(d, F, k)
         dicts[f"mlp_{layer}"] = TopKTranscoder(d, d, F, k)
     suite = SCAESuite(dicts)
-    suite.set_connections(random_connections(suite, c["C"], g))
+    # connections from a generator on the device (the same draws as before on CPU)
+    g_conn = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    suite.set_connections(random_connections(suite, c["C"], g_conn))
     suite = suite.to(device=device, dtype=dtype)
     src, tgt, scale = {}, {}, {}
     x0 = torch.randn(B, d, generator=g)
@@ -160,21 +165,27 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+def cuda_peak_mb(step, suite: SCAESuite, device: torch.device) -> float:
+    """Peak extra CUDA memory of one pass (after a warm-up run). torch's allocator statistics
+    count live tensors exactly, so this needs no fresh process."""
+    step()
+    for d in suite.dicts.values():
+        for p in d.parameters():
+            p.grad = None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def peak_mb_here(case: str, which: str, mode: str, device: torch.device, dtype) -> float:
     """Peak extra memory of one pass (after a warm-up run), in this process."""
     suite, batch = build(case, device, dtype)
     step = make_step(which, mode, suite, batch, device, dtype)
     if device.type == "cuda":
-        step()
-        for d in suite.dicts.values():
-            for p in d.parameters():
-                p.grad = None
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        sync(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return cuda_peak_mb(step, suite, device)
     import gc
 
     gc.collect()
@@ -226,8 +237,12 @@ def main(argv=None) -> None:
                 "vanilla_s": round(t["vanilla"], 4), "pruned_s": round(t["pruned"], 4),
                 "ratio": round(t["pruned"] / t["vanilla"], 2),
             }
-            if not args.no_memory:
+            if not args.no_memory and device.type == "cuda":
+                m = {w: cuda_peak_mb(make_step(w, mode, suite, batch, device, dtype), suite, device)
+                     for w in ("vanilla", "pruned")}
+            elif not args.no_memory:
                 m = {w: peak_mb(case, w, mode, device, args.dtype) for w in ("vanilla", "pruned")}
+            if not args.no_memory:
                 row.update(
                     vanilla_peak_mb=round(m["vanilla"], 1), pruned_peak_mb=round(m["pruned"], 1),
                     mem_ratio=round(m["pruned"] / max(m["vanilla"], 1e-9), 2),

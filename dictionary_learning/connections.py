@@ -12,7 +12,6 @@ index space over all upstream dictionaries (in layer order) and J [F, C] with pa
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from .files import atomic_torch_save
 from .names import parse_module_name, upstream_names
+from .safe_load import load_tensor_file
 
 Connections = dict[str, dict[str, Tensor]]
 
@@ -57,8 +57,7 @@ def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None
                 )
             if up not in dict_sizes:
                 raise ValueError(f"{where}: the suite has no module {up!r}")
-            if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"{where} must be an integer tensor, got {getattr(idx, 'dtype', type(idx))}")
+            _check_index_dtype(idx, where)
             if idx.dim() != 2 or idx.shape[0] != F_down:
                 raise ValueError(
                     f"{where} has shape {tuple(idx.shape)}; expected [F_down={F_down}, C]: one row "
@@ -90,39 +89,44 @@ def save_connections(conns: Connections, path: str | os.PathLike) -> None:
 
 
 def load_connections(path: str | os.PathLike, dict_sizes: dict[str, int] | None = None) -> Connections:
-    """Read a connections file written with torch.save or pickle; validate it when sizes are given.
-
-    Plain pickles can run code when loaded: only open files you trust.
-    """
+    """Read a connections file (torch.save, or the original fork's plain pickle of tensors) without
+    running code from it; check its structure and integer dtypes, and validate it against the
+    suite when `dict_sizes` is given."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"connections file {str(path)!r} does not exist; compute one with "
-            f"`python find_top_connections.py` or pass the right path"
-        )
-    try:
-        conns = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        with open(path, "rb") as fh:
-            try:
-                conns = pickle.load(fh)
-            except Exception as e:
-                raise ValueError(
-                    f"{str(path)!r} is neither a torch.save nor a pickle file ({e}); "
-                    f"pass a connections file in the exchange format"
-                ) from e
+    fix = ("Pass a connections file in the exchange format {down: {up: LongTensor[F_down, C]}}, "
+           "e.g. one written by `python find_top_connections.py`.")
+    conns = load_tensor_file(path, "connections file", fix)
     if not isinstance(conns, dict):
         raise TypeError(
             f"{str(path)!r} holds a {type(conns).__name__}, not a dict {{down: {{up: LongTensor}}}}; "
             f"pass a connections file in the exchange format"
         )
-    conns = {
-        d: {u: (t.long() if isinstance(t, Tensor) else t) for u, t in ups.items()} if isinstance(ups, dict) else ups
-        for d, ups in conns.items()
-    }
+    for down, ups in conns.items():
+        if not isinstance(ups, dict):
+            raise TypeError(
+                f"{str(path)!r}: connections[{down!r}] is a {type(ups).__name__}, not a dict "
+                f"{{up_name: LongTensor}}. {fix}"
+            )
+        for up, idx in ups.items():
+            _check_index_dtype(idx, f"{str(path)!r}: connections[{down!r}][{up!r}]")
+    conns = {d: {u: t.long() for u, t in ups.items()} for d, ups in conns.items()}
     if dict_sizes is not None:
-        validate_connections(conns, dict_sizes)
+        try:
+            validate_connections(conns, dict_sizes)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{str(path)!r}: {exc}") from None
     return conns
+
+
+def _check_index_dtype(idx, where: str) -> None:
+    """Connections are feature indices: integer tensors only (a float file is refused)."""
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"{where} must be an integer tensor, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        hint = (" Connections are feature indices: if the values are whole numbers, convert the "
+                "file with {d: {u: t.long() ...}} and save it again." if idx.is_floating_point()
+                else "")
+        raise TypeError(f"{where} must be an integer tensor (int64), got {idx.dtype}.{hint}")
 
 
 class CompiledConnections(NamedTuple):

@@ -53,24 +53,62 @@ def hf_text_source(
         yield row[field]
 
 
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def text_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files a text-file source reads: files as given, folders expanded to their sorted
+    `*.txt`/`*.md` files. Raises naming the path when one is missing or a folder has no text."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file())
+            text = [q for q in found if q.suffix in TEXT_SUFFIXES]
+            if not text:
+                what = ("it is empty" if not found else f"it holds {len(found)} file(s), none "
+                        f"ending in .txt or .md: {', '.join(q.name for q in found[:5])}"
+                        f"{' ...' if len(found) > 5 else ''}")
+                raise FileNotFoundError(
+                    f"data folder {str(p)!r} has no text files ({what}); put the text in .txt or "
+                    ".md files there, or pass a file."
+                )
+            files.extend(text)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"text file {str(p)!r} does not exist; pass existing files.")
+    return files
+
+
+def read_text_file(f: Path) -> str:
+    """The UTF-8 text of `f`; a binary or non-UTF-8 file raises naming the file and byte offset."""
+    data = f.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(
+            f"data file {str(f)!r} looks binary (a NUL byte at byte offset {nul}); pass text files "
+            "(UTF-8) only."
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"data file {str(f)!r} is not UTF-8: byte {data[exc.start]:#04x} at byte offset "
+            f"{exc.start} cannot be decoded; convert it (e.g. `iconv -f latin1 -t utf-8`) or "
+            "remove it from the data."
+        ) from None
+
+
 def text_file_source(paths: str | Path | Sequence[str | Path]) -> Iterator[str]:
     """Yield documents from text files: ONE DOCUMENT PER FILE (the whole file's text).
 
     Files are read in the order given (a directory is expanded to its sorted `*.txt`/`*.md` files).
     One document per file keeps paragraphs of the same text in one context, as in web corpora.
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md")))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"text file {str(p)!r} does not exist; pass existing files.")
-    for f in files:
-        yield f.read_text(encoding="utf-8")
+    for f in text_files(paths):
+        yield read_text_file(f)
 
 
 def embedded_text_source(split: str = "train") -> Iterator[str]:
@@ -132,14 +170,57 @@ def batched_contexts(contexts: Iterable[torch.Tensor], n: int) -> Iterator[torch
         yield torch.stack(chunk)
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` names a local path rather than a `datasets` name ("openwebtext",
+    "owner/name"): it starts with / . ~, has a file suffix, more than one "/", or its first part
+    is an existing local folder."""
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
+        return True
+    if Path(spec).suffix in (*TEXT_SUFFIXES, ".json", ".jsonl", ".csv", ".parquet", ".gz"):
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).is_dir()
+
+
+def check_text_source(spec: str) -> None:
+    """Fail before any work if `spec` cannot give text: a missing path, a folder without text
+    files, a binary or non-UTF-8 file. "embedded" and `datasets` names pass unchecked."""
+    if spec == "embedded":
+        return
+    p = Path(spec).expanduser()
+    if p.exists():
+        for f in text_files(p):
+            read_text_file(f)
+    elif looks_like_path(spec):
+        raise FileNotFoundError(
+            f"data path {spec!r} does not exist; pass an existing text file or folder, "
+            "'embedded', or a `datasets` name such as 'openwebtext'."
+        )
+
+
 def text_source(spec: str, split: str = "train") -> Iterator[str]:
     """A text source from a short spec: "embedded" (the Shakespeare corpus), an existing file or
-    folder (`text_file_source`), or else a `datasets` name streamed from the Hub (`hf_text_source`)."""
+    folder (`text_file_source`), or else a `datasets` name streamed from the Hub (`hf_text_source`).
+    A missing local path raises FileNotFoundError (see `looks_like_path`)."""
     if spec == "embedded":
         return embedded_text_source(split)
-    if Path(spec).exists():
-        return text_file_source(spec)
+    if Path(spec).expanduser().exists():
+        return text_file_source(Path(spec).expanduser())
+    check_text_source(spec)
     return hf_text_source(spec, split=split)
+
+
+class _Counted:
+    """Counts the documents and non-whitespace characters of a text iterator."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.docs, self.chars = texts, 0, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for t in self.texts:
+            self.docs += 1
+            if isinstance(t, str):
+                self.chars += len("".join(t.split()))
+            yield t
 
 
 def contexts_from(
@@ -147,8 +228,22 @@ def contexts_from(
     skip_docs: int = 0, rank: int = 0, world_size: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Packed contexts of `text_source(spec, split)` for one rank, after skipping `skip_docs`
-    documents; with `repeat`, epoch after epoch (deterministic, so a resumed buffer can skip)."""
+    documents; with `repeat`, epoch after epoch (deterministic, so a resumed buffer can skip).
+
+    A pass over the source that yields no complete context raises ValueError naming the source
+    and what it held (with `repeat` it would otherwise loop forever)."""
     epochs = itertools.count() if repeat else range(1)
     for _ in epochs:
-        texts = islice(text_source(spec, split), skip_docs, None)
-        yield from token_contexts(texts, tokenizer, ctx_len, rank=rank, world_size=world_size)
+        texts = _Counted(islice(text_source(spec, split), skip_docs, None))
+        n = 0
+        for ctx in token_contexts(texts, tokenizer, ctx_len, rank=rank, world_size=world_size):
+            n += 1
+            yield ctx
+        if n == 0:
+            raise ValueError(
+                f"text source {spec!r} ({split} split) gave no complete context of ctx_len={ctx_len}"
+                f" tokens in a whole pass: it holds {texts.docs} document(s) with {texts.chars} "
+                "non-whitespace characters"
+                + (f" after skipping {skip_docs} documents" if skip_docs else "")
+                + ". Pass more text (or a lower ctx_len)."
+            )

@@ -2,6 +2,11 @@
 
 That library's AutoEncoderTopK encodes relu(encoder(x - b_dec)); ours encodes relu(W_enc x + b_enc')
 (SCAE-SPEC §1). The conversion is exact: b_enc_dl = b_enc' + W_enc b_dec, b_enc' = b_enc_dl - W_enc b_dec.
+
+A transcoder with d_in = d_out is exported the same way, as an AutoEncoderTopK whose input is the
+MLP input and whose output is the MLP output: the encoder is linear in x, so subtracting the
+output bias b_dec from the input is undone exactly by the same b_enc_dl = b_enc' + W_enc b_dec, and
+the decoder W_dec f + b_dec is unchanged. With d_in != d_out no AutoEncoderTopK can hold it.
 """
 
 from __future__ import annotations
@@ -14,9 +19,20 @@ from pathlib import Path
 
 import torch
 
-from .dictionary import AutoEncoderTopK, TopKDictionary
+from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder
+from .files import disk_full_errors
+from .safe_load import check_finite, load_tensor_file
 
 DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold")
+
+
+def centered_encoder_bias(ae: TopKDictionary) -> torch.Tensor:
+    """b_enc' + W_enc b_dec (fp32, CPU): the encoder bias of the libraries that encode
+    W_enc (x - b_dec) + b (dictionary_learning, sparsify's SAEs); exact, as the map is linear."""
+    # float64 keeps the round trip within one float32 rounding
+    W_FD = ae.encoder.weight.detach().double().cpu()
+    b_dec_D = ae.b_dec.detach().double().cpu()
+    return (ae.encoder.bias.detach().double().cpu() + W_FD @ b_dec_D).float()
 
 
 def export_dictionary_learning(
@@ -29,25 +45,24 @@ def export_dictionary_learning(
     ctx_len: int,
     extra_buffer_cfg: dict | None = None,
 ) -> Path:
-    """Write `ae` as dictionary_learning's `ae.pt` + `config.json` into `out_dir` (atomically)."""
-    if ae.is_transcoder or not isinstance(ae, AutoEncoderTopK):
+    """Write `ae` as dictionary_learning's `ae.pt` + `config.json` into `out_dir` (atomically).
+
+    A transcoder (d_in = d_out) becomes an AutoEncoderTopK reading the MLP input and writing the
+    MLP output; its config says so (`"transcoder": true`, buffer `"io": "in_and_out"`).
+    """
+    if not isinstance(ae, TopKDictionary) or ae.d_in != ae.d_out:
         raise TypeError(
-            f"cannot export a {type(ae).__name__} to dictionary_learning's AutoEncoderTopK format: "
-            "its input and output live in different spaces, and that format subtracts b_dec from "
-            "the input. Save transcoders with suite_io.save_suite instead."
+            f"cannot export a {type(ae).__name__} with d_in={getattr(ae, 'd_in', '?')} != "
+            f"d_out={getattr(ae, 'd_out', '?')} to dictionary_learning's AutoEncoderTopK format, "
+            "which has one activation_dim. Keep it in the suite format (suite_io.save_suite)."
         )
     out = Path(out_dir)
     with torch.no_grad():
-        W_FD = ae.encoder.weight.detach().float().cpu()
-        b_dec_D = ae.b_dec.detach().float().cpu()
-        b_enc_dl_F = (
-            ae.encoder.bias.detach().double().cpu() + W_FD.double() @ b_dec_D.double()
-        ).float()  # float64 keeps the round trip within one float32 rounding
         state = {
-            "encoder.weight": W_FD.clone(),
-            "encoder.bias": b_enc_dl_F,
+            "encoder.weight": ae.encoder.weight.detach().float().cpu().clone(),
+            "encoder.bias": centered_encoder_bias(ae),
             "decoder.weight": ae.decoder.weight.detach().float().cpu().clone(),
-            "b_dec": b_dec_D.clone(),
+            "b_dec": ae.b_dec.detach().float().cpu().clone(),
             "k": torch.tensor(ae.k, dtype=torch.int64),
             "threshold": torch.tensor(-1.0),
         }
@@ -60,14 +75,17 @@ def export_dictionary_learning(
             "layer": layer,
             "lm_name": lm_name,
             "submodule_name": submodule_name,
+            "transcoder": ae.is_transcoder,
         },
-        "buffer": {"ctx_len": ctx_len, **(extra_buffer_cfg or {})},
+        "buffer": {"ctx_len": ctx_len, "io": "in_and_out" if ae.is_transcoder else "out",
+                   **(extra_buffer_cfg or {})},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
-        torch.save(state, tmp / "ae.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        with disk_full_errors(out / "ae.pt"):
+            torch.save(state, tmp / "ae.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,14 +109,23 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 
 def load_dictionary_learning(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> AutoEncoderTopK:
-    """Load a dictionary_learning AutoEncoderTopK folder (or its `ae.pt`) into our convention."""
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    *, transcoder: bool = False,
+) -> TopKDictionary:
+    """Load a dictionary_learning AutoEncoderTopK folder (or its `ae.pt`) into our convention;
+    `transcoder=True` returns it as a TopKTranscoder (d_in = d_out)."""
     p = Path(path)
     ae_file = p / "ae.pt" if p.is_dir() else p
     if not ae_file.is_file():
         raise FileNotFoundError(f"no dictionary_learning ae.pt at {str(ae_file)!r}")
-    state = torch.load(ae_file, map_location="cpu", weights_only=True)
+    state = load_tensor_file(
+        ae_file, "dictionary_learning ae.pt",
+        "Pass a folder written by dictionary_learning's AutoEncoderTopK (ae.pt + config.json).",
+    )
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{ae_file}: holds a {type(state).__name__}, not a dictionary_learning state dict"
+        )
     missing = [k for k in DL_KEYS if k not in state and k != "threshold"]
     unexpected = [k for k in state if k not in DL_KEYS]
     if missing or unexpected:
@@ -112,6 +139,11 @@ def load_dictionary_learning(
             f"{ae_file}: threshold={thr} is set (inference-time JumpReLU threshold); our TopK "
             "dictionaries do not support it. Use the TopK encoding (threshold -1)."
         )
+    check_finite(
+        {f"ae.{k}": state[k] for k in DL_KEYS if k in state},
+        f"dictionary_learning file {str(ae_file)!r}",
+        "Retrain the dictionary, or load an earlier copy of it.",
+    )
     W_FD = state["encoder.weight"].float()
     F, D = W_FD.shape
     W_dec_DF = state["decoder.weight"].float()
@@ -119,7 +151,8 @@ def load_dictionary_learning(
         raise ValueError(
             f"{ae_file}: decoder.weight has shape {tuple(W_dec_DF.shape)}, expected {(D, F)}"
         )
-    ae = AutoEncoderTopK(D, F, int(state["k"]))
+    k = int(state["k"])
+    ae = TopKTranscoder(D, D, F, k) if transcoder else AutoEncoderTopK(D, F, k)
     with torch.no_grad():
         b_dec_D = state["b_dec"].float()
         ae.encoder.weight.copy_(W_FD)

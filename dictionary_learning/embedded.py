@@ -269,6 +269,9 @@ def ensure_embedded_model(force: bool = False) -> Path:
     The build writes into a temporary sibling directory and renames it into place, so a killed
     build never leaves a half-written cache folder. `force=True` rebuilds.
     """
+    from .validate import check_cache_root
+
+    check_cache_root()  # a $SCAE_CACHE that is a regular file gets a sentence, not a traceback
     final = embedded_model_dir()
     metrics_file = final / "metrics.json"
     if metrics_file.is_file() and not force:

@@ -17,3 +17,19 @@ class NonFiniteLossError(FloatingPointError):
 
 class DataExhaustedError(RuntimeError):
     """The data ran out before a full batch could be formed or training reached its last step."""
+
+
+class UnsafeFileError(ValueError):
+    """A file would need code execution to load (a pickled Python object); it was not loaded."""
+
+
+class CorruptFileError(ValueError):
+    """A file is truncated, empty, or not in the format its name promises."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A loaded dictionary parameter holds NaN or Inf values."""
+
+
+class DiskFullError(OSError):
+    """A write failed because the file system is full; the target file was left untouched."""

@@ -1,12 +1,23 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then os.replace (never half-written)."""
+"""Atomic file writes: a temp file in the same folder, fsync, then os.replace (never half-written).
+
+A write that fails because the disk is full raises DiskFullError naming the target path (torch
+itself reports a full disk as "unexpected pos ..."); the target is left as it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
+
+from .errors import DiskFullError
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -22,13 +33,49 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` or an exception it was raised from is ENOSPC / EDQUOT (or says so)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_errors(path: str | os.PathLike):
+    """Turn a full-disk failure inside the block into DiskFullError naming `path`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not _is_disk_full(exc):
+            raise
+        where = Path(path).parent
+        try:
+            free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on device while writing {str(path)!r} ({free} in {str(where)!r}); "
+            "the previous file (if any) is unchanged. Free some space or point SCAE_CACHE / --out "
+            "at a larger disk, then run again",
+        ) from exc
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call `write(file_object)` on a temp file next to `path`, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with disk_full_errors(path), open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

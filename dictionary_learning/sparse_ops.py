@@ -12,6 +12,7 @@ token chunks and recompute in backward, so their memory does not grow with the b
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -27,6 +28,57 @@ CHUNK_ELEMENTS = 1 << 22
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half-precision inputs (embedding_bag sums in its weights' dtype), else unchanged."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+@functools.cache
+def kernel_available(kernel: str, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch's `kernel` ("csr": sampled_addmm and CSR @ dense, forward and backward;
+    "embedding_bag": embedding_bag with per-sample weights) runs correctly for this device type
+    and dtype. Probed once on a tiny input against the plain reference; False selects the
+    fallback (gather kernels, with a warning), so an unsupported backend or dtype costs speed,
+    not a crash."""
+    if kernel not in ("csr", "embedding_bag"):
+        raise ValueError(f"unknown kernel {kernel!r}; use 'csr' or 'embedding_bag'")
+    try:
+        # grad mode on even when the first caller runs under no_grad or inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            ok = _probe(kernel, torch.device(device_type), dtype)
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        why = "wrong results"
+    if not ok:
+        warnings.warn(
+            f"torch's {kernel} kernel is unavailable for {device_type}/{dtype} ({why}); the "
+            f"pruned pass uses the slower gather fallback", RuntimeWarning, stacklevel=2,
+        )
+    return ok
+
+
+def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device, dtype)
+    dec = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device, dtype)
+    if kernel == "csr":
+        rows = torch.tensor([0, 0, 2, 2, 2], device=device)
+        cols = torch.tensor([1, 4, 0, 1, 3], device=device)
+        crow = torch.tensor([0, 2, 2, 5], device=device)
+        tperm = torch.argsort(cols, stable=True)
+        tcrow = torch.tensor([0, 1, 3, 3, 4, 5], device=device)
+        W.requires_grad_(True)
+        dec.requires_grad_(True)
+        got = _CSRVirtualWeights.apply(W, dec, crow, cols, tcrow, rows[tperm], tperm)
+        want = sampled_dot_plain(W, dec.T, rows, cols)
+        g_got = torch.autograd.grad(got.sum(), (W, dec))
+        g_want = torch.autograd.grad(want.sum(), (W, dec))
+        pairs = [(got, want), *zip(g_got, g_want, strict=True)]
+    else:
+        J = torch.tensor([[0, 2], [1, 5], [5, 5]], device=device)
+        table = torch.cat([dec.T, dec.new_zeros(1, 4)])  # [6, 4], last row = padding
+        got = F_.embedding_bag(J, table, per_sample_weights=W[:, :2].contiguous(), mode="sum")
+        want = (table[J] * W[:, :2, None]).sum(1)
+        pairs = [(got, want)]
+    return all(torch.allclose(a.double(), b.double(), rtol=1e-2, atol=1e-2) for a, b in pairs)
 
 
 def _chunks(n: int, per_item: int) -> tuple[range, int]:
@@ -107,14 +159,17 @@ def csr_virtual_weights(
 
     tcrow/tcol/tperm describe the transposed pattern (see CompiledConnections). torch's sparse
     kernels take no half precision: bf16/fp16 inputs are computed in fp32 and cast back.
-    Falls back to the gather kernel `sampled_dot` where the sparse kernels are unavailable.
+    Falls back to the gather kernel `sampled_dot` where the sparse kernels are unavailable
+    (see `kernel_available`).
     """
-    acc = accumulation_dtype(W_FD.dtype)
-    if W_FD.layout != torch.strided or W_FD.device.type not in ("cpu", "cuda"):
+    out_dtype, acc = W_FD.dtype, accumulation_dtype(W_FD.dtype)
+    W_FD, dec_DU = W_FD.to(acc), dec_DU.to(acc)
+    if W_FD.layout != torch.strided or not kernel_available("csr", W_FD.device.type, acc):
         rows = torch.repeat_interleave(torch.arange(W_FD.shape[0], device=W_FD.device), crow.diff())
-        return sampled_dot(W_FD, dec_DU.T, rows, col)
-    V = _CSRVirtualWeights.apply(W_FD.to(acc), dec_DU.to(acc), crow, col, tcrow, tcol, tperm)
-    return V.to(W_FD.dtype)
+        V = sampled_dot(W_FD, dec_DU.T, rows, col)
+    else:
+        V = _CSRVirtualWeights.apply(W_FD, dec_DU, crow, col, tcrow, tcol, tperm)
+    return V.to(out_dtype)
 
 
 def upstream_table(vals_BK: Tensor, idx_BK: Tensor, n_up: int) -> Tensor:
@@ -173,9 +228,12 @@ def connection_contrib_candidates(
     """Connection term for the candidate features of each token, [B, N].
 
     vals_BK/idx_BK: every upstream dictionary's active features, idx in the global upstream index
-    space [0, n_up). J_FC uses n_up as padding.
+    space [0, n_up). J_FC uses n_up as padding. Half-precision inputs are computed in fp32 (the
+    sums over connections, and the gradient sums over tokens) and the result cast back.
     """
-    return _CandidateContrib.apply(vals_BK, idx_BK, V_FC, J_FC, cand_BN, n_up)
+    acc = accumulation_dtype(V_FC.dtype)
+    out_BN = _CandidateContrib.apply(vals_BK.to(acc), idx_BK, V_FC.to(acc), J_FC, cand_BN, n_up)
+    return out_BN.to(V_FC.dtype)
 
 
 def connection_contrib_all(
@@ -191,6 +249,9 @@ def connection_contrib_all(
     acc = accumulation_dtype(V_FC.dtype)
     if J_FC.shape[1] == 0:
         return V_FC.new_zeros(B, F) + 0 * vals_BK.sum()
+    if not kernel_available("embedding_bag", V_FC.device.type, acc):
+        all_BF = torch.arange(F, device=J_FC.device).expand(B, F)
+        return connection_contrib_candidates(vals_BK, idx_BK, V_FC, J_FC, all_BF, n_up)
     out = []
     starts, step = _chunks(B, n_up + F)
     for s in starts:

@@ -24,6 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from .names import parse_module_name, suite_order  # noqa: F401  (suite_order re-exported)
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder, build_dictionary
+from .version import __version__, git_commit
+from .errors import CorruptFileError
+from .files import disk_full_errors
+from .safe_load import check_finite, flat_state, load_tensor_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +64,9 @@ def library_versions() -> dict[str, str]:
             out[mod] = __import__(mod).__version__
         except Exception:  # not installed or broken: record it, don't fail the save
             out[mod] = "unavailable"
-    try:
-        from importlib.metadata import version
-
-        out["dictionary_learning"] = version("dictionary_learning")
-    except Exception:
-        out["dictionary_learning"] = "source"
+    # This code's own version and commit: an installed PyPI `dictionary-learning` must not stand in.
+    out["scae"] = __version__
+    out["scae_commit"] = git_commit() or "unavailable"
     return out
 
 
@@ -117,10 +118,11 @@ def save_suite(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        if connections is not None:
-            torch.save(connections, tmp / "connections.pt")
+        with disk_full_errors(out / "model.safetensors"):
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+            if connections is not None:
+                torch.save(connections, tmp / "connections.pt")
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,6 +169,11 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> Path:
         raise
 
 
+def suite_folder(path_or_repo_id: str | os.PathLike) -> Path:
+    """The local folder of a suite: the path itself, or the Hub snapshot of a repo id."""
+    return _resolve(path_or_repo_id)
+
+
 def _check_keys(found: set[str], expected: set[str], where: str) -> None:
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
@@ -186,7 +193,7 @@ def load_suite(
     cfg_file = root / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{root} has no config.json; is it a suite folder?")
-    config = json.loads(cfg_file.read_text())
+    config = _read_config(cfg_file)
     if "dictionaries" in config and (root / "model.safetensors").is_file():
         dicts = _load_ours(root, config)
         meta = {k: v for k, v in config.items() if k != "dictionaries"}
@@ -199,15 +206,52 @@ def load_suite(
             f"{root}: expected model.safetensors (with config 'dictionaries') or checkpoint.pt "
             "(original fork layout); found neither"
         )
+    check_finite(
+        flat_state({n: d.state_dict() for n, d in dicts.items()}), f"suite {str(root)!r}",
+        "Retrain the suite, or load an earlier copy of it.",
+    )
     connections = None
     if (root / "connections.pt").is_file():
-        connections = torch.load(root / "connections.pt", map_location="cpu", weights_only=True)
+        connections = load_tensor_file(
+            root / "connections.pt", "suite connections file",
+            "Delete it to load the suite without connections, or save the suite again.",
+        )
     dicts = {n: d.to(device=device, dtype=dtype) for n, d in dicts.items()}
     return SuiteFiles(dicts, meta, connections)
 
 
+def _read_config(cfg_file: Path) -> dict:
+    """config.json as a dict, or a ValueError naming the file (empty, not JSON, not an object)."""
+    text = cfg_file.read_bytes()
+    if not text.strip():
+        raise CorruptFileError(
+            f"{str(cfg_file)!r} is empty; the suite folder is incomplete. Save the suite again "
+            "(SCAESuite.save_pretrained) or download it again."
+        )
+    try:
+        config = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(
+            f"{str(cfg_file)!r} is not valid JSON ({exc}); the suite folder is damaged. Save the "
+            "suite again (SCAESuite.save_pretrained) or download it again."
+        ) from None
+    if not isinstance(config, dict):
+        raise CorruptFileError(
+            f"{str(cfg_file)!r} holds a JSON {type(config).__name__}, not an object; it is not a "
+            "suite config. Pass a folder written by SCAESuite.save_pretrained."
+        )
+    return config
+
+
 def _load_ours(root: Path, config: dict) -> dict[str, TopKDictionary]:
-    tensors = load_file(str(root / "model.safetensors"))
+    weights = root / "model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001  (safetensors has its own error types)
+        raise CorruptFileError(
+            f"{str(weights)!r} is truncated or corrupt ({exc}); was the copy or download cut "
+            "short? Save or download the suite again."
+        ) from None
     dicts = {}
     for name, dcfg in config["dictionaries"].items():
         d = build_dictionary(dcfg)
@@ -228,7 +272,10 @@ def _load_ours(root: Path, config: dict) -> dict[str, TopKDictionary]:
 
 def _load_original(root: Path, config: dict) -> dict[str, TopKDictionary]:
     """The original fork: `aes.<name>.{encoder.weight,encoder.bias,decoder.weight,b_dec}`."""
-    ckpt = torch.load(root / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt = load_tensor_file(
+        root / "checkpoint.pt", "suite checkpoint",
+        "Pass a suite folder with config.json + model.safetensors, or the original fork's layout.",
+    )
     state = ckpt["suite_state"] if isinstance(ckpt, dict) and "suite_state" in ckpt else ckpt
     if not isinstance(state, dict):
         raise TypeError(f"{root / 'checkpoint.pt'}: expected a state dict, got {type(state).__name__}")

@@ -1,5 +1,6 @@
 """The sparse kernels against plain references (float64), and a bf16 forward + backward."""
 
+import pytest
 import torch
 
 import dictionary_learning.sparse_ops as sparse_ops
@@ -59,3 +60,26 @@ def test_bf16_pruned_pass_forward_and_backward():
     with torch.no_grad():
         all_ = suite.pruned_forward(batch, mode="all")
     assert all(o.pre_BN.dtype == torch.bfloat16 for o in all_.values())
+
+
+def test_kernel_probe_selects_fallback_with_a_warning(monkeypatch):
+    """The probe runs under no_grad too; a failing kernel selects the fallback, loudly."""
+    sparse_ops.kernel_available.cache_clear()
+    with torch.no_grad():
+        assert sparse_ops.kernel_available("csr", "cpu", torch.float64)
+        assert sparse_ops.kernel_available("embedding_bag", "cpu", torch.float64)
+
+    def broken(*args):
+        raise RuntimeError("not implemented for this dtype")
+
+    monkeypatch.setattr(sparse_ops._CSRVirtualWeights, "apply", broken)
+    sparse_ops.kernel_available.cache_clear()
+    with pytest.warns(RuntimeWarning, match="csr kernel is unavailable"):
+        assert not sparse_ops.kernel_available("csr", "cpu", torch.float64)
+    # the fallback still gives the reference virtual weights
+    rows, cols, pat = _pattern()
+    W = torch.randn(9, 5, dtype=torch.float64)
+    dec = torch.randn(5, 13, dtype=torch.float64)
+    torch.testing.assert_close(sparse_ops.csr_virtual_weights(W, dec, *pat),
+                               sparse_ops.sampled_dot_plain(W, dec.T, rows, cols))
+    sparse_ops.kernel_available.cache_clear()

@@ -163,9 +163,21 @@ def test_dl_roundtrip_and_formula(tmp_path):
     torch.testing.assert_close(f_dl @ sd["decoder.weight"].T + sd["b_dec"], r0, atol=1e-5, rtol=1e-5)
 
 
-def test_dl_transcoder_refused(tmp_path):
-    with pytest.raises(TypeError, match="save_suite"):
+def test_dl_transcoder_exact_and_wide_refused(tmp_path):
+    D, F, k = 8, 16, 2
+    tc = _randomize(TopKTranscoder(D, D, F, k), 4)
+    export_dictionary_learning(tc, tmp_path / "tc", layer=0, lm_name="m", submodule_name="mlp_0",
+                               ctx_len=8)
+    back = load_dictionary_learning(tmp_path / "tc", transcoder=True)
+    assert isinstance(back, TopKTranscoder)
+    x = torch.randn(32, D)
+    r0, f0 = tc(x, output_features=True)
+    r1, f1 = back(x, output_features=True)
+    torch.testing.assert_close(f0.dense(F), f1.dense(F), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r0, r1, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="d_out=12"):
         export_dictionary_learning(
-            TopKTranscoder(8, 8, 16, 2), tmp_path / "x", layer=0, lm_name="m",
+            TopKTranscoder(8, 12, 16, 2), tmp_path / "x", layer=0, lm_name="m",
             submodule_name="mlp_0", ctx_len=8,
         )
+    assert not (tmp_path / "x").exists()
