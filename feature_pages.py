@@ -35,6 +35,7 @@ from circuits import center, connection_terms, feature_id, process_token
 from dictionary_learning.data import batched_contexts, contexts_from
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
 from dictionary_learning.model import hf_model
+from dictionary_learning.safe_load import load_tensor_file
 from trainers.scae import SCAESuite
 
 logger = logging.getLogger("feature_pages")
@@ -258,11 +259,12 @@ class FeaturePages:
 
 def load_pages(path: str | Path) -> FeaturePages:
     """Read a pages file written by `FeaturePages.save` (no code is executed on load)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature pages {str(path)!r} do not exist; compute them with "
-                                f"`python feature_pages.py --suite DIR --out {path}`")
-    return FeaturePages(torch.load(path, map_location="cpu", weights_only=True))
+    state = load_tensor_file(path, "feature pages file",
+                             f"compute it with `python feature_pages.py --suite DIR --out {path}`")
+    if not isinstance(state, dict) or "dicts" not in state:
+        raise ValueError(f"{str(path)!r} is not a feature pages file (no 'dicts'); compute one "
+                         f"with `python feature_pages.py --suite DIR --out {path}`")
+    return FeaturePages(state)
 
 
 @torch.no_grad()
