@@ -33,6 +33,18 @@ class ActivationBatch(NamedTuple):
     layernorm_scale: dict[str, Tensor]
     """{"mlp_<l>": sigma_l}, each [B]; sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps)."""
 
+    @classmethod
+    def from_trace(cls, acts: dict[str, Tensor], n_layers: int) -> "ActivationBatch":
+        """The batch of `trace_activations` output already cut to the rows wanted ([N, D], [N])."""
+        layers = range(n_layers)
+        attn = {f"attn_{i}": acts[f"attn_{i}"] for i in layers}
+        return cls(
+            initial=acts["initial"],
+            src={**attn, **{f"mlp_{i}": acts[f"mlp_in_{i}"] for i in layers}},
+            tgt={**attn, **{f"mlp_{i}": acts[f"mlp_out_{i}"] for i in layers}},
+            layernorm_scale={f"mlp_{i}": acts[f"sigma_{i}"] for i in layers},
+        )
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ActivationBatch":
         """Copy of the batch on `device` and/or in `dtype`."""
 

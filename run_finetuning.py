@@ -170,6 +170,12 @@ class PipelineConfig:
     """Evaluation tokens."""
     random_baseline: bool = True
     """Also finetune with random connections of the same counts."""
+    circuit_prompts: int = 3
+    """Prompts from the validation text whose circuits are written to OUT/circuits."""
+    prompt_tokens: int = 64
+    """Tokens per circuit prompt."""
+    page_tokens: int = 2**16
+    """Held-out tokens of the finetuned suite's feature pages."""
     export: tuple[str, ...] = ()
     """Formats (export.FORMATS) the finetuned suite is also written in, to OUT/export/<format>."""
     finetune: SCAETrainerConfig = field(default_factory=lambda: SCAETrainerConfig(total_steps=600))
@@ -209,6 +215,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
         cfg = replace(
             cfg, dict_size=256, k=8, pretrain_steps=60, C=min(cfg.C, 16), connection_tokens=4096,
             finetune_steps=40, batch_tokens=256, buffer_tokens=4096, eval_tokens=2048,
+            circuit_prompts=2, prompt_tokens=24, page_tokens=4096,
             finetune=replace(cfg.finetune, n_threshold=16, n_random=min(N_RANDOM, 16)),
         )
     constants = {
@@ -407,6 +414,31 @@ def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cac
     return SCAESuite.from_pretrained(out / "suite", device=cfg.device, dtype=dtype_of(cfg))
 
 
+def write_products(cfg: PipelineConfig, tuned: SCAESuite, model, out_dir: Path) -> dict[str, str]:
+    """OUT/suite (the finetuned suite, loadable by SCAESuite.from_pretrained, evaluate.py and
+    circuits.py), its feature pages, and OUT/circuits (graphs of validation prompts + viewer)."""
+    from circuits import GraphConfig, write_circuits
+    from dictionary_learning.model import hf_model
+    from feature_pages import PageConfig, compute_pages
+
+    suite_dir = out_dir / "suite"
+    buffer_meta = {**tuned.meta.get("buffer", {}), "ctx_len": cfg.ctx_len, "data": cfg.data}
+    tuned.save_pretrained(suite_dir, {**tuned.meta, "model_name": cfg.model, "buffer": buffer_meta})
+    pages = compute_pages(model, tuned, PageConfig(
+        data=cfg.eval_data, n_tokens=cfg.page_tokens, ctx_len=cfg.ctx_len, device=cfg.device))
+    pages_path = pages.save(out_dir / "circuits" / "feature_pages.pt")
+    # prompts: the starts of the first validation contexts (BOS dropped)
+    ctxs = contexts(cfg, model.tokenizer, "validation")
+    prompts = [c[1 : 1 + cfg.prompt_tokens].tolist()
+               for _, c in zip(range(cfg.circuit_prompts), ctxs)]
+    graph_cfg = GraphConfig()
+    hf_model(model).to(graph_cfg.dtype)  # the graphs' one run per prompt, in float64
+    index = write_circuits(model, copy.deepcopy(tuned).to(graph_cfg.dtype), prompts,
+                           out_dir / "circuits", cfg=graph_cfg, pages=pages)
+    return {"suite": str(suite_dir), "feature_pages": str(pages_path),
+            "circuits": str(out_dir / "circuits"), "viewer": str(index)}
+
+
 def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     """Run every stage; rank 0 returns the report (also written to out_dir/report.json).
 
@@ -469,6 +501,15 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         notes += [f"random_connections: {n}" for n in r["notes"]]
     result["notes"] = notes
     lap("evaluate")
+    artifacts = write_products(cfg, tuned, model, out_dir)
+    lap("circuits")
+    result["artifacts"] = {
+        **artifacts, "report": str(out_dir / "report.json"),
+        **{name: str(out_dir / name) for name in ("before_finetuning", "finetuned")},
+        **({"random_connections": str(out_dir / "random_connections")} if rnd is not None else {}),
+        "pretrained_suite": stages["pretrain"].dir if "pretrain" in stages else cfg.suite,
+        "finetune_cache": stages["finetune_top"].dir,
+    }
     result["config"] = asdict(cfg)
     result["inputs"] = {**hashes, "suite": suite_hash, "connections": tensors_hash(conns)}
     result["stages"] = {name: r._asdict() for name, r in stages.items()}
@@ -533,6 +574,8 @@ def show(result: dict, out_dir: str | os.PathLike) -> None:
     if not in_notebook():
         print(summary(result))
         print(f"\nreport: {Path(out_dir) / 'report.json'}; timings (s): {result['timings_s']}")
+        print(f"finetuned suite: {result['artifacts']['suite']}")
+        print(f"circuits viewer: {Path(result['artifacts']['viewer']).resolve()}")
         return
     from IPython.display import HTML, Image, display
 

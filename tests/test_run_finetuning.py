@@ -51,6 +51,20 @@ def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
     assert set(rep["random_connections"]) == {"modules", "ce"}
     assert rep["config"]["model"] == str(model_dir) and rep["config"]["C"] == 16
     assert {"model", "pretrain", "connections", "finetune", "finetune_random", "evaluate"} <= set(rep["timings_s"])
+    # the products: the finetuned suite, feature pages and circuits, all named in report.json
+    art = rep["artifacts"]
+    for k in ("suite", "feature_pages", "circuits", "viewer", "report", "finetuned",
+              "before_finetuning", "random_connections", "finetune_cache"):
+        assert (tmp_path / "out").joinpath(art[k]).exists(), k
+    from pathlib import Path
+
+    from trainers.scae import SCAESuite
+
+    out_suite = SCAESuite.from_pretrained(art["suite"])
+    assert out_suite.has_connections and Path(out_suite.meta["model_name"]) == model_dir
+    assert Path(art["viewer"]) == tmp_path / "out" / "circuits" / "index.html"
+    index = json.loads((tmp_path / "out" / "circuits" / "graph-metadata.json").read_text())
+    assert len(index["graphs"]) == 2
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "pipeline").iterdir())
     assert cached == ["connections", "finetune", "finetune"]  # no pretraining: the suite was given
 

@@ -230,6 +230,27 @@ class SCAESuite(nn.Module):
         rand_BR = scores_BF.topk(n_random, dim=1, sorted=False).indices
         return torch.cat([top_BT, rand_BR], dim=1)
 
+    def virtual_weights(self, name: str) -> Tensor:
+        """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
+        its c-th connection (zero at padding); one sampled product per upstream module."""
+        comp = self.compiled(name)
+        W_enc_FD = self.dicts[name].encoder.weight
+        Wc_FD = W_enc_FD - W_enc_FD.mean(dim=1, keepdim=True)  # rows P w_i
+        F, C = comp.J_FC.shape
+        V_parts, pos_parts = [], []
+        for j, u in enumerate(comp.ups):
+            if comp.pos[j].numel() == 0:
+                continue
+            V_parts.append(csr_virtual_weights(
+                Wc_FD, self.dicts[u].decoder.weight, comp.crow[j], comp.cols[j], comp.tcrow[j],
+                comp.tcol[j], comp.tperm[j],
+            ))
+            pos_parts.append(comp.pos[j])
+        V_flat = Wc_FD.new_zeros(F * C)
+        if V_parts:
+            V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
+        return V_flat.view(F, C)
+
     def _pruned_pre(
         self,
         name: str,
@@ -244,24 +265,8 @@ class SCAESuite(nn.Module):
         """
         comp = self.compiled(name)
         ae = self.dicts[name]
-        W_enc_FD = ae.encoder.weight
-        Wc_FD = W_enc_FD - W_enc_FD.mean(dim=1, keepdim=True)  # rows P w_i
-
-        # Virtual weights V[i, c] = (P w_i) . d_{J[i, c]}, one sampled product per upstream module.
-        F, C = comp.J_FC.shape
-        V_parts, pos_parts = [], []
-        for j, u in enumerate(comp.ups):
-            if comp.pos[j].numel() == 0:
-                continue
-            V_parts.append(csr_virtual_weights(
-                Wc_FD, self.dicts[u].decoder.weight, comp.crow[j], comp.cols[j], comp.tcrow[j],
-                comp.tcol[j], comp.tperm[j],
-            ))
-            pos_parts.append(comp.pos[j])
-        V_flat = Wc_FD.new_zeros(F * C)
-        if V_parts:
-            V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
-        V_FC = V_flat.view(F, C)
+        Wc_FD = ae.encoder.weight - ae.encoder.weight.mean(dim=1, keepdim=True)  # rows P w_i
+        V_FC = self.virtual_weights(name)
 
         # Upstream features in the global index space, and the embedding + bias term.
         vals_BK = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)

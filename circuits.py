@@ -1,0 +1,933 @@
+"""Circuits of an SCAE suite: the exact attribution graph of a prompt, its pruning, and its files.
+
+    python circuits.py --suite DIR --prompt "To be, or not to be" [--target " that"] --out DIR
+    python circuits.py --suite DIR --prompt ... --out DIR --pages PAGES.pt   # with feature pages
+
+Phases, in the order `build_graph` runs them (docs/circuits.md has the derivations):
+
+1. Run: one trace of the model on [BOS] + prompt, then the suite's vanilla and pruned passes over
+   the prompt's positions (BOS excluded).
+2. Nodes: embeddings, active attention-SAE features (vanilla pass), active transcoder features
+   (pruned pass), one error node per dictionary and position (true output minus reconstruction),
+   and the target logit plus the top logits at the last position.
+3. Edges, with exact weights: into transcoder features from their connected upstream features and
+   the embedding (the pruned pass's own terms, `SCAESuite.virtual_weights`); into attention features
+   through the model's attention with its patterns and ln_1 scales frozen; into logits through ln_f
+   with its scale frozen. Constant terms (biases, b_dec, the BOS position) go on the node, so
+   incoming edges plus constant equal each node's pre-activation (or logit).
+4. Influence and pruning as in circuit-tracer (`graph.py`): influence on the logits through the
+   row-normalised |adjacency|, keep nodes with 80% and edges with 98% of it.
+
+`write_graph_files` writes the graph in circuit-tracer's / Neuronpedia's attribution-graph JSON;
+`viewer.write_viewer` writes the offline `index.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from buffer import ActivationBatch, trace_activations
+from dictionary_learning.dictionary import Features
+from dictionary_learning.files import atomic_write_json
+from dictionary_learning.model import hf_model
+from dictionary_learning.names import parse_module_name
+from trainers.scae import DictOutput, SCAESuite
+
+logger = logging.getLogger("circuits")
+
+FEATURE, ERROR, EMBEDDING, LOGIT = 0, 1, 2, 3
+"""Node kinds, in the order circuit-tracer stores them: features, errors, embeddings, logits."""
+
+
+@dataclass
+class GraphConfig:
+    """Settings of one attribution graph."""
+
+    n_logits: int = 5
+    """Logit nodes at the last position: the target plus the most likely other tokens."""
+    node_threshold: float = 0.8
+    """Pruning keeps the nodes that carry this fraction of the influence (circuit-tracer's 0.8)."""
+    edge_threshold: float = 0.98
+    """Pruning keeps the edges that carry this fraction of the influence (circuit-tracer's 0.98)."""
+    dtype: torch.dtype = torch.float64
+    """dtype of the graph arithmetic (float64 makes the identities exact to ~1e-12)."""
+    chunk_elements: int = 1 << 24
+    """Elements per temporary [targets, heads, sources] block of the attention edges."""
+
+    def __post_init__(self) -> None:
+        for name in ("node_threshold", "edge_threshold"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"GraphConfig.{name}={v}: a fraction of influence in [0, 1]")
+        if self.n_logits < 1:
+            raise ValueError(f"GraphConfig.n_logits={self.n_logits}: at least the target logit")
+
+
+class AttributionGraph(NamedTuple):
+    """Nodes, the direct-effect matrix and the constants of one prompt's graph.
+
+    Node order: active features (modules in execution order, then position, then index), error
+    nodes (module, then position), embeddings (position), logits (target first).
+    """
+
+    prompt: str
+    tokens: list[int]
+    """Token ids of the prompt, BOS excluded (position p of the graph is token p + 1)."""
+    token_strs: list[str]
+    modules: list[str]
+    """The suite's dictionaries in execution order; `module_N` indexes this list."""
+    kind_N: Tensor
+    """FEATURE, ERROR, EMBEDDING or LOGIT per node."""
+    module_N: Tensor
+    """Index into `modules` (features and errors), -1 otherwise."""
+    pos_N: Tensor
+    """Position in the prompt (BOS excluded)."""
+    index_N: Tensor
+    """Feature index (features), token id (embeddings, logits), -1 (errors)."""
+    activation_N: Tensor
+    """Pre-activation (features), logit (logits), norm of the vector written (errors, embeddings:
+    display only)."""
+    constant_N: Tensor
+    """The node's constant term (biases, b_dec, the BOS position): value minus incoming edges."""
+    adjacency_NN: Tensor
+    """A[target, source] = direct effect of the source on the target (activation x weight)."""
+    logit_probs: Tensor
+    """Probability of each logit node's token at the last position."""
+    logit_strs: list[str]
+    """The logit nodes' tokens as text."""
+    info: dict
+    """Timings, sizes and the largest identity error found while building."""
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.kind_N.shape[0])
+
+    @property
+    def target(self) -> int:
+        """Node index of the target logit."""
+        return int((self.kind_N == LOGIT).nonzero()[0, 0])
+
+    def node_label(self, n: int) -> str:
+        kind, m, p, i = (int(t[n]) for t in (self.kind_N, self.module_N, self.pos_N, self.index_N))
+        if kind == FEATURE:
+            return f"{self.modules[m]}/{i}@{p}"
+        if kind == ERROR:
+            return f"{self.modules[m]}/error@{p}"
+        if kind == EMBEDDING:
+            return f"emb {self.token_strs[p]!r}@{p}"
+        return f"logit {i}"
+
+
+# =================================================================================== 1. run
+
+
+class PromptRun(NamedTuple):
+    """The one model run and the suite's passes over a prompt (positions 1.., BOS excluded)."""
+
+    tokens_T: Tensor
+    """[T + 1] token ids, BOS first."""
+    resid: dict[str, Tensor]
+    """{"attn_<l>": input of block l, "final": input of ln_f}, each [T + 1, D], graph dtype."""
+    outputs: dict[str, Tensor]
+    """True output of every module at every position, [T + 1, D]."""
+    batch: ActivationBatch
+    """The positions 1..T as the suite's batch, graph dtype."""
+    vanilla: dict[str, DictOutput]
+    pruned: dict[str, DictOutput]
+
+
+def tokenize_prompt(tokenizer, prompt: str | list[int]) -> Tensor:
+    """[BOS] + the prompt's tokens (BOS = the eos token, as in training contexts). A list of token
+    ids is taken as it is (text does not always survive a decode/encode round trip)."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        return torch.tensor([tokenizer.eos_token_id] + list(prompt), dtype=torch.long)
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("the prompt is empty; pass some text, e.g. --prompt 'To be, or not to be'")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} has no tokens")
+    return torch.tensor([tokenizer.eos_token_id] + list(ids), dtype=torch.long)
+
+
+@torch.no_grad()
+def run_prompt(model, suite: SCAESuite, tokens_T: Tensor, dtype: torch.dtype) -> PromptRun:
+    """One trace of the model, then the suite's vanilla and pruned passes, all in `dtype`."""
+    hf = hf_model(model)
+    n_ctx = hf.config.n_positions
+    if tokens_T.shape[0] > n_ctx:
+        raise ValueError(f"the prompt has {tokens_T.shape[0]} tokens with BOS; the model takes "
+                         f"at most {n_ctx}: shorten it")
+    suite.check_fits(len(hf.transformer.h), hf.config.n_embd)
+    device = next(suite.parameters()).device
+    acts = trace_activations(model, tokens_T[None].to(next(hf.parameters()).device))
+    acts = {k: v[0].to(device=device, dtype=dtype) for k, v in acts.items()}
+    resid, outputs = {}, {}
+    r_TD = acts["initial"].clone()
+    for layer in range(suite.n_layers):
+        resid[f"attn_{layer}"] = r_TD.clone()
+        outputs[f"attn_{layer}"] = acts[f"attn_{layer}"]
+        outputs[f"mlp_{layer}"] = acts[f"mlp_out_{layer}"]
+        r_TD = r_TD + acts[f"attn_{layer}"] + acts[f"mlp_out_{layer}"]
+    resid["final"] = r_TD
+    batch = ActivationBatch.from_trace({k: v[1:] for k, v in acts.items()}, suite.n_layers)
+    vanilla = suite.vanilla_forward(batch)
+    pruned = suite.pruned_forward(batch, vanilla)
+    return PromptRun(tokens_T, resid, outputs, batch, vanilla, pruned)
+
+
+# ======================================================================= frozen model pieces
+
+
+def layer_norm_scale(x_TD: Tensor, eps: float) -> Tensor:
+    """sigma = sqrt(biased var + eps) per row, [T]."""
+    return (x_TD.var(dim=-1, unbiased=False) + eps).sqrt()
+
+
+def center(x_ND: Tensor) -> Tensor:
+    """P x: x minus its mean over the model dimension."""
+    return x_ND - x_ND.mean(dim=-1, keepdim=True)
+
+
+class FrozenAttention(NamedTuple):
+    """One block's attention with its patterns and ln_1 scales frozen from a run."""
+
+    pattern_HTT: Tensor
+    """Attention probabilities [head, query, key], BOS included."""
+    sigma_T: Tensor
+    """ln_1 scale of each position."""
+    gamma_D: Tensor
+    beta_D: Tensor
+    W_V_HDd: Tensor
+    """Value weights per head, x @ W_V[h] (Conv1D layout)."""
+    b_V_Hd: Tensor
+    W_O_HdD: Tensor
+    b_O_D: Tensor
+
+    def __call__(self, r_TD: Tensor) -> Tensor:
+        """attn_out [T, D] of residual r through the frozen patterns and scales (dense)."""
+        ln_TD = self.gamma_D * center(r_TD) / self.sigma_T[:, None] + self.beta_D
+        v_HTd = torch.einsum("td,hde->hte", ln_TD, self.W_V_HDd) + self.b_V_Hd[:, None]
+        z_HTd = self.pattern_HTT @ v_HTd
+        return torch.einsum("hte,hed->td", z_HTd, self.W_O_HdD) + self.b_O_D
+
+
+def frozen_attention(block, r_TD: Tensor) -> FrozenAttention:
+    """Patterns and ln_1 scales of GPT-2 block `block` on residual r (causal, no padding)."""
+    attn, ln = block.attn, block.ln_1
+    dt = r_TD.dtype
+    T, D = r_TD.shape
+    H = attn.num_heads
+    dh = D // H
+    sigma_T = layer_norm_scale(r_TD, ln.eps)
+    gamma_D, beta_D = ln.weight.to(dt), ln.bias.to(dt)
+    x_TD = gamma_D * center(r_TD) / sigma_T[:, None] + beta_D
+    W, b = attn.c_attn.weight.to(dt), attn.c_attn.bias.to(dt)
+    q_HTd, k_HTd = ((x_TD @ W[:, j * D:(j + 1) * D] + b[j * D:(j + 1) * D]).view(T, H, dh)
+                    .transpose(0, 1) for j in (0, 1))
+    scores_HTT = q_HTd @ k_HTd.transpose(1, 2) / math.sqrt(dh)
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=r_TD.device).tril()
+    pattern_HTT = scores_HTT.masked_fill(~causal_TT, float("-inf")).softmax(-1)
+    W_V_HDd = W[:, 2 * D:].view(D, H, dh).permute(1, 0, 2)
+    b_V_Hd = b[2 * D:].view(H, dh)
+    W_O_HdD = attn.c_proj.weight.to(dt).view(H, dh, D)
+    return FrozenAttention(pattern_HTT, sigma_T, gamma_D, beta_D, W_V_HDd, b_V_Hd, W_O_HdD,
+                           attn.c_proj.bias.to(dt))
+
+
+class FrozenUnembed(NamedTuple):
+    """ln_f with its scale frozen, then the unembedding, at the last position."""
+
+    sigma: Tensor
+    gamma_D: Tensor
+    beta_D: Tensor
+    W_U_VD: Tensor
+    b_U_V: Tensor | None
+
+    def __call__(self, r_D: Tensor) -> Tensor:
+        logits_V = (self.gamma_D * center(r_D) / self.sigma + self.beta_D) @ self.W_U_VD.T
+        return logits_V if self.b_U_V is None else logits_V + self.b_U_V
+
+
+def frozen_unembed(hf, r_D: Tensor) -> FrozenUnembed:
+    dt = r_D.dtype
+    ln = hf.transformer.ln_f
+    bias = getattr(hf.lm_head, "bias", None)
+    return FrozenUnembed(layer_norm_scale(r_D[None], ln.eps)[0], ln.weight.to(dt), ln.bias.to(dt),
+                         hf.lm_head.weight.to(dt), None if bias is None else bias.to(dt))
+
+
+# ================================================================================= 2-3. graph
+
+
+def connection_terms(
+    suite: SCAESuite, name: str, up_feats: dict[str, Features], sigma_B: Tensor, feat_BK: Tensor,
+    V_FC: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-connection terms of the pruned pre-activation of transcoder `name`'s features feat_BK.
+
+    Returns (terms_BKC, up_BKC): terms[b, k, c] = f_u(J[i, c]) * V[i, c] / sigma[b] for i =
+    feat[b, k], and the global upstream index J[i, c] (padding = n_up). Their sum over c, plus
+    (w_i.P x0 + sum_u w_i.P b_dec_u) / sigma + b_enc_i, is `SCAESuite._pruned_pre` (tests check it).
+    """
+    comp = suite.compiled(name)
+    V_FC = suite.virtual_weights(name) if V_FC is None else V_FC
+    vals_BU = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
+    idx_BU = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets)], dim=1)
+    table_BU = vals_BU.new_zeros(vals_BU.shape[0], comp.n_up + 1).scatter(1, idx_BU, vals_BU)
+    up_BKC = comp.J_FC[feat_BK]
+    f_BKC = table_BU.gather(1, up_BKC.flatten(1)).view_as(up_BKC)
+    return f_BKC * V_FC[feat_BK] / sigma_B[:, None, None], up_BKC
+
+
+class _Nodes:
+    """Builder of the node table; returns node indices as they are added."""
+
+    def __init__(self):
+        self.cols: dict[str, list] = {k: [] for k in ("kind", "module", "pos", "index", "act")}
+
+    def add(self, kind: int, module: Tensor, pos: Tensor, index: Tensor, act: Tensor) -> Tensor:
+        start = sum(len(c) for c in self.cols["kind"])
+        n = pos.shape[0]
+        self.cols["kind"].append(torch.full((n,), kind, dtype=torch.long))
+        for key, t in (("module", module), ("pos", pos), ("index", index), ("act", act)):
+            self.cols[key].append(t.detach().cpu())
+        return torch.arange(start, start + n)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        cat = {k: torch.cat(v) for k, v in self.cols.items()}
+        return cat["kind"], cat["module"], cat["pos"], cat["index"], cat["act"]
+
+
+@torch.no_grad()
+def build_graph(
+    model, suite: SCAESuite, prompt: str | list[int], target: str | int | None = None,
+    cfg: GraphConfig | None = None,
+) -> AttributionGraph:
+    """The attribution graph of `prompt`, text or token ids (module docstring, phases 1-3)."""
+    cfg = cfg or GraphConfig()
+    dt = cfg.dtype
+    t0 = time.perf_counter()
+    hf, tok = hf_model(model), model.tokenizer
+    if not suite.has_connections:
+        raise ValueError("the suite has no connections; load a suite folder with connections.pt "
+                         "(find_top_connections.py) or call suite.set_connections(...)")
+    suite_dt = next(suite.parameters()).dtype
+    if suite_dt != dt:
+        raise TypeError(f"the suite is {suite_dt} but GraphConfig.dtype is {dt}; load the suite "
+                        f"in {dt} (SCAESuite.from_pretrained(..., dtype=...)) or change the config")
+    tokens_T = tokenize_prompt(tok, prompt)
+    run = run_prompt(model, suite, tokens_T, dt)
+    T = tokens_T.shape[0] - 1
+    names = suite.names
+    device = run.batch.initial.device
+    timing = {"run_s": time.perf_counter() - t0}
+
+    # ---- nodes: features, errors, embeddings, logits
+    nodes = _Nodes()
+    feat_nodes: dict[str, Tensor] = {}  # per module: [T, F] node index of active features, -1 else
+    feats: dict[str, Features] = {}
+    for m_i, name in enumerate(names):
+        out = run.pruned[name] if name.startswith("mlp_") else run.vanilla[name]
+        feats[name] = out.feats
+        vals_TK, idx_TK = out.feats
+        # features in index order within a position: sort the active (value > 0) entries
+        key_TK = torch.where(vals_TK > 0, idx_TK, suite.dicts[name].dict_size)
+        order_TK = key_TK.argsort(dim=1)
+        idx_TK, vals_TK = idx_TK.gather(1, order_TK), vals_TK.gather(1, order_TK)
+        pos_A, slot_A = (vals_TK > 0).nonzero(as_tuple=True)
+        idx_A = idx_TK[pos_A, slot_A]
+        pre_A = out.pre_BN[pos_A, idx_A]  # the pre-activation: what the frozen model passes on
+        ids = nodes.add(FEATURE, torch.full_like(pos_A, m_i), pos_A, idx_A, pre_A)
+        table_TF = torch.full((T, suite.dicts[name].dict_size), -1, dtype=torch.long)
+        table_TF[pos_A.cpu(), idx_A.cpu()] = ids
+        feat_nodes[name] = table_TF
+    n_feat = sum(len(c) for c in nodes.cols["kind"])
+    err_TD = {n: run.outputs[n][1:] - (run.pruned[n] if n.startswith("mlp_") else run.vanilla[n])
+              .recon_BD for n in names}
+    err_nodes = {}
+    for m_i, name in enumerate(names):
+        pos = torch.arange(T)
+        err_nodes[name] = nodes.add(ERROR, torch.full((T,), m_i), pos, torch.full((T,), -1),
+                                    err_TD[name].norm(dim=-1))
+    x0_TD = run.batch.initial
+    emb_nodes = nodes.add(EMBEDDING, torch.full((T,), -1), torch.arange(T), tokens_T[1:],
+                          x0_TD.norm(dim=-1))
+
+    unembed = frozen_unembed(hf, run.resid["final"][-1])
+    logits_V = unembed(run.resid["final"][-1])
+    probs_V = logits_V.softmax(-1)
+    target_id = _target_id(tok, target, logits_V)
+    others = [int(v) for v in probs_V.argsort(descending=True) if int(v) != target_id]
+    logit_ids = torch.tensor([target_id] + others[: cfg.n_logits - 1])
+    logit_nodes = nodes.add(LOGIT, torch.full_like(logit_ids, -1),
+                            torch.full_like(logit_ids, T - 1), logit_ids, logits_V[logit_ids])
+    kind_N, module_N, pos_N, index_N, act_N = nodes.tensors()
+    N = kind_N.shape[0]
+    A_NN = torch.zeros(N, N, dtype=dt, device=device)
+    const_N = torch.zeros(N, dtype=dt, device=device)
+
+    # Every node that writes into the residual stream: its vector at its position.
+    def writer_vectors(upto: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(node ids, positions, vectors [S, D], b_dec sum [D]) of modules names[:upto] + emb."""
+        ids, pos, vecs = [emb_nodes], [torch.arange(T)], [x0_TD]
+        b_D = torch.zeros_like(x0_TD[0])
+        for name in names[:upto]:
+            ae = suite.dicts[name]
+            sel = feat_nodes[name] >= 0
+            p_S, i_S = sel.nonzero(as_tuple=True)
+            ids += [feat_nodes[name][p_S, i_S], err_nodes[name]]
+            pos += [p_S, torch.arange(T)]
+            a_S = act_N[feat_nodes[name][p_S, i_S]].to(device=device, dtype=dt)
+            vecs += [a_S[:, None] * ae.decoder.weight.T[i_S.to(device)], err_TD[name]]
+            b_D = b_D + ae.b_dec
+        return torch.cat(ids), torch.cat(pos), torch.cat(vecs), b_D
+
+    # ---- edges into transcoder features: the pruned pass's own terms
+    for m_i, name in enumerate(names):
+        if not name.startswith("mlp_"):
+            continue
+        comp, ae = suite.compiled(name), suite.dicts[name]
+        sel = feat_nodes[name] >= 0
+        p_S, i_S = sel.nonzero(as_tuple=True)
+        if p_S.numel() == 0:
+            continue
+        tgt = feat_nodes[name][p_S, i_S]
+        sigma_S = run.batch.layernorm_scale[name][p_S.to(device)]
+        up = {u: Features(feats[u].vals_BK[p_S.to(device)], feats[u].idx_BK[p_S.to(device)])
+              for u in comp.ups}
+        terms_S1C, up_S1C = connection_terms(suite, name, up, sigma_S, i_S.to(device)[:, None])
+        terms_SC, up_SC = terms_S1C[:, 0], up_S1C[:, 0].cpu()
+        # global upstream index -> node index at the same position
+        src_SC = torch.full(up_SC.shape, -1, dtype=torch.long)
+        for u, off in zip(comp.ups, comp.offsets):
+            in_u = (up_SC >= off) & (up_SC < off + suite.dicts[u].dict_size)
+            r, c = in_u.nonzero(as_tuple=True)
+            src_SC[r, c] = feat_nodes[u][p_S[r], up_SC[r, c] - off]
+        r, c = (src_SC >= 0).nonzero(as_tuple=True)
+        A_NN[tgt[r], src_SC[r, c]] = terms_SC[r.to(device), c.to(device)]
+        Wc_FD = center(ae.encoder.weight)
+        x0_SD = x0_TD[p_S.to(device)]
+        A_NN[tgt, emb_nodes[p_S]] = (x0_SD * Wc_FD[i_S.to(device)]).sum(-1) / sigma_S
+        b_D = sum(suite.dicts[u].b_dec for u in comp.ups)
+        const_N[tgt] = (Wc_FD[i_S.to(device)] @ b_D) / sigma_S + ae.encoder.bias[i_S.to(device)]
+
+    # ---- edges into attention features: frozen patterns and ln_1 scales, per head
+    for m_i, name in enumerate(names):
+        if not name.startswith("attn_"):
+            continue
+        layer = parse_module_name(name)[1]
+        fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
+        ae = suite.dicts[name]
+        sel = feat_nodes[name] >= 0
+        p_S, i_S = sel.nonzero(as_tuple=True)
+        if p_S.numel() == 0:
+            continue
+        tgt = feat_nodes[name][p_S, i_S]
+        w_SD = ae.encoder.weight[i_S.to(device)]
+        # read vectors r[s, h] = W_V[h] W_O[h] w_i: the direction head h reads for feature i
+        R_SHD = torch.einsum("hed,sd->she", fa.W_O_HdD, w_SD)
+        R_SHD = torch.einsum("hDe,she->shD", fa.W_V_HDd, R_SHD)
+        src, spos, vec_QD, b_D = writer_vectors(m_i)
+        q_pos = spos.to(device) + 1  # positions with BOS
+        vn_QD = fa.gamma_D * center(vec_QD) / fa.sigma_T[q_pos][:, None]
+        H = fa.pattern_HTT.shape[0]
+        step = max(1, cfg.chunk_elements // max(1, H * vn_QD.shape[0]))
+        for s in range(0, tgt.shape[0], step):
+            sl = slice(s, s + step)
+            pat_sHQ = fa.pattern_HTT[:, p_S[sl].to(device) + 1][:, :, q_pos].permute(1, 0, 2)
+            e_sQ = (torch.einsum("shD,qD->shq", R_SHD[sl], vn_QD) * pat_sHQ).sum(1)
+            rows = tgt[sl][:, None].expand(-1, src.shape[0])
+            A_NN[rows.reshape(-1), src.repeat(rows.shape[0])] = e_sQ.reshape(-1)
+        # constants: b_enc, b_O, value biases and ln_1's beta (patterns sum to 1), the upstream
+        # b_dec at every prompt position, and the whole residual at the BOS position
+        pat_SHT = fa.pattern_HTT[:, p_S.to(device) + 1].permute(1, 0, 2)
+        c_S = ae.encoder.bias[i_S.to(device)] + w_SD @ fa.b_O_D
+        c_S = c_S + torch.einsum("shD,D->s", R_SHD, fa.beta_D)
+        c_S = c_S + torch.einsum("hed,sd,he->s", fa.W_O_HdD, w_SD, fa.b_V_Hd)
+        bn_TD = fa.gamma_D * center(b_D[None]) / fa.sigma_T[:, None]
+        bos_D = fa.gamma_D * center(run.resid[name][0]) / fa.sigma_T[0]
+        bn_TD = torch.cat([bos_D[None], bn_TD[1:]])
+        c_S = c_S + torch.einsum("sht,shD,tD->s", pat_SHT, R_SHD, bn_TD)
+        const_N[tgt] = c_S
+
+    # ---- edges into logits: ln_f's scale frozen, from every node at the last position
+    src, spos, vec_QD, b_D = writer_vectors(len(names))
+    last = spos == T - 1
+    src, vec_QD = src[last], vec_QD[last.to(device)]
+    u_VD = unembed.gamma_D * unembed.W_U_VD[logit_ids.to(device)]
+    A_NN[logit_nodes[:, None], src[None, :]] = u_VD @ center(vec_QD).T / unembed.sigma
+    const_N[logit_nodes] = (u_VD @ center(b_D[None])[0]) / unembed.sigma + \
+        unembed.W_U_VD[logit_ids.to(device)] @ unembed.beta_D
+    if unembed.b_U_V is not None:
+        const_N[logit_nodes] += unembed.b_U_V[logit_ids.to(device)]
+    timing["edges_s"] = time.perf_counter() - t0 - timing["run_s"]
+
+    act_N = act_N.to(device=device, dtype=dt)
+    has_in = kind_N.to(device) != ERROR
+    has_in &= kind_N.to(device) != EMBEDDING
+    identity_error = float((A_NN.sum(1) + const_N - act_N)[has_in].abs().max())
+    info = {
+        "n_nodes": N, "n_features": n_feat, "n_edges": int((A_NN != 0).sum()),
+        "identity_error": identity_error, "dtype": str(dt).removeprefix("torch."),
+        "build_s": round(time.perf_counter() - t0, 3),
+        **{k: round(v, 3) for k, v in timing.items()},
+    }
+    logger.info("graph of %d tokens: %d nodes (%d features), %d edges in %.2fs; max |edges + "
+                "constant - value| = %.2e", T, N, n_feat, info["n_edges"], info["build_s"],
+                identity_error)
+    token_strs = [tok.decode([int(t)]) for t in tokens_T[1:]]
+    if not isinstance(prompt, str):
+        prompt = tok.decode(tokens_T[1:].tolist())
+    return AttributionGraph(prompt, tokens_T[1:].tolist(), token_strs, list(names), kind_N,
+                            module_N, pos_N, index_N, act_N, const_N, A_NN,
+                            probs_V[logit_ids.to(device)],
+                            [tok.decode([int(i)]) for i in logit_ids], info)
+
+
+def _target_id(tokenizer, target: str | int | None, logits_V: Tensor) -> int:
+    """The target token: the most likely one by default, a token id, or a one-token string."""
+    if target is None:
+        return int(logits_V.argmax())
+    if isinstance(target, int):
+        if not 0 <= target < logits_V.shape[0]:
+            raise ValueError(f"target token id {target} is outside the vocabulary [0, "
+                             f"{logits_V.shape[0]})")
+        return target
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise ValueError(f"the target {target!r} is {len(ids)} tokens {pieces}; pass a single "
+                         f"token (mind the leading space, e.g. ' that')")
+    return int(ids[0])
+
+
+# ================================================================ 4. total effect and influence
+
+
+def total_effect(graph: AttributionGraph, target: int | None = None) -> Tensor:
+    """Signed total effect of every node on a logit node through the frozen linear graph, [N].
+
+    With scales, patterns and TopK choices frozen and active features passing their
+    pre-activation through, every value is linear in its sources; zeroing node n's value changes
+    the target by -effect[n]. effect[n] = sum_m (effect[m] / value[m]) A[m, n] + A[target, n]
+    (docs/circuits.md); the loop walks the DAG backwards, one layer of paths per step.
+    """
+    target = graph.target if target is None else target
+    A = graph.adjacency_NN
+    is_feat = (graph.kind_N == FEATURE).to(A.device)
+    inv_act = torch.where(is_feat, 1.0 / graph.activation_N.where(is_feat, 1.0), 0.0)
+    step_N = A[target].clone()
+    effect_N = step_N.clone()
+    for _ in range(graph.n_nodes + 1):
+        step_N = (step_N * inv_act) @ A
+        if not step_N.any():
+            return effect_N
+        effect_N += step_N
+    raise RuntimeError("the graph has a cycle; effects did not converge")
+
+
+def normalize_matrix(A_NN: Tensor) -> Tensor:
+    """|A| with each row divided by its sum (circuit-tracer's normalize_matrix)."""
+    absA = A_NN.abs()
+    return absA / absA.sum(dim=1, keepdim=True).clamp(min=1e-10)
+
+
+def compute_influence(A_NN: Tensor, logit_weights_N: Tensor, max_iter: int = 1000) -> Tensor:
+    """w @ (A + A^2 + ...), the total influence of every node on the weighted logits."""
+    current = logit_weights_N @ A_NN
+    influence = current.clone()
+    for _ in range(max_iter):
+        current = current @ A_NN
+        if not current.any():
+            return influence
+        influence += current
+    raise RuntimeError(f"influence did not converge after {max_iter} iterations")
+
+
+def logit_weights(graph: AttributionGraph) -> Tensor:
+    """circuit-tracer's weights: each logit node weighted by its token's probability."""
+    A = graph.adjacency_NN
+    w_N = torch.zeros(graph.n_nodes, dtype=A.dtype, device=A.device)
+    w_N[(graph.kind_N == LOGIT).to(w_N.device)] = graph.logit_probs.to(w_N.dtype)
+    return w_N
+
+
+def node_influence(graph: AttributionGraph) -> Tensor:
+    return compute_influence(normalize_matrix(graph.adjacency_NN), logit_weights(graph))
+
+
+def find_threshold(scores: Tensor, threshold: float) -> Tensor:
+    """The score above which the kept scores carry `threshold` of the total."""
+    sorted_scores = scores.sort(descending=True).values
+    cumulative = sorted_scores.cumsum(0) / sorted_scores.sum()
+    i = min(int(torch.searchsorted(cumulative, torch.tensor(threshold, dtype=cumulative.dtype,
+                                                             device=cumulative.device))),
+            len(cumulative) - 1)
+    return sorted_scores[i]
+
+
+class PruneResult(NamedTuple):
+    node_mask: Tensor
+    """[N] nodes kept."""
+    edge_mask: Tensor
+    """[N, N] edges kept (target, source)."""
+    cumulative_scores: Tensor
+    """[N] the cumulative influence fraction at each node's rank (circuit-tracer's `influence`)."""
+    influence: Tensor
+    """[N] each node's influence on the probability-weighted logits."""
+
+
+def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
+                edge_threshold: float = 0.98) -> PruneResult:
+    """Keep the nodes and edges that carry the given fractions of influence (circuit-tracer's
+    prune_graph): embeddings and logits always stay; features and errors must keep an outgoing
+    edge, and features an incoming one, until nothing changes."""
+    for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}={v}: a fraction of influence in [0, 1]")
+    A = graph.adjacency_NN
+    w_N = logit_weights(graph)
+    kind = graph.kind_N.to(A.device)
+    always = (kind == EMBEDDING) | (kind == LOGIT)
+    inner = (kind == FEATURE) | (kind == ERROR)
+    feat = kind == FEATURE
+
+    influence_N = compute_influence(normalize_matrix(A), w_N)
+    node_mask = (influence_N >= find_threshold(influence_N, node_threshold)) | always
+
+    pruned = A.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    norm = normalize_matrix(pruned)
+    pruned_influence = compute_influence(norm, w_N) + w_N
+    edge_scores = norm * pruned_influence[:, None]
+    edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
+
+    old = node_mask.clone()
+    node_mask &= ~inner | edge_mask.any(0)
+    node_mask &= ~feat | edge_mask.any(1)
+    while not torch.equal(node_mask, old):
+        old = node_mask.clone()
+        edge_mask[~node_mask] = False
+        edge_mask[:, ~node_mask] = False
+        node_mask &= ~inner | edge_mask.any(0)
+        node_mask &= ~feat | edge_mask.any(1)
+    edge_mask[~node_mask] = False
+    edge_mask[:, ~node_mask] = False
+
+    sorted_scores, order = influence_N.sort(descending=True)
+    cumulative = torch.zeros_like(influence_N)
+    cumulative[order] = sorted_scores.cumsum(0) / sorted_scores.sum()
+    return PruneResult(node_mask, edge_mask, cumulative, influence_N)
+
+
+def graph_scores(graph: AttributionGraph) -> dict[str, float]:
+    """circuit-tracer's replacement and completeness scores of the full graph.
+
+    replacement: token-to-logit influence / (token + error influence); completeness: the
+    influence-weighted fraction of node inputs that come from non-error nodes.
+    """
+    A = graph.adjacency_NN
+    kind = graph.kind_N.to(A.device)
+    w_N = logit_weights(graph)
+    norm = normalize_matrix(A)
+    infl = compute_influence(norm, w_N)
+    token, error = float(infl[kind == EMBEDDING].sum()), float(infl[kind == ERROR].sum())
+    non_error_frac = norm[:, kind != ERROR].sum(1)
+    out_infl = infl + w_N
+    completeness = float((non_error_frac * out_infl).sum() / out_infl.sum())
+    return {"replacement_score": token / max(token + error, 1e-30),
+            "completeness_score": completeness}
+
+
+# ============================================================== frozen model, for ablations
+
+
+@torch.no_grad()
+def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | None = None,
+                  run: PromptRun | None = None) -> Tensor:
+    """The logit nodes' values in the frozen replacement model, with node `zero` set to 0.
+
+    An independent dense computation (not the graph's edges): x0, then per layer the frozen
+    attention on the rebuilt residual, the attention SAE's pre-activations at its frozen active
+    set, the transcoder's pruned pre-activations (`SCAESuite._pruned_pre`) at its active set,
+    errors added as they were, and the logits through the frozen ln_f. With zero=None it returns
+    the model's own logits.
+    """
+    dt = graph.adjacency_NN.dtype
+    hf = hf_model(model)
+    if run is None:
+        run = run_prompt(model, suite, torch.tensor([model.tokenizer.eos_token_id] + graph.tokens),
+                         dt)
+    T = len(graph.tokens)
+    kind, mod, pos, idx = graph.kind_N, graph.module_N, graph.pos_N, graph.index_N
+    zkind = None if zero is None else int(kind[zero])
+
+    def zeroed(m_i: int, kind_: int) -> Tensor:
+        """Positions where module m_i's node of this kind is zeroed."""
+        hit = torch.zeros(T, dtype=torch.bool)
+        if zero is not None and zkind == kind_ and int(mod[zero]) == m_i:
+            hit[int(pos[zero])] = True
+        return hit
+
+    x0_TD = run.batch.initial.clone()
+    if zkind == EMBEDDING:
+        x0_TD[int(pos[zero])] = 0
+    r_TD = x0_TD.clone()
+    bos_resid = {n: run.resid[n][0] for n in run.resid}
+    up: dict[str, Features] = {}
+    for m_i, name in enumerate(graph.modules):
+        ae = suite.dicts[name]
+        # the frozen active set, dense over features so that no index repeats
+        active_TF = torch.zeros(T, ae.dict_size, dtype=torch.bool)
+        sel = (kind == FEATURE) & (mod == m_i)
+        active_TF[pos[sel], idx[sel]] = True
+        if zkind == FEATURE and int(mod[zero]) == m_i:
+            active_TF[int(pos[zero]), int(idx[zero])] = False
+        if name.startswith("attn_"):
+            layer = parse_module_name(name)[1]
+            fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
+            full_TD = torch.cat([bos_resid[name][None], r_TD])
+            pre_TF = ae.pre_acts(fa(full_TD)[1:])
+        else:
+            batch = run.batch._replace(initial=x0_TD)
+            pre_TF = suite._pruned_pre(name, batch, up, None)
+        vals_TF = pre_TF * active_TF.to(pre_TF.device)
+        up[name] = Features(vals_TF, torch.arange(ae.dict_size, device=pre_TF.device)
+                            .expand(T, -1).contiguous())
+        err_TD = run.outputs[name][1:] - (run.pruned[name] if name.startswith("mlp_")
+                                          else run.vanilla[name]).recon_BD
+        err_TD = err_TD.masked_fill(zeroed(m_i, ERROR)[:, None].to(err_TD.device), 0.0)
+        r_TD = r_TD + ae.decode(up[name]) + err_TD
+    unembed = frozen_unembed(hf, run.resid["final"][-1])
+    logit_ids = graph.index_N[graph.kind_N == LOGIT].to(r_TD.device)
+    return unembed(r_TD[-1])[logit_ids]
+
+
+# ===================================================================== files (field format)
+
+
+def cantor(x: int, y: int) -> int:
+    """circuit-tracer's schema-1 feature id: the Cantor pairing of (layer row, index)."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def module_row(name: str) -> int:
+    """The viewer row of a dictionary: attn_l -> 2l, mlp_l -> 2l + 1."""
+    kind, layer = parse_module_name(name)
+    return 2 * layer + (kind == "mlp")
+
+
+def feature_id(name: str, index: int) -> int:
+    return cantor(module_row(name), index)
+
+
+def process_token(token: str) -> str:
+    return token.replace("\n", "⏎").replace("\t", "→").replace("\r", "↵")
+
+
+def graph_json(graph: AttributionGraph, pruned: PruneResult, slug: str, scan: str,
+               node_threshold: float, edge_threshold: float, effect_N: Tensor | None = None
+               ) -> dict:
+    """The graph as circuit-tracer / Neuronpedia attribution-graph JSON (kept nodes and edges)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", slug):
+        raise ValueError(f"slug {slug!r}: use letters, digits, '-', '_' or '.' (it is a file name)")
+    n_rows = 2 * (len(graph.modules) // 2)
+    keep = pruned.node_mask.cpu()
+    cum, act = pruned.cumulative_scores.cpu().tolist(), graph.activation_N.cpu().tolist()
+    infl = pruned.influence.cpu().tolist()
+    effect = None if effect_N is None else effect_N.cpu().tolist()
+    probs = graph.logit_probs.cpu().tolist()
+    ids: dict[int, str] = {}
+    nodes = []
+    logit_rank = 0
+    for n in keep.nonzero()[:, 0].tolist():
+        kind, m, p, i = (int(t[n]) for t in (graph.kind_N, graph.module_N, graph.pos_N,
+                                             graph.index_N))
+        node = {"ctx_idx": p, "influence": cum[n], "activation": act[n],
+                "token_prob": 0.0, "is_target_logit": False, "reverse_ctx_idx": 0, "run_idx": 0,
+                "clerp": "", "influence_raw": infl[n]}
+        if effect is not None:
+            node["total_effect"] = effect[n]
+        if kind == FEATURE:
+            name = graph.modules[m]
+            row = module_row(name)
+            node.update(node_id=f"{row}_{i}_{p}", feature=feature_id(name, i), layer=str(row),
+                        feature_type="cross layer transcoder", jsNodeId=f"{row}_{i}-0",
+                        clerp=f"{name}/{i}", module=name, index=i)
+        elif kind == ERROR:
+            name = graph.modules[m]
+            row = module_row(name)
+            node.update(node_id=f"err_{row}_{p}", feature=-1, layer=str(row),
+                        feature_type=f"{name.split('_')[0]} reconstruction error",
+                        jsNodeId=f"err_{row}_{p}-0", clerp=f"Err: {name}", module=name)
+        elif kind == EMBEDDING:
+            node.update(node_id=f"E_{i}_{p}", feature=p, layer="E", feature_type="embedding",
+                        jsNodeId=f"E_{i}-{p}")
+        else:
+            layer = str(n_rows + 1)
+            prob = probs[logit_rank]
+            tok = process_token(graph.logit_strs[logit_rank])
+            node.update(node_id=f"{layer}_{i}_{p}", feature=i, layer=layer, feature_type="logit",
+                        jsNodeId=f"L_{i}-{p}", token_prob=prob, is_target_logit=logit_rank == 0,
+                        clerp=f'Output "{tok}" (p={prob:.3f})')
+            logit_rank += 1
+        ids[n] = node["node_id"]
+        nodes.append(node)
+    em = pruned.edge_mask.cpu()
+    tgt, src = em.nonzero(as_tuple=True)
+    w = graph.adjacency_NN.cpu()[tgt, src].tolist()
+    links = [{"source": ids[s], "target": ids[t], "weight": wt}
+             for t, s, wt in zip(tgt.tolist(), src.tolist(), w) if s in ids and t in ids]
+    metadata = {
+        "slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens":
+        [process_token(t) for t in graph.token_strs], "prompt": graph.prompt,
+        "node_threshold": node_threshold, "schema_version": 1,
+        "info": {"creator_name": "scae circuits.py", "source_urls": [],
+                 "dictionaries": graph.modules, "rows": {n: module_row(n) for n in graph.modules},
+                 **graph.info},
+        "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
+    }
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+               "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+
+def add_graph_metadata(metadata: dict, out_dir: Path) -> None:
+    """Add (or replace, by slug) a graph's metadata in out_dir/graph-metadata.json."""
+    path = out_dir / "graph-metadata.json"
+    index = json.loads(path.read_text()) if path.is_file() else {"graphs": []}
+    index["graphs"] = [g for g in index["graphs"] if g["slug"] != metadata["slug"]] + [metadata]
+    atomic_write_json(path, index)
+
+
+class GraphFiles(NamedTuple):
+    graph_path: Path
+    """DIR/<slug>.json"""
+    data: dict
+    """The graph JSON as written."""
+    feature_paths: list[Path]
+    """Feature files written for the graph's feature nodes."""
+
+
+def write_graph_files(graph: AttributionGraph, out_dir: str | Path, slug: str,
+                      cfg: GraphConfig | None = None, pages=None, scan_name: str = "scae"
+                      ) -> GraphFiles:
+    """Prune `graph`, write DIR/<slug>.json and DIR/graph-metadata.json, and (with `pages`, a
+    `feature_pages.FeaturePages`) DIR/features/<scan_name>/<feature>.json for every feature node.
+
+    The scan is "./data/features/<scan_name>": `circuit-tracer start-server --graph_file_dir DIR`
+    serves /data/* from DIR, and the viewer fetches `${scan}/${feature}.json`.
+    """
+    cfg = cfg or GraphConfig()
+    out_dir = Path(out_dir)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", scan_name):
+        raise ValueError(f"scan_name {scan_name!r}: use letters, digits, '-', '_' or '.'")
+    pruned = prune_graph(graph, cfg.node_threshold, cfg.edge_threshold)
+    effect_N = total_effect(graph)
+    data = graph_json(graph, pruned, slug, f"./data/features/{scan_name}", cfg.node_threshold,
+                      cfg.edge_threshold, effect_N)
+    kept = pruned.node_mask
+    data["metadata"]["info"].update(
+        n_nodes_pruned=int(kept.sum()), n_edges_pruned=len(data["links"]),
+        influence_retained=float(pruned.influence[kept].sum() / pruned.influence.sum()),
+        **graph_scores(graph))
+    feature_paths = []
+    if pages is not None:
+        for node in data["nodes"]:
+            if node["feature_type"] != "cross layer transcoder":
+                continue
+            path = out_dir / "features" / scan_name / f"{node['feature']}.json"
+            if not path.is_file():
+                atomic_write_json(path, pages.feature_file(node["module"], node["index"]))
+            feature_paths.append(path)
+    path = out_dir / f"{slug}.json"
+    atomic_write_json(path, data)
+    add_graph_metadata(data["metadata"], out_dir)
+    return GraphFiles(path, data, feature_paths)
+
+
+def slugify(prompt: str, i: int) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-").lower()[:40].strip("-")
+    return f"{i:02d}-{words or 'prompt'}"
+
+
+def write_circuits(model, suite: SCAESuite, prompts: list[str | list[int]], out_dir: str | Path,
+                   targets: list | None = None, cfg: GraphConfig | None = None, pages=None
+                   ) -> Path:
+    """Graphs of several prompts in the field's format, plus the offline viewer DIR/index.html."""
+    from viewer import write_viewer
+
+    cfg = cfg or GraphConfig()
+    out_dir = Path(out_dir)
+    targets = targets or [None] * len(prompts)
+    if len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one each")
+    graphs = []
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        graph = build_graph(model, suite, prompt, target, cfg)
+        files = write_graph_files(graph, out_dir, slugify(graph.prompt, i), cfg, pages)
+        graphs.append(files.data)
+        logger.info("wrote %s: %d of %d nodes kept, %d edges, influence retained %.3f",
+                    files.graph_path, files.data["metadata"]["info"]["n_nodes_pruned"],
+                    graph.n_nodes, len(files.data["links"]),
+                    files.data["metadata"]["info"]["influence_retained"])
+    return write_viewer(out_dir, graphs, pages)
+
+
+def main(argv=None) -> Path:
+    from dictionary_learning.model import load_model
+    from feature_pages import PageConfig, compute_pages, load_pages
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", required=True, help="suite folder (with connections.pt) or Hub id")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for several graphs)")
+    p.add_argument("--target", action="append", help="target token per prompt (default: top-1)")
+    p.add_argument("--out", required=True, help="folder for the graph files and index.html")
+    p.add_argument("--model", help="model name or path (default: the suite's)")
+    p.add_argument("--pages", help="feature pages file (feature_pages.py); default: compute them")
+    p.add_argument("--page-tokens", type=int, default=2**14, dest="page_tokens",
+                   help="held-out tokens for the feature pages when --pages is not given")
+    p.add_argument("--data", help="held-out text for the pages (default: the suite's)")
+    p.add_argument("--n-logits", type=int, default=5, dest="n_logits")
+    p.add_argument("--node-threshold", type=float, default=0.8, dest="node_threshold")
+    p.add_argument("--edge-threshold", type=float, default=0.98, dest="edge_threshold")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.target and len(args.target) != len(args.prompt):
+        p.error(f"{len(args.prompt)} --prompt but {len(args.target)} --target; give one each")
+    cfg = GraphConfig(n_logits=args.n_logits, node_threshold=args.node_threshold,
+                      edge_threshold=args.edge_threshold)
+    suite = SCAESuite.from_pretrained(args.suite, device=args.device, dtype=cfg.dtype)
+    model_name = args.model or suite.meta.get("model_name")
+    if model_name is None:
+        p.error("the suite does not record its model: pass --model")
+    model = load_model(model_name, device=args.device)
+    if args.pages:
+        pages = load_pages(args.pages)
+    else:
+        buffer_meta = suite.meta.get("buffer", {})
+        pages = compute_pages(model, suite, PageConfig(
+            data=args.data or buffer_meta.get("data", "embedded"), n_tokens=args.page_tokens,
+            ctx_len=int(buffer_meta.get("ctx_len", 128)), device=args.device))
+    hf_model(model).to(cfg.dtype)  # the graph's one run, in the graph's dtype
+    index = write_circuits(model, suite, args.prompt, args.out, args.target, cfg, pages)
+    print(f"viewer: {index.resolve()}")
+    return index
+
+
+if __name__ == "__main__":
+    main()
