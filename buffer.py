@@ -1,4 +1,4 @@
-"""AllActivationBuffer: shuffled per-token activations of every layer of a folded GPT-2 (spec 1, 6).
+"""AllActivationBuffer: shuffled per-token activations of every layer of a folded GPT-2 (docs/method.md §2, §7).
 
 One nnsight trace per model batch reads, for every block l, attn_out_l, resid_mid_l (input of the
 folded ln_2, to get sigma_l), mlp_in_l and mlp_out_l, plus x0 = input of block 0; the trace stops

@@ -1,4 +1,4 @@
-"""Evaluation of an SCAE suite (SCAE-SPEC §5) with the data hygiene of §6.
+"""Evaluation of an SCAE suite (docs/method.md §6) with the data hygiene of docs/method.md §7.
 
 Per dictionary: FVU (vanilla and pruned), L0, dead fraction and pruned-vs-vanilla agreement. For
 the whole suite: next-token cross-entropy of the clean model, of r_final = x0 (every block
@@ -96,7 +96,7 @@ def ce_recovered(ce_ablated: float, ce_suite: float, ce_clean: float) -> float:
 
 def scored_predictions(logits_BTV: Tensor, toks_BT: Tensor) -> tuple[Tensor, Tensor]:
     """The scored (logits [N, V], targets [N]) of full-context logits: predictions made from
-    positions 1..T-2 of tokens 2..T-1 (the prediction from BOS is left out, spec §6)."""
+    positions 1..T-2 of tokens 2..T-1 (the prediction from BOS is left out, docs/method.md §7)."""
     if logits_BTV.shape[:2] != toks_BT.shape:
         raise ValueError(
             f"logits {tuple(logits_BTV.shape)} and tokens {tuple(toks_BT.shape)} disagree; pass "
@@ -348,7 +348,7 @@ def evaluate_suite(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> SuiteEval:
-    """All §5 metrics of `suite` over `contexts` (iterable of LongTensor [C] with BOS first, or [N, C]).
+    """All docs/method.md §6 metrics of `suite` over `contexts` (iterable of LongTensor [C] with BOS first, or [N, C]).
 
     Evaluates `batch_size` contexts at a time, accumulating sums (results equal a one-shot run).
     Stops after `n_contexts` contexts or enough contexts for `n_tokens` non-BOS tokens (whichever
@@ -692,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dictionary_learning.model import load_model
     from dictionary_learning.validate import check_ctx_len, check_device, check_out_dir
 
-    p = argparse.ArgumentParser(description="Evaluate a saved SCAE suite (SCAE-SPEC §5).")
+    p = argparse.ArgumentParser(description="Evaluate a saved SCAE suite (docs/method.md §6).")
     p.add_argument("--suite", required=True, help="suite folder (save_pretrained) or Hub id")
     p.add_argument("--connections", help="connections file (exchange format); default: the suite's own")
     p.add_argument("--model", help="model name or path; default: the suite meta's model_name")

@@ -5,7 +5,7 @@
     python export.py --suite DIR --format dictionary_learning --out DIR
 
 or, from Python, `export_suite("runs/x/suite", "out/", "sparsify")`. Every format reproduces the
-suite's features and reconstructions (our encoder is relu(W_enc x + b_enc'), SCAE-SPEC §1):
+suite's features and reconstructions (our encoder is relu(W_enc x + b_enc), docs/method.md §1):
 
 - saelens: per attention SAE a folder `blocks.L.hook_attn_out` with `cfg.json` (architecture
   "topk", apply_b_dec_to_input false, so b_enc is ours unchanged) and `sae_weights.safetensors`
@@ -15,7 +15,7 @@ suite's features and reconstructions (our encoder is relu(W_enc x + b_enc'), SCA
 - sparsify: per hookpoint of the Hugging Face model (`h.L.attn`, `h.L.mlp`) a folder with
   `cfg.json` and `sae.safetensors` (encoder.weight [F, d_in], encoder.bias, W_dec [F, d_out],
   b_dec), read by `SparseCoder.load_from_disk` and `load_many`. Transcoders have transcode=True
-  (no b_dec subtracted); an SAE's encoder bias becomes b_enc' + W_enc b_dec, because sparsify
+  (no b_dec subtracted); an SAE's encoder bias becomes b_enc + W_enc b_dec, because sparsify
   encodes W_enc (x - b_dec).
 - dictionary_learning: per dictionary a folder `<name>` with `ae.pt` + `config.json`
   (AutoEncoderTopK, `dl_format.export_dictionary_learning`), transcoders included (d_in = d_out).

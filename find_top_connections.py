@@ -1,4 +1,4 @@
-"""Choose each transcoder feature's upstream connections (SCAE-SPEC §3).
+"""Choose each transcoder feature's upstream connections (docs/method.md §4).
 
 Importance of upstream feature (u, j) for downstream feature i of mlp_L:
 

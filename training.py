@@ -242,7 +242,7 @@ def train_scae_suite(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """Finetune a connected suite through the pruned pass (SCAE-SPEC §4); returns the suite.
+    """Finetune a connected suite through the pruned pass (docs/method.md §5); returns the suite.
 
     The suite is `suite` (an SCAESuite) or loaded from `repo_id_in` (a local folder or a Hub id);
     `connections` (exchange format, or a file path) replaces the suite's own. The finetuned suite is

@@ -1,6 +1,6 @@
 """Connections between dictionaries: the exchange format, its validation, and the compiled layout.
 
-Exchange format (SCAE-SPEC §3, the original fork's): a dict
+Exchange format (docs/formats.md §3, the original fork's): a dict
 {down_name: {up_name: LongTensor[F_down, C_up]}} of indices into up_name's features, -1 padding.
 Names are "attn_<l>" and "mlp_<l>"; only transcoders ("mlp_<l>") have connections, and their
 upstream modules are attn_l for l <= L and mlp_l for l < L.

@@ -1,4 +1,4 @@
-"""Text sources and packed token contexts (spec section 6).
+"""Text sources and packed token contexts (docs/method.md §7).
 
 A text source is any iterator of strings (one document each). `token_contexts` packs documents into
 fixed-length contexts with the end-of-text token prepended as BOS, so no padding ever exists.
@@ -129,7 +129,7 @@ def token_contexts(
     """Pack documents into contexts of `ctx_len` tokens: [eos as BOS] + (ctx_len - 1) text tokens.
 
     Each document is tokenized and followed by the eos token; the stream is cut into chunks of
-    ctx_len - 1 tokens and every chunk gets the eos id prepended as BOS (spec section 6; position 0
+    ctx_len - 1 tokens and every chunk gets the eos id prepended as BOS (docs/method.md §7; position 0
     is dropped later). Short documents are packed together, not skipped, and nothing is padded;
     the final incomplete chunk is dropped. Context i goes to rank i % world_size, so DDP ranks never
     see the same context. Yields LongTensor [ctx_len].

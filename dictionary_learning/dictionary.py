@@ -1,10 +1,10 @@
 """TopK dictionaries: an SAE (`AutoEncoderTopK`) and a transcoder (`TopKTranscoder`).
 
-Both compute (SCAE-SPEC §1)
+Both compute (docs/method.md §1)
 
     f = TopK_K(ReLU(W_enc x + b_enc)),    recon = W_dec f + b_dec,
 
-with unit-norm decoder columns. `b_enc` here is the spec's b_enc': the encoder never subtracts
+with unit-norm decoder columns. `b_enc` is the b_enc of docs/method.md §1: the encoder never subtracts
 b_dec from its input (a transcoder's input and output live in different spaces). Exports to
 dictionary_learning's own format convert to its `W_enc (x - b_dec)` convention exactly.
 

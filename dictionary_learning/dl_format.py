@@ -1,11 +1,11 @@
 """Export/import of SAEs in Sam Marks' dictionary_learning format (`ae.pt` + `config.json`).
 
-That library's AutoEncoderTopK encodes relu(encoder(x - b_dec)); ours encodes relu(W_enc x + b_enc')
-(SCAE-SPEC §1). The conversion is exact: b_enc_dl = b_enc' + W_enc b_dec, b_enc' = b_enc_dl - W_enc b_dec.
+That library's AutoEncoderTopK encodes relu(encoder(x - b_dec)); ours encodes relu(W_enc x + b_enc)
+(docs/method.md §1, docs/formats.md §5). The conversion is exact: b_enc_dl = b_enc + W_enc b_dec, b_enc = b_enc_dl - W_enc b_dec.
 
 A transcoder with d_in = d_out is exported the same way, as an AutoEncoderTopK whose input is the
 MLP input and whose output is the MLP output: the encoder is linear in x, so subtracting the
-output bias b_dec from the input is undone exactly by the same b_enc_dl = b_enc' + W_enc b_dec, and
+output bias b_dec from the input is undone exactly by the same b_enc_dl = b_enc + W_enc b_dec, and
 the decoder W_dec f + b_dec is unchanged. With d_in != d_out no AutoEncoderTopK can hold it.
 """
 
@@ -27,7 +27,7 @@ DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "th
 
 
 def centered_encoder_bias(ae: TopKDictionary) -> torch.Tensor:
-    """b_enc' + W_enc b_dec (fp32, CPU): the encoder bias of the libraries that encode
+    """b_enc + W_enc b_dec (fp32, CPU): the encoder bias of the libraries that encode
     W_enc (x - b_dec) + b (dictionary_learning, sparsify's SAEs); exact, as the map is linear."""
     # float64 keeps the round trip within one float32 rounding
     W_FD = ae.encoder.weight.detach().double().cpu()

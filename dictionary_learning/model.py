@@ -1,4 +1,4 @@
-"""Loading GPT-2-family models for the suite: fold ln_2 into mlp.c_fc and wrap with nnsight (spec 1)."""
+"""Loading GPT-2-family models for the suite: fold ln_2 into mlp.c_fc and wrap with nnsight (docs/method.md §2)."""
 
 from __future__ import annotations
 

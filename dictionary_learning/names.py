@@ -32,7 +32,7 @@ def suite_order(names) -> list[str]:
 
 
 def upstream_names(down: str) -> list[str]:
-    """The modules upstream of transcoder `down`, in execution order (SCAE-SPEC §2)."""
+    """The modules upstream of transcoder `down`, in execution order (docs/method.md §1)."""
     kind, L = parse_module_name(down)
     if kind != "mlp":
         raise ValueError(f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs")

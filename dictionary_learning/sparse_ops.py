@@ -1,4 +1,4 @@
-"""Sparse kernels of the pruned pass (SCAE-SPEC §2), each with a plain reference beside it.
+"""Sparse kernels of the pruned pass (docs/method.md §3), each with a plain reference beside it.
 
 The pruned pre-activation of downstream feature i sums, over its connections c,
 

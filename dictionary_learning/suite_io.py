@@ -5,7 +5,7 @@ meta}, `model.safetensors` with keys `<name>.encoder.weight` etc., and optionall
 
 `load_suite` also reads the original SCAE fork's layout (`config.json` with `submodule_configs`, and
 `checkpoint.pt` holding `aes.<name>.*`). That fork encoded relu(W (x - b_dec) + b) for SAEs and
-transcoders alike; it is converted exactly to our b_enc' = b - W b_dec (SCAE-SPEC §1, §7).
+transcoders alike; it is converted exactly to our b_enc = b - W b_dec (docs/formats.md §4, docs/departures.md §1).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def connected_suite(n_layers=3, d=16, F=40, k=4, C=10, seed=0):
 
 
 def dense_pruned_pre(suite64, batch64, conns, name: str, up_dense: dict) -> torch.Tensor:
-    """SCAE-SPEC §2 densely in float64: [(x0 + sum b_dec) Wc^T + sum_u f_u (M_u * Wc dec_u)^T] /
+    """docs/method.md §3 densely in float64: [(x0 + sum b_dec) Wc^T + sum_u f_u (M_u * Wc dec_u)^T] /
     sigma + b_enc, with M_u the connection mask and f_u the given dense upstream activations."""
     tc = suite64.dicts[name]
     W = tc.encoder.weight

@@ -1,4 +1,4 @@
-"""The pruned forward pass against plain references and the identities of SCAE-SPEC §2."""
+"""The pruned forward pass against plain references and the identities of docs/method.md §3."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def topk_dense(pre_BF, k):
 
 
 def reference_pruned(suite, batch, conns):
-    """Spec §2 written as plainly as possible: loops over features and their connections."""
+    """docs/method.md §3 written as plainly as possible: loops over features and their connections."""
     feats, pres = {}, {}
     for layer in range(suite.n_layers):
         a, m = f"attn_{layer}", f"mlp_{layer}"

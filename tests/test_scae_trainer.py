@@ -20,7 +20,7 @@ def tiny_buffer(n_layer=2, d=32, n_tokens=2048, batch=256, seed=0):
 
 
 def test_exact_attention_sae_on_real_activations_gives_vanilla_mlp0_pre():
-    """Spec §2: r_0 = x0 + attn_out_0 is resid_mid_0 when attn_0 is exact, so pruned == vanilla."""
+    """docs/method.md §3: r_0 = x0 + attn_out_0 is resid_mid_0 when attn_0 is exact, so pruned == vanilla."""
     buf = tiny_buffer(n_layer=1)
     batch = next(buf).to(dtype=torch.float64)
     suite = SCAESuite({"attn_0": exact_sae(32), "mlp_0": TopKTranscoder(32, 32, 64, 8)}).double()

@@ -1,4 +1,4 @@
-"""The SCAE suite and its pruned forward pass (SCAE-SPEC §2), and the finetuning trainer (§4).
+"""The SCAE suite and its pruned forward pass (docs/method.md §3), and the finetuning trainer (docs/method.md §5).
 
 Reading order: `SCAESuite.vanilla_forward` encodes each dictionary's true input;
 `SCAESuite.pruned_forward` rebuilds each transcoder's input from its connected upstream features
@@ -258,7 +258,7 @@ class SCAESuite(nn.Module):
         up_feats: dict[str, Features],
         cand_BN: Tensor | None,
     ) -> Tensor:
-        """The pruned pre-activations of transcoder `name` (SCAE-SPEC §2), for candidates or all.
+        """The pruned pre-activations of transcoder `name` (docs/method.md §3), for candidates or all.
 
         pre_i = [w_i.P x0 + sum_u w_i.P b_dec_u + sum_{(u,j) in conn(i)} f_uj (w_i.P d_uj)] / sigma
                 + b_enc_i
@@ -333,7 +333,7 @@ class SCAESuite(nn.Module):
 
 @dataclass
 class SCAETrainerConfig(TopKTrainerConfig):
-    """Hyperparameters of SCAE finetuning (SCAE-SPEC §4); the TopK fields keep their meaning."""
+    """Hyperparameters of SCAE finetuning (docs/method.md §5); the TopK fields keep their meaning."""
 
     coeff: float = 1.0
     """Weight of each transcoder's pruned FVU."""
@@ -362,7 +362,7 @@ class SCAETrainerConfig(TopKTrainerConfig):
 
 
 class TrainerSCAESuite(TopKSuiteTrainer):
-    """Finetunes every dictionary of a connected suite through the pruned pass (SCAE-SPEC §4).
+    """Finetunes every dictionary of a connected suite through the pruned pass (docs/method.md §5).
 
     Implements the trainer protocol of `training.train`, like `TopKSuiteTrainer`, from which it
     takes the optimizer, the schedule, the unit-norm decoders and the dead-feature tracking.

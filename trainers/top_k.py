@@ -2,8 +2,8 @@
 
 Every dictionary of the suite is trained from one `ActivationBatch`: `attn_<l>` (an SAE) maps
 attn_out_l to itself, `mlp_<l>` (a transcoder) maps mlp_in_l to mlp_out_l. Loss per dictionary:
-FVU (SCAE-SPEC §4) + auxk_alpha * AuxK, where AuxK reconstructs the main residual from the top
-k_aux PRE-TopK activations of dead features (the fix of SCAE-SPEC §7).
+FVU (docs/method.md §5) + auxk_alpha * AuxK, where AuxK reconstructs the main residual from the top
+k_aux PRE-TopK activations of dead features (docs/departures.md §4).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def lr_schedule(total_steps: int, warmup_steps: int, decay_start: float):
 
 
 def fvu(y_BD: Tensor, yhat_BD: Tensor, *, across_ranks: bool = False) -> Tensor:
-    """sum ||y - yhat||^2 / sum ||y - mean_batch(y)||^2 (SCAE-SPEC §4), in fp32.
+    """sum ||y - yhat||^2 / sum ||y - mean_batch(y)||^2 (docs/method.md §5), in fp32.
 
     across_ranks: under torch.distributed, the batch is the union of every rank's batch. The value
     is then the global FVU on every rank, and the gradient is world_size x this rank's share, so
