@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
@@ -29,7 +28,6 @@ from tqdm.auto import tqdm
 
 from dictionary_learning.connections import (
     Connections,
-    load_connections,
     save_connections,
     upstream_names,
     validate_connections,

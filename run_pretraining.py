@@ -20,7 +20,6 @@ OUT_DIR = "runs/pretrain"
 
 #%% Imports
 import argparse
-import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field

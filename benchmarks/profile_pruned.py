@@ -24,7 +24,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dictionary_learning.dictionary as dictionary  # noqa: E402
-import dictionary_learning.sparse_ops as sparse_ops  # noqa: E402
 import trainers.scae as scae  # noqa: E402
 import trainers.top_k as top_k  # noqa: E402
 from benchmarks.pruned_forward import CASES, DTYPES, build, make_step, sync  # noqa: E402

@@ -88,7 +88,9 @@ def test_one_fill_serves_each_token_once_and_memory_bound(model):
     got = cat(drain(buf, 7))
     assert buf.peak_stored_tokens <= 70
     # every served row is a distinct row of the first fill (tag rows by their x0 + attn_0 values)
-    key = lambda b_x0, b_a: torch.cat([b_x0, b_a], dim=1)
+    def key(b_x0, b_a):
+        return torch.cat([b_x0, b_a], dim=1)
+
     served = key(got.initial, got.src["attn_0"])
     fill = key(ref["initial"][:60], ref["attn_0"][:60])
     dist = torch.cdist(served, fill)

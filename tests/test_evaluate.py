@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F_
 
 import evaluate as ev
 from buffer import trace_activations

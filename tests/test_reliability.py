@@ -21,7 +21,7 @@ from dictionary_learning.data import token_contexts
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.errors import NonFiniteLossError
 from dictionary_learning.model import check_gpt2_like
-from tests.helpers import random_contexts, tiny_gpt2, tiny_hf_gpt2, tiny_tokenizer
+from tests.helpers import random_contexts, tiny_gpt2, tiny_tokenizer
 from tests.scae_fixtures import random_batch, random_connections, random_suite
 from trainers.scae import SCAESuite, SCAETrainerConfig, TrainerSCAESuite
 from training import CHECKPOINT, TrainConfig, load_checkpoint, train

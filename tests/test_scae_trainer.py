@@ -6,7 +6,7 @@ import torch
 from buffer import AllActivationBuffer
 from dictionary_learning.dictionary import TopKTranscoder
 from dictionary_learning.errors import NonFiniteLossError
-from find_top_connections import collect_activations, random_connections, top_connections
+from find_top_connections import collect_activations, top_connections
 from tests.helpers import random_contexts, tiny_gpt2
 from tests.scae_fixtures import exact_sae, full_connections, random_suite
 from trainers.scae import SCAESuite, SCAETrainerConfig, TrainerSCAESuite

@@ -4,7 +4,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder, sparse_decode
+from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.errors import NonFiniteLossError
 from trainers.top_k import (
     TopKSuiteTrainer,

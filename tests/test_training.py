@@ -48,7 +48,7 @@ def test_resume_bit_identical(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # step 3 of the crashed run dropped
     assert "attn_0/fvu" in rows[-1]
     assert os.path.isfile(os.path.join(out, "curves.png"))
@@ -125,7 +125,7 @@ def test_logger_online_without_key(tmp_path, monkeypatch, caplog):
     ml.log({"loss": 1.0, "attn_0/fvu": 0.5}, step=1)
     ml.log({"loss": 0.5, "attn_0/fvu": 0.25}, step=2)
     ml.finish()
-    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert (tmp_path / "curves.png").is_file()
     with pytest.raises(ValueError, match="wandb_mode"):
