@@ -1,4 +1,6 @@
-"""AllActivationBuffer: shuffled per-token activations of every layer of a folded GPT-2 (docs/method.md §2, §7).
+"""AllActivationBuffer: shuffled per-token activations of every layer of a folded GPT-2
+(docs/method.md §2, §7).
+
 
 One nnsight trace per model batch reads, for every block l, attn_out_l, resid_mid_l (input of the
 folded ln_2, to get sigma_l), mlp_in_l and mlp_out_l, plus x0 = input of block 0; the trace stops
@@ -60,7 +62,9 @@ class ActivationBatch(NamedTuple):
 
 
 @torch.no_grad()
-def trace_activations(model, toks_BC: Tensor, ln_eps: list[float] | None = None) -> dict[str, Tensor]:
+def trace_activations(
+    model, toks_BC: Tensor, ln_eps: list[float] | None = None
+) -> dict[str, Tensor]:
     """One nnsight trace of a folded GPT-2: per-position activations of every layer, BOS kept.
 
     Returns {"initial": x0, "attn_<l>": attn_out_l, "mlp_in_<l>", "mlp_out_<l>"} each [B, C, D],
@@ -104,8 +108,8 @@ class AllActivationBuffer:
     batches are served, each stored row at most once, in a random order drawn from a
     `torch.Generator` seeded once in __init__; the leftover (< out_batch_size rows) is discarded and
     the buffer refills completely. When the contexts run out before a full batch can be formed,
-    `__next__` raises DataExhaustedError (a RuntimeError, never a silent StopIteration, so a training
-    loop cannot quietly run fewer steps); bound loops with `zip(range(steps), buffer)`.
+    `__next__` raises DataExhaustedError (a RuntimeError, never a silent StopIteration, so a
+    training loop cannot quietly run fewer steps); bound loops with `zip(range(steps), buffer)`.
     `state_dict()` / `load_state_dict()` give bit-exact resume over the same context iterator.
     """
 
@@ -125,7 +129,8 @@ class AllActivationBuffer:
         info = model_info(model)
         if out_batch_size < 1 or model_batch_size < 1:
             raise ValueError(
-                f"out_batch_size={out_batch_size} and model_batch_size={model_batch_size} must be >= 1."
+                f"out_batch_size={out_batch_size} and model_batch_size={model_batch_size} "
+                "must be >= 1."
             )
         self.model = model
         self.n_layers, self.d_model = info.n_layers, info.d_model
@@ -217,8 +222,9 @@ class AllActivationBuffer:
                 ctx = self._check_context(ctx)
                 if ctx.shape[0] != self.ctx_len:
                     raise ValueError(
-                        f"context {self._consumed + len(batch)} has {ctx.shape[0]} tokens, expected "
-                        f"{self.ctx_len}; all contexts must have the same length (use token_contexts)."
+                        f"context {self._consumed + len(batch)} has {ctx.shape[0]} tokens, "
+                        f"expected {self.ctx_len}; all contexts must have the same length "
+                        "(use token_contexts)."
                     )
                 batch.append(ctx)
                 if len(batch) == min(self.model_batch_size, self.contexts_per_fill - taken):
@@ -242,9 +248,9 @@ class AllActivationBuffer:
         n_serve = (rows // self.out_batch_size) * self.out_batch_size
         if n_serve == 0:
             raise DataExhaustedError(
-                f"the text source ran out after {self._consumed} contexts (only {rows} tokens left, "
-                f"fewer than out_batch_size={self.out_batch_size}); give more data or train fewer "
-                "steps."
+                f"the text source ran out after {self._consumed} contexts (only {rows} tokens "
+                f"left, fewer than out_batch_size={self.out_batch_size}); give more data or train "
+                "fewer steps."
             )
         self._store = {k: v[:rows] for k, v in store.items()}
         self._fill_gen_state = self._gen.get_state()
@@ -275,10 +281,11 @@ class AllActivationBuffer:
     def state_dict(self) -> dict:
         """Resume state: contexts consumed before the current fill, generator state at its start,
         rows served from it."""
+        in_fill = self._perm is not None
         return {
-            "contexts_before_fill": self._consumed_before_fill if self._perm is not None else self._consumed,
-            "fill_gen_state": (self._fill_gen_state if self._perm is not None else self._gen.get_state()).clone(),
-            "served_in_fill": self._served if self._perm is not None else 0,
+            "contexts_before_fill": self._consumed_before_fill if in_fill else self._consumed,
+            "fill_gen_state": (self._fill_gen_state if in_fill else self._gen.get_state()).clone(),
+            "served_in_fill": self._served if in_fill else 0,
             "has_fill": self._perm is not None,
             "n_tokens": self.n_tokens,
             "out_batch_size": self.out_batch_size,
@@ -303,8 +310,8 @@ class AllActivationBuffer:
         for i in range(skip):
             if next(self._contexts, None) is None:
                 raise DataExhaustedError(
-                    f"the context iterator ended after {i} contexts while skipping {skip} to resume; "
-                    "pass the same text source as the saved run."
+                    f"the context iterator ended after {i} contexts while skipping {skip} to "
+                    "resume; pass the same text source as the saved run."
                 )
         self._consumed = skip
         self._gen.set_state(state["fill_gen_state"].clone())

@@ -44,7 +44,8 @@ def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None
         allowed = upstream_names(down)
         if not isinstance(ups, dict):
             raise TypeError(
-                f"connections[{down!r}] must be a dict {{up_name: LongTensor}}, got {type(ups).__name__}"
+                f"connections[{down!r}] must be a dict {{up_name: LongTensor}}, "
+                f"got {type(ups).__name__}"
             )
         F_down = dict_sizes[down]
         for up, idx in ups.items():
@@ -84,11 +85,16 @@ def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None
 
 def save_connections(conns: Connections, path: str | os.PathLike) -> None:
     """torch.save the exchange format atomically (temp file, then rename)."""
-    plain = {d: {u: t.detach().to("cpu", torch.int64) for u, t in ups.items()} for d, ups in conns.items()}
+    plain = {
+        d: {u: t.detach().to("cpu", torch.int64) for u, t in ups.items()}
+        for d, ups in conns.items()
+    }
     atomic_torch_save(plain, path)
 
 
-def load_connections(path: str | os.PathLike, dict_sizes: dict[str, int] | None = None) -> Connections:
+def load_connections(
+    path: str | os.PathLike, dict_sizes: dict[str, int] | None = None
+) -> Connections:
     """Read a connections file (torch.save, or the original fork's plain pickle of tensors) without
     running code from it; check its structure and integer dtypes, and validate it against the
     suite when `dict_sizes` is given."""
@@ -98,8 +104,8 @@ def load_connections(path: str | os.PathLike, dict_sizes: dict[str, int] | None 
     conns = load_tensor_file(path, "connections file", fix)
     if not isinstance(conns, dict):
         raise TypeError(
-            f"{str(path)!r} holds a {type(conns).__name__}, not a dict {{down: {{up: LongTensor}}}}; "
-            f"pass a connections file in the exchange format"
+            f"{str(path)!r} holds a {type(conns).__name__}, not a dict "
+            "{down: {up: LongTensor}}; pass a connections file in the exchange format"
         )
     for down, ups in conns.items():
         if not isinstance(ups, dict):

@@ -129,10 +129,10 @@ def token_contexts(
     """Pack documents into contexts of `ctx_len` tokens: [eos as BOS] + (ctx_len - 1) text tokens.
 
     Each document is tokenized and followed by the eos token; the stream is cut into chunks of
-    ctx_len - 1 tokens and every chunk gets the eos id prepended as BOS (docs/method.md §7; position 0
-    is dropped later). Short documents are packed together, not skipped, and nothing is padded;
-    the final incomplete chunk is dropped. Context i goes to rank i % world_size, so DDP ranks never
-    see the same context. Yields LongTensor [ctx_len].
+    ctx_len - 1 tokens and every chunk gets the eos id prepended as BOS (docs/method.md §7;
+    position 0 is dropped later). Short documents are packed together, not skipped, and nothing
+    is padded; the final incomplete chunk is dropped. Context i goes to rank i % world_size, so DDP
+    ranks never see the same context. Yields LongTensor [ctx_len].
     """
     if ctx_len < 2:
         raise ValueError(f"ctx_len={ctx_len} is too small: a context needs BOS + at least 1 token.")
@@ -241,9 +241,9 @@ def contexts_from(
             yield ctx
         if n == 0:
             raise ValueError(
-                f"text source {spec!r} ({split} split) gave no complete context of ctx_len={ctx_len}"
-                f" tokens in a whole pass: it holds {texts.docs} document(s) with {texts.chars} "
-                "non-whitespace characters"
+                f"text source {spec!r} ({split} split) gave no complete context of "
+                f"ctx_len={ctx_len} tokens in a whole pass: it holds {texts.docs} document(s) "
+                f"with {texts.chars} non-whitespace characters"
                 + (f" after skipping {skip_docs} documents" if skip_docs else "")
                 + ". Pass more text (or a lower ctx_len)."
             )

@@ -4,9 +4,9 @@ Both compute (docs/method.md §1)
 
     f = TopK_K(ReLU(W_enc x + b_enc)),    recon = W_dec f + b_dec,
 
-with unit-norm decoder columns. `b_enc` is the b_enc of docs/method.md §1: the encoder never subtracts
-b_dec from its input (a transcoder's input and output live in different spaces). Exports to
-dictionary_learning's own format convert to its `W_enc (x - b_dec)` convention exactly.
+with unit-norm decoder columns. `b_enc` is the b_enc of docs/method.md §1: the encoder never
+subtracts b_dec from its input (a transcoder's input and output live in different spaces).
+Exports to dictionary_learning's own format convert to its `W_enc (x - b_dec)` convention exactly.
 
 Features are passed around sparsely as `Features(vals_BK, idx_BK)`: the K active values and their
 indices. Decoding uses `embedding_bag`, so no dense [B, F] activation tensor is built.
@@ -141,7 +141,8 @@ class TopKDictionary(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Rescale decoder columns to unit norm (after each optimizer step, as dictionary_learning does)."""
+        """Rescale decoder columns to unit norm (after each optimizer step, as dictionary_learning
+        does)."""
         self.decoder.weight.div_(self.decoder.weight.norm(dim=0, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Export/import of SAEs in Sam Marks' dictionary_learning format (`ae.pt` + `config.json`).
 
 That library's AutoEncoderTopK encodes relu(encoder(x - b_dec)); ours encodes relu(W_enc x + b_enc)
-(docs/method.md §1, docs/formats.md §5). The conversion is exact: b_enc_dl = b_enc + W_enc b_dec, b_enc = b_enc_dl - W_enc b_dec.
+(docs/method.md §1, docs/formats.md §5). The conversion is exact:
+b_enc_dl = b_enc + W_enc b_dec, b_enc = b_enc_dl - W_enc b_dec.
 
 A transcoder with d_in = d_out is exported the same way, as an AutoEncoderTopK whose input is the
 MLP input and whose output is the MLP output: the encoder is linear in x, so subtracting the

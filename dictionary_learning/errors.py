@@ -4,14 +4,15 @@ from __future__ import annotations
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A dictionary's loss became NaN/Inf; raised before the optimizer step so weights stay clean."""
+    """A dictionary's loss became NaN/Inf; raised before the optimizer step so weights stay
+    clean."""
 
     def __init__(self, name: str, step: int, value: float):
         self.name, self.step, self.value = name, step, value
         super().__init__(
-            f"non-finite loss {value} for dictionary {name!r} at step {step}; the optimizer step was "
-            "skipped. Lower the learning rate, check the inputs for NaN/Inf, or resume from the last "
-            "checkpoint."
+            f"non-finite loss {value} for dictionary {name!r} at step {step}; the optimizer step "
+            "was skipped. Lower the learning rate, check the inputs for NaN/Inf, or resume from "
+            "the last checkpoint."
         )
 
 

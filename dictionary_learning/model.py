@@ -1,4 +1,5 @@
-"""Loading GPT-2-family models for the suite: fold ln_2 into mlp.c_fc and wrap with nnsight (docs/method.md §2)."""
+"""Loading GPT-2-family models for the suite: fold ln_2 into mlp.c_fc and wrap with nnsight
+(docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def check_gpt2_like(model) -> None:
     ok = blocks is not None and len(blocks) > 0
     if ok:
         for b in blocks:
-            if not (hasattr(b, "attn") and hasattr(b, "ln_2") and hasattr(getattr(b, "mlp", None), "c_fc")):
+            has_mlp_c_fc = hasattr(getattr(b, "mlp", None), "c_fc")
+            if not (hasattr(b, "attn") and hasattr(b, "ln_2") and has_mlp_c_fc):
                 ok = False
                 break
     if not ok:
@@ -107,7 +109,11 @@ def _wrap(hf_model, tokenizer):
 
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not name.startswith(("/", "~"))
+    return (
+        1 <= len(parts) <= 2
+        and all(p and not p.startswith(".") for p in parts)
+        and not name.startswith(("/", "~"))
+    )
 
 
 def load_model(
@@ -153,10 +159,12 @@ def load_model(
         except OSError as exc:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
             if src == name and not Path(name).exists():
-                why = "HF_HUB_OFFLINE is set" if offline else "there is no network or no such Hub id"
+                why = (
+                    "HF_HUB_OFFLINE is set" if offline else "there is no network or no such Hub id"
+                )
                 raise ValueError(
-                    f"could not load model {name!r} from the Hub ({why}) and it is not in the local "
-                    f"HF cache: pass a local directory saved with save_pretrained, or "
+                    f"could not load model {name!r} from the Hub ({why}) and it is not in the "
+                    f"local HF cache: pass a local directory saved with save_pretrained, or "
                     f"{EMBEDDED_MODEL!r} (built locally). Original error: {exc}"
                 ) from exc
             raise FileNotFoundError(

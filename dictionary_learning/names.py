@@ -35,5 +35,7 @@ def upstream_names(down: str) -> list[str]:
     """The modules upstream of transcoder `down`, in execution order (docs/method.md §1)."""
     kind, L = parse_module_name(down)
     if kind != "mlp":
-        raise ValueError(f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs")
+        raise ValueError(
+            f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs"
+        )
     return module_names(L) + [f"attn_{L}"]

@@ -5,7 +5,8 @@ meta}, `model.safetensors` with keys `<name>.encoder.weight` etc., and optionall
 
 `load_suite` also reads the original SCAE fork's layout (`config.json` with `submodule_configs`, and
 `checkpoint.pt` holding `aes.<name>.*`). That fork encoded relu(W (x - b_dec) + b) for SAEs and
-transcoders alike; it is converted exactly to our b_enc = b - W b_dec (docs/formats.md §4, docs/departures.md §1).
+transcoders alike; it is converted exactly to our b_enc = b - W b_dec (docs/formats.md §4,
+docs/departures.md §1).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class SuiteFiles(NamedTuple):
 
 
 def check_name(name: str, d: TopKDictionary | None = None) -> tuple[str, int]:
-    """Validate a suite name: `attn_<l>` must be an SAE, `mlp_<l>` a transcoder. Returns (kind, layer)."""
+    """Validate a suite name: `attn_<l>` must be an SAE, `mlp_<l>` a transcoder. Returns
+    (kind, layer)."""
     kind, layer = parse_module_name(name)
     if d is not None:
         if kind == "attn" and not isinstance(d, AutoEncoderTopK):
@@ -71,7 +73,8 @@ def library_versions() -> dict[str, str]:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`; an existing `out` is replaced, restored on failure."""
+    """Move the finished folder `tmp` to `out`; an existing `out` is replaced, restored on
+    failure."""
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -278,7 +281,9 @@ def _load_original(root: Path, config: dict) -> dict[str, TopKDictionary]:
     )
     state = ckpt["suite_state"] if isinstance(ckpt, dict) and "suite_state" in ckpt else ckpt
     if not isinstance(state, dict):
-        raise TypeError(f"{root / 'checkpoint.pt'}: expected a state dict, got {type(state).__name__}")
+        raise TypeError(
+            f"{root / 'checkpoint.pt'}: expected a state dict, got {type(state).__name__}"
+        )
     if "submodule_configs" in config:
         sub = config["submodule_configs"]
     elif "k" in config and "n_features" in config:  # oldest layout: one k / F for every module
@@ -307,9 +312,13 @@ def _load_original(root: Path, config: dict) -> dict[str, TopKDictionary]:
                 f"b_dec {tuple(b_dec_D.shape)}"
             )
         if "dict_size" in c and int(c["dict_size"]) != F:
-            raise ValueError(f"{root}: {name}: config dict_size {c['dict_size']} but weights have {F}")
+            raise ValueError(
+                f"{root}: {name}: config dict_size {c['dict_size']} but weights have {F}"
+            )
         if D_in != D_out:
-            raise ValueError(f"{root}: {name}: the fork subtracted b_dec [{D_out}] from a [{D_in}] input")
+            raise ValueError(
+                f"{root}: {name}: the fork subtracted b_dec [{D_out}] from a [{D_in}] input"
+            )
         kind, _ = check_name(name)
         k = int(c["k"])
         d = AutoEncoderTopK(D_in, F, k) if kind == "attn" else TopKTranscoder(D_in, D_out, F, k)

@@ -63,7 +63,9 @@ def check_device(device: str | torch.device, what: str = "--device") -> torch.de
         if not torch.backends.mps.is_available():
             raise ValueError(f"{what} {device!r}: MPS is not available here; use --device cpu")
         return dev
-    raise ValueError(f"{what} {device!r}: device type {dev.type!r} is not supported; use cpu or cuda")
+    raise ValueError(
+        f"{what} {device!r}: device type {dev.type!r} is not supported; use cpu or cuda"
+    )
 
 
 def check_ctx_len(ctx_len: int, n_positions: int | None = None, what: str = "--ctx-len") -> None:
