@@ -142,7 +142,9 @@ def clean_logits(model, toks_BT: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def splice_logits(model, toks_BT: Tensor, name: str, recon_fn: Callable[[Tensor], Tensor]) -> Tensor:
+def splice_logits(
+    model, toks_BT: Tensor, name: str, recon_fn: Callable[[Tensor], Tensor]
+) -> Tensor:
     """Logits [B, T, V] of the real model with module `name`'s output replaced by `recon_fn`.
 
     attn_<l>: h[l].attn output[0] at positions 1.. becomes recon_fn(that output) (an SAE);
@@ -162,7 +164,8 @@ def splice_logits(model, toks_BT: Tensor, name: str, recon_fn: Callable[[Tensor]
         B, T, D = x_BTD.shape
         recon_ND = recon_fn(x_BTD[:, 1:].reshape(-1, D))
         new_BTD = out_BTD.clone()
-        new_BTD[:, 1:] = recon_ND.reshape(B, T - 1, -1).to(device=out_BTD.device, dtype=out_BTD.dtype)
+        recon_BTD = recon_ND.reshape(B, T - 1, -1)
+        new_BTD[:, 1:] = recon_BTD.to(device=out_BTD.device, dtype=out_BTD.dtype)
         return new_BTD
 
     if kind == "attn":
@@ -224,7 +227,8 @@ class FVUAccumulator:
 
 
 class ModuleMetrics(NamedTuple):
-    """Metrics of one dictionary over all evaluation tokens (pruned ones None without connections)."""
+    """Metrics of one dictionary over all evaluation tokens (the pruned ones are None without
+    connections)."""
 
     fvu_vanilla: float
     """FVU of the vanilla reconstruction of the module's target."""
@@ -254,7 +258,8 @@ class CEMetrics(NamedTuple):
     recovered_vanilla: float
     recovered_pruned: float | None
     splice: dict[str, float]
-    """{name: CE of the real model with that one module replaced by its dictionary} (may be empty)."""
+    """{name: CE of the real model with that one module replaced by its dictionary} (may be
+    empty)."""
 
 
 class SuiteEval(NamedTuple):
@@ -295,7 +300,9 @@ def _prepare_contexts(
     it = iter(contexts)
     first = next(it, None)
     if first is None:
-        raise ValueError("no evaluation contexts were given; pass LongTensors [ctx_len] (token_contexts).")
+        raise ValueError(
+            "no evaluation contexts were given; pass LongTensors [ctx_len] (token_contexts)."
+        )
     ctx_len = int(first.shape[-1])
     if ctx_len < 3 or ctx_len > n_ctx:
         raise ValueError(
@@ -313,7 +320,9 @@ def _prepare_contexts(
             if limit is not None and i >= limit:
                 break
             if not isinstance(ctx, Tensor) or ctx.dim() != 1 or ctx.dtype.is_floating_point:
-                raise TypeError(f"context {i} is not a 1-D LongTensor of token ids; use token_contexts().")
+                raise TypeError(
+                    f"context {i} is not a 1-D LongTensor of token ids; use token_contexts()."
+                )
             if ctx.shape[0] != ctx_len:
                 raise ValueError(
                     f"context {i} has {ctx.shape[0]} tokens, expected {ctx_len}; all contexts must "
@@ -348,7 +357,8 @@ def evaluate_suite(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> SuiteEval:
-    """All docs/method.md §6 metrics of `suite` over `contexts` (iterable of LongTensor [C] with BOS first, or [N, C]).
+    """All docs/method.md §6 metrics of `suite` over `contexts` (iterable of LongTensor [C] with
+    BOS first, or [N, C]).
 
     Evaluates `batch_size` contexts at a time, accumulating sums (results equal a one-shot run).
     Stops after `n_contexts` contexts or enough contexts for `n_tokens` non-BOS tokens (whichever
@@ -373,7 +383,9 @@ def evaluate_suite(
     l0_v = {n: _Sum() for n in names}
     l0_p = {n: _Sum() for n in names}
     agree = {n: _Sum() for n in names}
-    fired = {n: torch.zeros(suite.dicts[n].dict_size, dtype=torch.bool, device=device) for n in names}
+    fired = {
+        n: torch.zeros(suite.dicts[n].dict_size, dtype=torch.bool, device=device) for n in names
+    }
     ce = {k: _Sum() for k in ("clean", "ablated", "vanilla", "pruned")}
     ce_splice = {n: _Sum() for n in names} if splice else {}
     n_ctx_seen, ctx_len = 0, 0
@@ -419,7 +431,8 @@ def evaluate_suite(
         def suite_ce(recons: dict[str, Tensor]) -> tuple[Tensor, int]:
             x0_BTD = acts["initial"]
             r_BTD = x0_BTD.float().clone()
-            r_BTD[:, 1:] = final_residual(x0_BTD[:, 1:], (recons[n].view(B, T - 1, -1) for n in names))
+            recons_BTD = (recons[n].view(B, T - 1, -1) for n in names)
+            r_BTD[:, 1:] = final_residual(x0_BTD[:, 1:], recons_BTD)
             return next_token_ce(unembed(model, r_BTD), toks_BT, "sum"), B * (T - 2)
 
         n_pred = B * (T - 2)
@@ -583,7 +596,9 @@ def save_plots(rep: dict, out_dir: str | os.PathLike) -> list[Path]:
 
     def save(fig: Figure, name: str) -> None:
         FigureCanvasAgg(fig)
-        atomic_write(out / name, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
+        atomic_write(
+            out / name, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight")
+        )
         paths.append(out / name)
 
     mods = rep["modules"]
@@ -633,13 +648,17 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 def format_table(rep: dict) -> str:
     """A text table of the per-module metrics and the CE figures of a report dict."""
-    head = f"{'module':<9} {'FVU':>8} {'FVU pr':>8} {'L0':>7} {'L0 pr':>7} {'dead':>7} {'agree':>7} {'splice CE':>10}"
+    head = (
+        f"{'module':<9} {'FVU':>8} {'FVU pr':>8} {'L0':>7} {'L0 pr':>7} {'dead':>7} {'agree':>7} "
+        f"{'splice CE':>10}"
+    )
     lines = [head, "-" * len(head)]
     splice = rep["ce"].get("splice") or {}
     for n, m in rep["modules"].items():
         dead = "-" if m["dead_frac"] is None else f"{100 * m['dead_frac']:6.1f}%"
         lines.append(
-            f"{n:<9} {_fmt(m['fvu_vanilla'], '.4g'):>8} {_fmt(m['fvu_pruned'], '.4g'):>8} {_fmt(m['l0'], '.2f'):>7} "
+            f"{n:<9} {_fmt(m['fvu_vanilla'], '.4g'):>8} {_fmt(m['fvu_pruned'], '.4g'):>8} "
+            f"{_fmt(m['l0'], '.2f'):>7} "
             f"{_fmt(m['l0_pruned'], '.2f'):>7} {dead:>7} {_fmt(m['agreement'], '.3f'):>7} "
             f"{_fmt(splice.get(n)):>10}"
         )
@@ -694,15 +713,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description="Evaluate a saved SCAE suite (docs/method.md §6).")
     p.add_argument("--suite", required=True, help="suite folder (save_pretrained) or Hub id")
-    p.add_argument("--connections", help="connections file (exchange format); default: the suite's own")
+    p.add_argument(
+        "--connections", help="connections file (exchange format); default: the suite's own"
+    )
     p.add_argument("--model", help="model name or path; default: the suite meta's model_name")
-    p.add_argument("--data", default="embedded", help="'embedded' (validation split) or a text file/dir")
+    p.add_argument(
+        "--data", default="embedded", help="'embedded' (validation split) or a text file/dir"
+    )
     p.add_argument("--tokens", type=int, default=2**15, help="evaluation tokens (non-BOS)")
-    p.add_argument("--ctx-len", type=int, help="context length with BOS; default: the suite's, else 128")
+    p.add_argument(
+        "--ctx-len", type=int, help="context length with BOS; default: the suite's, else 128"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="contexts per chunk")
     p.add_argument("--no-splice", action="store_true", help="skip the per-module splice CE runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="suite dtype")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="suite dtype"
+    )
     p.add_argument("--out", required=True, help="output folder for report.json and the plots")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -729,7 +756,10 @@ def main(argv: list[str] | None = None) -> dict:
         check_ctx_len(args.ctx_len, info.n_ctx)
     ctx_len = args.ctx_len or (meta.get("buffer") or {}).get("ctx_len") or 128
     ctx_len = min(int(ctx_len), info.n_ctx)
-    texts = embedded_text_source("validation") if args.data == "embedded" else text_file_source(args.data)
+    if args.data == "embedded":
+        texts = embedded_text_source("validation")
+    else:
+        texts = text_file_source(args.data)
     contexts = token_contexts(texts, model.tokenizer, ctx_len)
     rep = report(
         suite, model, contexts, n_tokens=args.tokens, batch_size=args.batch_size,

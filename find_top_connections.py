@@ -87,7 +87,8 @@ def collect_activations(suite: SCAESuite, batches: Iterable, n_tokens: int) -> S
                 break
     if seen < n_tokens:
         raise ValueError(
-            f"the data gave {seen} tokens but {n_tokens} were asked for; give more data or lower n_tokens"
+            f"the data gave {seen} tokens but {n_tokens} were asked for; give more data or lower "
+            "n_tokens"
         )
     return SparseActivations(vals, idx, sigma)
 
@@ -161,12 +162,16 @@ def importance_blocks(
         yield lo, hi, V * A.view(hi - lo, n_up) / count.clamp_min(1)[:, None]
 
 
-def importance(suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active") -> Tensor:
+def importance(
+    suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active"
+) -> Tensor:
     """The dense importance matrix [F_down, n_up] of one transcoder (small suites and tests)."""
     return torch.cat([b for _, _, b in importance_blocks(suite, acts, down, variant)])
 
 
-def _split_global(down: str, suite: SCAESuite, top_FC: Tensor, keep_FC: Tensor) -> dict[str, Tensor]:
+def _split_global(
+    down: str, suite: SCAESuite, top_FC: Tensor, keep_FC: Tensor
+) -> dict[str, Tensor]:
     """Global upstream indices [F, C] (keep mask) -> exchange format {up: [F, C_up]}, -1 padded."""
     out, off = {}, 0
     for u in upstream_names(down):
@@ -197,7 +202,10 @@ def top_connections(
     conns = {}
     for down in tqdm(suite.transcoder_names, desc="top connections", leave=False):
         tops, keeps = [], []
-        for _, _, imp in importance_blocks(suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes):
+        blocks = importance_blocks(
+            suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes
+        )
+        for _, _, imp in blocks:
             c = min(C, imp.shape[1])
             score, top = imp.abs().topk(c, dim=1)
             tops.append(top)
@@ -235,7 +243,8 @@ def random_connections(
 def connection_stats(conns: Connections) -> dict[str, dict[str, float]]:
     """Mean number of connections per feature into each upstream module."""
     return {
-        d: {u: float((idx >= 0).sum(1).float().mean()) for u, idx in ups.items()} for d, ups in conns.items()
+        d: {u: float((idx >= 0).sum(1).float().mean()) for u, idx in ups.items()}
+        for d, ups in conns.items()
     }
 
 
@@ -247,7 +256,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", required=True, help="suite folder or Hub id")
     p.add_argument("--model", default=None, help="model name or path (default: the suite's)")
-    p.add_argument("--data", default=None, help="'embedded', a text file or folder, or a datasets name")
+    p.add_argument(
+        "--data", default=None, help="'embedded', a text file or folder, or a datasets name"
+    )
     p.add_argument("--tokens", type=int, default=200_000, help="tokens to average over")
     p.add_argument("--C", type=int, default=100, help="connections per downstream feature")
     p.add_argument("--variant", choices=["active", "all"], default="active")
@@ -266,7 +277,8 @@ def main(argv=None) -> None:
                              int(buffer_meta.get("ctx_len", 128)), repeat=True)
     buf = AllActivationBuffer(model, contexts, n_tokens=min(args.tokens, 1 << 17),
                               out_batch_size=1024, device=args.device)
-    conns = top_connections(suite, collect_activations(suite, buf, args.tokens), args.C, args.variant)
+    acts = collect_activations(suite, buf, args.tokens)
+    conns = top_connections(suite, acts, args.C, args.variant)
     if args.random:
         conns = random_connections(suite, conns)
     save_connections(conns, args.out)

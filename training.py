@@ -201,7 +201,9 @@ def train(
         resume_step=start if start > 0 else None,
         wandb_group=cfg.wandb_group, wandb_dir=cfg.wandb_dir, job_type="train",
     )
-    end = cfg.steps if cfg.max_steps_this_run is None else min(cfg.steps, start + cfg.max_steps_this_run)
+    end = cfg.steps
+    if cfg.max_steps_this_run is not None:
+        end = min(cfg.steps, start + cfg.max_steps_this_run)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not is_main(),
                desc="train", dynamic_ncols=True)
     try:

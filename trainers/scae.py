@@ -1,4 +1,5 @@
-"""The SCAE suite and its pruned forward pass (docs/method.md §3), and the finetuning trainer (docs/method.md §5).
+"""The SCAE suite and its pruned forward pass (docs/method.md §3), and the finetuning trainer
+(docs/method.md §5).
 
 Reading order: `SCAESuite.vanilla_forward` encodes each dictionary's true input;
 `SCAESuite.pruned_forward` rebuilds each transcoder's input from its connected upstream features
@@ -64,19 +65,23 @@ class SCAESuite(nn.Module):
     def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None):
         super().__init__()
         if not dicts:
-            raise ValueError("a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}")
+            raise ValueError(
+                "a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}"
+            )
         layers = {parse_module_name(n)[1] for n in dicts}
         self.n_layers = max(layers) + 1
         expected = module_names(self.n_layers)
         missing = [n for n in expected if n not in dicts]
         if missing:
             raise ValueError(
-                f"the suite lacks {missing}; it needs an 'attn_<l>' SAE and an 'mlp_<l>' transcoder "
-                f"for every layer 0..{self.n_layers - 1}"
+                f"the suite lacks {missing}; it needs an 'attn_<l>' SAE and an 'mlp_<l>' "
+                f"transcoder for every layer 0..{self.n_layers - 1}"
             )
         for name, ae in dicts.items():
             if parse_module_name(name)[0] == "attn" and ae.d_in != ae.d_out:
-                raise ValueError(f"{name} must be an SAE (d_in == d_out), got {ae.d_in} -> {ae.d_out}")
+                raise ValueError(
+                    f"{name} must be an SAE (d_in == d_out), got {ae.d_in} -> {ae.d_out}"
+                )
         dims = {ae.d_out for ae in dicts.values()} | {ae.d_in for ae in dicts.values()}
         if len(dims) != 1:
             raise ValueError(f"all dictionaries must share d_model, got dimensions {sorted(dims)}")
@@ -155,7 +160,10 @@ class SCAESuite(nn.Module):
     def _check_batch(self, batch) -> None:
         for name in self.names:
             if name not in batch.src or name not in batch.tgt:
-                raise KeyError(f"the batch has no activations for {name!r}; build the buffer from the suite's model")
+                raise KeyError(
+                    f"the batch has no activations for {name!r}; build the buffer from the "
+                    "suite's model"
+                )
             x = batch.src[name]
             if x.shape[-1] != self.dicts[name].d_in:
                 raise ValueError(
@@ -213,7 +221,8 @@ class SCAESuite(nn.Module):
         self, name: str, vanilla_pre_BF: Tensor, n_threshold: int, n_random: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """[B, K + n_threshold + n_random]: vanilla top K, the next n_threshold, then random others."""
+        """[B, K + n_threshold + n_random]: vanilla top K, the next n_threshold, then random
+        others."""
         ae = self.dicts[name]
         n_top = ae.k + n_threshold
         if n_top + n_random > ae.dict_size:
@@ -258,7 +267,8 @@ class SCAESuite(nn.Module):
         up_feats: dict[str, Features],
         cand_BN: Tensor | None,
     ) -> Tensor:
-        """The pruned pre-activations of transcoder `name` (docs/method.md §3), for candidates or all.
+        """The pruned pre-activations of transcoder `name` (docs/method.md §3), for candidates or
+        all.
 
         pre_i = [w_i.P x0 + sum_u w_i.P b_dec_u + sum_{(u,j) in conn(i)} f_uj (w_i.P d_uj)] / sigma
                 + b_enc_i
@@ -270,7 +280,10 @@ class SCAESuite(nn.Module):
 
         # Upstream features in the global index space, and the embedding + bias term.
         vals_BK = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
-        idx_BK = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)], dim=1)
+        idx_BK = torch.cat(
+            [up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)],
+            dim=1,
+        )
         # (x0 + sum_u b_dec_u) @ Wc.T, split so that no [B, F] @ [F, D] product is needed for the
         # gradient of the biases (x0 is data).
         b_D = sum(self.dicts[u].b_dec for u in comp.ups)
@@ -280,11 +293,14 @@ class SCAESuite(nn.Module):
         if cand_BN is None:
             conn_BF = connection_contrib_all(vals_BK, idx_BK, V_FC, comp.J_FC, comp.n_up)
             return (base_BF + conn_BF) / sigma_B1 + ae.encoder.bias
-        conn_BN = connection_contrib_candidates(vals_BK, idx_BK, V_FC, comp.J_FC, cand_BN, comp.n_up)
+        conn_BN = connection_contrib_candidates(
+            vals_BK, idx_BK, V_FC, comp.J_FC, cand_BN, comp.n_up
+        )
         return (base_BF.gather(1, cand_BN) + conn_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
 
     def _pruned_transcoder(
-        self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random, generator,
+        self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
+        generator,
     ) -> DictOutput:
         ae = self.dicts[name]
         if mode == "all":
@@ -333,7 +349,8 @@ class SCAESuite(nn.Module):
 
 @dataclass
 class SCAETrainerConfig(TopKTrainerConfig):
-    """Hyperparameters of SCAE finetuning (docs/method.md §5); the TopK fields keep their meaning."""
+    """Hyperparameters of SCAE finetuning (docs/method.md §5); the TopK fields keep their
+    meaning."""
 
     coeff: float = 1.0
     """Weight of each transcoder's pruned FVU."""
@@ -356,9 +373,15 @@ class SCAETrainerConfig(TopKTrainerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss not in ("vanilla+pruned", "pruned"):
-            raise ValueError(f"SCAETrainerConfig.loss={self.loss!r}: use 'vanilla+pruned' or 'pruned'")
-        if min(self.n_threshold, self.n_random) < 0 or min(self.coeff, self.random_coeff, self.act_coeff) < 0:
-            raise ValueError("SCAETrainerConfig: n_threshold, n_random and the coefficients must be >= 0")
+            raise ValueError(
+                f"SCAETrainerConfig.loss={self.loss!r}: use 'vanilla+pruned' or 'pruned'"
+            )
+        counts = (self.n_threshold, self.n_random)
+        coeffs = (self.coeff, self.random_coeff, self.act_coeff)
+        if min(counts) < 0 or min(coeffs) < 0:
+            raise ValueError(
+                "SCAETrainerConfig: n_threshold, n_random and the coefficients must be >= 0"
+            )
 
 
 class TrainerSCAESuite(TopKSuiteTrainer):
@@ -400,7 +423,9 @@ class TrainerSCAESuite(TopKSuiteTrainer):
             aux = auxk_loss(d, van.pre_BN, y.float() - van.recon_BD.float(), self.dead_mask(n),
                             self.k_aux[n], relu=cfg.auxk_relu)
             if d.is_transcoder:
-                cand_BN = self.suite.candidates(n, van.pre_BN, cfg.n_threshold, cfg.n_random, self.generator)
+                cand_BN = self.suite.candidates(
+                    n, van.pre_BN, cfg.n_threshold, cfg.n_random, self.generator
+                )
                 van = van._replace(pre_BN=van.pre_BN.gather(1, cand_BN), cand_BN=cand_BN)
             else:
                 van = van._replace(pre_BN=None)
@@ -439,7 +464,9 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         top_BT = pr.pre_BN[:, :n_top]
         vals_BK, sel_BK = top_BT.topk(k, dim=1)
         f_pr_BT = torch.zeros_like(top_BT).scatter(1, sel_BK, vals_BK.relu())
-        return ratio_across_ranks((f_van_BT - f_pr_BT).float().pow(2).sum(), f_van_BT.float().pow(2).sum())
+        return ratio_across_ranks(
+            (f_van_BT - f_pr_BT).float().pow(2).sum(), f_van_BT.float().pow(2).sum()
+        )
 
     def local_state_dict(self) -> dict:
         """This rank's own state (the candidate sampler), saved per rank in checkpoints."""

@@ -1,4 +1,5 @@
-"""TopK pretraining of a whole suite at once (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+"""TopK pretraining of a whole suite at once (Gao et al. 2024, "Scaling and evaluating sparse
+autoencoders").
 
 Every dictionary of the suite is trained from one `ActivationBatch`: `attn_<l>` (an SAE) maps
 attn_out_l to itself, `mlp_<l>` (a transcoder) maps mlp_in_l to mlp_out_l. Loss per dictionary:
@@ -40,7 +41,8 @@ class TopKTrainerConfig:
     total_steps: int
     """Number of optimisation steps of the whole run (sets the lr decay)."""
     lr: float | None = None
-    """Learning rate for every dictionary; None = auto: base_lr / sqrt(F / 2**14), per dictionary."""
+    """Learning rate for every dictionary; None = auto: base_lr / sqrt(F / 2**14), per
+    dictionary."""
     base_lr: float = BASE_LR
     """Learning rate of an F = 2**14 dictionary in the auto rule (Gao et al.)."""
     warmup_steps: int = 1000
@@ -58,7 +60,8 @@ class TopKTrainerConfig:
     k_aux: int | None = None
     """Number of dead features used by AuxK; None = d_out // 2 (clipped to F)."""
     dead_tokens: int = 10_000_000
-    """A feature is dead when it has not fired for more than this many tokens (all ranks together)."""
+    """A feature is dead when it has not fired for more than this many tokens (all ranks
+    together)."""
     geometric_median_iters: int = 100
     """Weiszfeld iterations for the SAE b_dec initialisation."""
     seed: int = 0
@@ -84,7 +87,8 @@ def auto_lr(dict_size: int, base_lr: float = BASE_LR) -> float:
 
 
 def lr_schedule(total_steps: int, warmup_steps: int, decay_start: float):
-    """Multiplier of the lr after `s` steps: linear warmup, constant, linear decay to 0 at the end."""
+    """Multiplier of the lr after `s` steps: linear warmup, constant, linear decay to 0 at the
+    end."""
     decay_from = int(decay_start * total_steps)
 
     def factor(s: int) -> float:
@@ -177,7 +181,8 @@ def auxk_loss(
 
 
 class TopKSuiteTrainer:
-    """Trains every dictionary of a suite at once; implements the trainer protocol of `training.train`."""
+    """Trains every dictionary of a suite at once; implements the trainer protocol of
+    `training.train`."""
 
     def __init__(
         self,
@@ -221,8 +226,9 @@ class TopKSuiteTrainer:
         kind, _ = check_name(name)
         if name not in batch.src or (kind == "mlp" and name not in batch.tgt):
             raise KeyError(
-                f"dictionary {name!r} has no activations in the batch (src has {sorted(batch.src)}, "
-                f"tgt has {sorted(batch.tgt)}); build the buffer for the suite's layers"
+                f"dictionary {name!r} has no activations in the batch "
+                f"(src has {sorted(batch.src)}, tgt has {sorted(batch.tgt)}); build the buffer "
+                "for the suite's layers"
             )
         x = batch.src[name]
         y = x if kind == "attn" else batch.tgt[name]
@@ -314,7 +320,8 @@ class TopKSuiteTrainer:
         for n in self.names:
             metrics[f"{n}/dead_frac"] = self.dead_mask(n).float().mean()
         keys = list(metrics)
-        out: dict[str, Any] = dict(zip(keys, torch.stack([metrics[k].float() for k in keys]).tolist()))
+        values = torch.stack([metrics[k].float() for k in keys]).tolist()
+        out: dict[str, Any] = dict(zip(keys, values))
         out["loss"] = float(sum(loss_values))
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         out["lr_factor"] = self.scheduler.get_last_lr()[0] / self.lrs[self.names[0]]
