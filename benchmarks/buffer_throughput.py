@@ -1,4 +1,5 @@
-"""Throughput of AllActivationBuffer fills vs a plain forward to the last block (target ratio >= 0.85).
+"""Throughput of AllActivationBuffer fills vs a plain forward to the last block (target ratio
+>= 0.85).
 
 Prints one JSON line per case: {"case", "tokens", "buffer_tokens_per_s", "plain_tokens_per_s",
 "ratio"}. Cases: the embedded model (built if needed) and a random gpt2-small-sized GPT-2.
@@ -32,7 +33,8 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_case(name, model, ctx_len, n_ctx, model_batch_size, device, dtype, repeats, seed=0):
-    """Best-of-`repeats` tokens/s of a buffer fill and of plain hf.transformer on the same contexts."""
+    """Best-of-`repeats` tokens/s of a buffer fill and of plain hf.transformer on the same
+    contexts."""
     device = torch.device(device)
     vocab = hf_model(model).config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +81,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--small-contexts", type=int, default=8, help="contexts for gpt2-small case")
+    parser.add_argument("--small-contexts", type=int, default=8,
+                        help="contexts for gpt2-small case")
     parser.add_argument("--cases", default="embedded,random-gpt2-small",
                         help="comma-separated: embedded (the embedded model, built if needed), "
                              "random-gpt2-small (12 layers, d 768, random weights)")

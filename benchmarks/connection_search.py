@@ -116,8 +116,8 @@ def main(argv=None) -> None:
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
         cmd = [sys.executable, __file__, "--_here", str(n), "--F", str(args.F), "--d", str(args.d),
-               "--layers", str(args.layers), "--k", str(args.k), "--C", str(args.C), "--device", args.device,
-               "--dtype", args.dtype, "--budget-gb", str(args.budget_gb)]
+               "--layers", str(args.layers), "--k", str(args.k), "--C", str(args.C),
+               "--device", args.device, "--dtype", args.dtype, "--budget-gb", str(args.budget_gb)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.stderr.write(out.stderr)
@@ -128,12 +128,15 @@ def main(argv=None) -> None:
         a, b = rows[-2], rows[-1]
         dn = b["tokens"] - a["tokens"]
         pred = {}
-        keys = ["collect_s", "top_connections_s", "peak_rss_mb"] + (["cuda_peak_mb"] if "cuda_peak_mb" in b else [])
+        keys = ["collect_s", "top_connections_s", "peak_rss_mb"]
+        if "cuda_peak_mb" in b:
+            keys.append("cuda_peak_mb")
         for key in keys:
             slope = (b[key] - a[key]) / dn
             pred[key] = round(b[key] + slope * (args.target - b["tokens"]), 1)
-        print(json.dumps({"extrapolated_to_tokens": args.target, "layers": args.layers, "F": args.F, **pred,
-                          "fit_from_tokens": [a["tokens"], b["tokens"]]}), flush=True)
+        print(json.dumps({"extrapolated_to_tokens": args.target, "layers": args.layers,
+                          "F": args.F, **pred, "fit_from_tokens": [a["tokens"], b["tokens"]]}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -81,15 +81,20 @@ def main(argv=None) -> None:
     events = prof.key_averages()
     total = next(e for e in events if e.key == "step").cpu_time_total
     labels = {label for _, _, label in PHASES}
-    backward = sorted((e for e in events if e.key.startswith("autograd::engine::evaluate_function")),
+    backward = sorted((e for e in events
+                       if e.key.startswith("autograd::engine::evaluate_function")),
                       key=lambda e: -e.cpu_time_total)[:8]
-    phases = sorted([e for e in events if e.key in labels] + backward, key=lambda e: -e.cpu_time_total)
-    ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)
+    phases = sorted([e for e in events if e.key in labels] + backward,
+                    key=lambda e: -e.cpu_time_total)
+    ops = sorted((e for e in events if e.key.startswith("aten::")),
+                 key=lambda e: -e.self_cpu_time_total)
     head = {"case": args.case, "mode": args.mode, "which": args.which, "device": str(device),
             "dtype": args.dtype, "step_s": round(total / 1e6, 3)}
     if args.json:
         print(json.dumps(head))
-        for kind, rows, attr in (("phase", phases, "cpu_time_total"), ("op", ops[: args.rows], "self_cpu_time_total")):
+        tables = (("phase", phases, "cpu_time_total"),
+                  ("op", ops[: args.rows], "self_cpu_time_total"))
+        for kind, rows, attr in tables:
             for e in rows:
                 t = getattr(e, attr)
                 name = e.key.replace("autograd::engine::evaluate_function: ", "backward: ").strip()
@@ -100,10 +105,12 @@ def main(argv=None) -> None:
     print("| phase (inclusive time) | s | share of step | calls |\n|---|---|---|---|")
     for e in phases:
         name = e.key.replace("autograd::engine::evaluate_function: ", "backward: ").strip()
-        print(f"| {name} | {e.cpu_time_total / 1e6:.3f} | {e.cpu_time_total / total:.1%} | {e.count} |")
+        t = e.cpu_time_total
+        print(f"| {name} | {t / 1e6:.3f} | {t / total:.1%} | {e.count} |")
     print("\n| aten operator (self time) | s | share of step | calls |\n|---|---|---|---|")
     for e in ops[: args.rows]:
-        print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.3f} | {e.self_cpu_time_total / total:.1%} | {e.count} |")
+        t = e.self_cpu_time_total
+        print(f"| `{e.key}` | {t / 1e6:.3f} | {t / total:.1%} | {e.count} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Prints one JSON line per (case, mode):
    "vanilla_peak_mb", "pruned_peak_mb", "mem_ratio", "device", "backward"}
 
 mode "candidates" (training): one whole training step's loss and its backward.
-  vanilla = TopKSuiteTrainer.losses(batch) summed, backward  (vanilla FVU + AuxK of every dictionary)
+  vanilla = TopKSuiteTrainer.losses(batch) summed, backward  (vanilla FVU + AuxK of every
+            dictionary)
   pruned  = TrainerSCAESuite.losses(batch) summed, backward  (vanilla pass + pruned pass in
             candidates mode with n_threshold = n_random = 100, FVU_v + FVU_p + penalty)
 mode "all" (evaluation, forward only, no_grad, "backward": false):
@@ -115,7 +116,8 @@ def make_step(which: str, mode: str, suite: SCAESuite, batch, device, dtype):
     """A closure running one measured pass."""
     if mode == "candidates":
         if which == "vanilla":
-            tr = TopKSuiteTrainer(dict(suite.dicts.items()), TopKTrainerConfig(total_steps=10), device, dtype)
+            tr = TopKSuiteTrainer(dict(suite.dicts.items()), TopKTrainerConfig(total_steps=10),
+                                  device, dtype)
         else:
             cfg = SCAETrainerConfig(total_steps=10, n_threshold=N_THRESHOLD, n_random=N_RANDOM)
             tr = TrainerSCAESuite(suite, cfg, device, dtype)

@@ -35,7 +35,9 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, what: str, 
     got64 = got.detach().to("cpu", torch.float64)
     scale = float(want.abs().max()) if want.numel() else 0.0
     err = float((got64 - want).abs().max()) if want.numel() else 0.0
-    assert got.device.type == TEST_DEVICE.type, f"{what}: computed on {got.device}, not {TEST_DEVICE}"
+    assert got.device.type == TEST_DEVICE.type, (
+        f"{what}: computed on {got.device}, not {TEST_DEVICE}"
+    )
     assert torch.isfinite(got64).all(), f"{what}: non-finite values on {TEST_DEVICE}"
     assert err <= rtol * max(scale, 1e-12), (
         f"{what} on {TEST_DEVICE}/{TEST_DTYPE}: max error {err:.3g} > {rtol} x max|ref| {scale:.3g}"

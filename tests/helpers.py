@@ -11,7 +11,8 @@ _CHARS = string.ascii_lowercase + string.ascii_uppercase + " .,!?'\n:;-"
 
 
 def tiny_tokenizer(vocab: int = 64):
-    """A character-level PreTrainedTokenizerFast; id 0 is `<|endoftext|>` (eos = bos = pad = unk)."""
+    """A character-level PreTrainedTokenizerFast; id 0 is `<|endoftext|>` (eos = bos = pad =
+    unk)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -26,7 +27,8 @@ def tiny_tokenizer(vocab: int = 64):
 
 
 def tiny_hf_gpt2(n_layer=2, d_model=32, n_head=4, n_ctx=32, vocab=64, seed=0, random_ln=True):
-    """A random GPT2LMHeadModel (eval mode, not folded); ln weights randomised so folding matters."""
+    """A random GPT2LMHeadModel (eval mode, not folded); ln weights randomised so folding
+    matters."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -48,7 +50,9 @@ def tiny_hf_gpt2(n_layer=2, d_model=32, n_head=4, n_ctx=32, vocab=64, seed=0, ra
     return model
 
 
-def tiny_gpt2(n_layer=2, d_model=32, n_head=4, n_ctx=32, vocab=64, seed=0, device="cpu", dtype=torch.float32):
+def tiny_gpt2(
+    n_layer=2, d_model=32, n_head=4, n_ctx=32, vocab=64, seed=0, device="cpu", dtype=torch.float32
+):
     """(nnsight-wrapped folded tiny GPT-2, tokenizer)."""
     from dictionary_learning.model import load_model
 

@@ -42,7 +42,8 @@ def layer_norm_scale(x_BD: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 def random_batch(n_layers=2, d=6, B=5, seed=1, dtype=torch.float64) -> Batch:
-    """Random activations with the residual-stream structure of docs/method.md §1, §2 (mlp_in = P r / sigma)."""
+    """Random activations with the residual-stream structure of docs/method.md §1, §2
+    (mlp_in = P r / sigma)."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(B, d, generator=g, dtype=dtype)
     resid = x0.clone()

@@ -21,13 +21,22 @@ def hook_reference(model, toks_NC):
     hf = hf_model(model)
     got, handles = {}, []
     blocks = hf.transformer.h
-    handles.append(blocks[0].register_forward_pre_hook(lambda m, a: got.__setitem__("initial", a[0])))
+    handles.append(
+        blocks[0].register_forward_pre_hook(lambda m, a: got.__setitem__("initial", a[0]))
+    )
     for l, b in enumerate(blocks):
-        handles.append(b.attn.register_forward_hook(lambda m, a, o, l=l: got.__setitem__(f"attn_{l}", o[0])))
-        handles.append(b.ln_2.register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(f"resid_{l}", a[0])))
-        handles.append(b.ln_2.register_forward_hook(lambda m, a, o, l=l: got.__setitem__(f"ln2_{l}", o)))
-        handles.append(b.mlp.register_forward_pre_hook(lambda m, a, l=l: got.__setitem__(f"mlp_in_{l}", a[0])))
-        handles.append(b.mlp.register_forward_hook(lambda m, a, o, l=l: got.__setitem__(f"mlp_out_{l}", o)))
+        handles += [
+            b.attn.register_forward_hook(
+                lambda m, a, o, l=l: got.__setitem__(f"attn_{l}", o[0])),
+            b.ln_2.register_forward_pre_hook(
+                lambda m, a, l=l: got.__setitem__(f"resid_{l}", a[0])),
+            b.ln_2.register_forward_hook(
+                lambda m, a, o, l=l: got.__setitem__(f"ln2_{l}", o)),
+            b.mlp.register_forward_pre_hook(
+                lambda m, a, l=l: got.__setitem__(f"mlp_in_{l}", a[0])),
+            b.mlp.register_forward_hook(
+                lambda m, a, o, l=l: got.__setitem__(f"mlp_out_{l}", o)),
+        ]
     with torch.no_grad():
         hf(toks_NC)
     for h in handles:
@@ -44,15 +53,21 @@ def cat(batches):
         initial=torch.cat([b.initial for b in batches]),
         src={k: torch.cat([b.src[k] for b in batches]) for k in batches[0].src},
         tgt={k: torch.cat([b.tgt[k] for b in batches]) for k in batches[0].tgt},
-        layernorm_scale={k: torch.cat([b.layernorm_scale[k] for b in batches]) for k in batches[0].layernorm_scale},
+        layernorm_scale={
+            k: torch.cat([b.layernorm_scale[k] for b in batches])
+            for k in batches[0].layernorm_scale
+        },
     )
 
 
 def test_matches_hooks_and_math(model):
     ctxs = random_contexts(8, CTX)
     n = 8 * T  # 120 rows, one fill
-    buf = AllActivationBuffer(model, iter(ctxs), n_tokens=n, out_batch_size=20, model_batch_size=3, seed=5)
-    assert buf.names == ["attn_0", "mlp_0", "attn_1", "mlp_1"] and (buf.n_layers, buf.d_model) == (2, 32)
+    buf = AllActivationBuffer(
+        model, iter(ctxs), n_tokens=n, out_batch_size=20, model_batch_size=3, seed=5
+    )
+    assert buf.names == ["attn_0", "mlp_0", "attn_1", "mlp_1"]
+    assert (buf.n_layers, buf.d_model) == (2, 32)
     got = cat(drain(buf, 6))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))
     ref = hook_reference(model, torch.stack(ctxs))
@@ -62,7 +77,9 @@ def test_matches_hooks_and_math(model):
         torch.testing.assert_close(got.src[f"attn_{l}"], ref[f"attn_{l}"][perm], atol=1e-6, rtol=0)
         torch.testing.assert_close(got.tgt[f"attn_{l}"], ref[f"attn_{l}"][perm], atol=1e-6, rtol=0)
         torch.testing.assert_close(got.src[f"mlp_{l}"], ref[f"mlp_in_{l}"][perm], atol=1e-6, rtol=0)
-        torch.testing.assert_close(got.tgt[f"mlp_{l}"], ref[f"mlp_out_{l}"][perm], atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            got.tgt[f"mlp_{l}"], ref[f"mlp_out_{l}"][perm], atol=1e-6, rtol=0
+        )
         # sigma is what torch's LayerNorm divides by: P x / LN(x) with weight 1, bias 0
         x = ref[f"resid_{l}"][perm]
         eps = hf.transformer.h[l].ln_2.eps
@@ -153,10 +170,13 @@ def test_errors(model):
     with pytest.raises(ValueError, match="n_positions=16"):
         AllActivationBuffer(model, iter(random_contexts(2, 20)), n_tokens=60, out_batch_size=10)
     with pytest.raises(TypeError, match="not GPT-2-like"):
-        AllActivationBuffer(torch.nn.Linear(2, 2), iter(random_contexts(2, 8)), n_tokens=60, out_batch_size=10)
+        AllActivationBuffer(
+            torch.nn.Linear(2, 2), iter(random_contexts(2, 8)), n_tokens=60, out_batch_size=10
+        )
     with pytest.raises(ValueError, match="out_batch_size"):
         AllActivationBuffer(model, iter(random_contexts(2, CTX)), n_tokens=20, out_batch_size=30)
     with pytest.raises(TypeError, match="item 1 is a int"):
-        ctxs = token_contexts(["hello there", 5], __import__("tests.helpers").helpers.tiny_tokenizer(), 4)
+        tokenizer = __import__("tests.helpers").helpers.tiny_tokenizer()
+        ctxs = token_contexts(["hello there", 5], tokenizer, 4)
         buf = AllActivationBuffer(model, ctxs, n_tokens=60, out_batch_size=10)
         next(buf)

@@ -9,7 +9,12 @@ from dictionary_learning.data import (
     text_file_source,
     token_contexts,
 )
-from dictionary_learning.embedded import VALIDATION_PLAYS, embedded_corpus, play_paths, strip_markdown
+from dictionary_learning.embedded import (
+    VALIDATION_PLAYS,
+    embedded_corpus,
+    play_paths,
+    strip_markdown,
+)
 from tests.helpers import random_texts, tiny_tokenizer
 
 
@@ -58,7 +63,9 @@ def test_hf_text_source_local_json(tmp_path):
     assert docs == [f"doc {i}" for i in range(5)]
     with pytest.raises(KeyError, match=r"available.*body"):
         list(hf_text_source("json", split="train", field="text", data_files=str(f)))
-    docs = list(hf_text_source("json", split="train", field="body", streaming=False, data_files=str(f)))
+    docs = list(
+        hf_text_source("json", split="train", field="body", streaming=False, data_files=str(f))
+    )
     assert len(docs) == 5
 
 
@@ -72,9 +79,15 @@ def test_text_file_source(tmp_path):
 
 
 def test_strip_markdown():
-    md = "# Macbeth\n\n## ACT I\n\n_Thunder. Enter\nWitches_\n\n**First Witch**  \nWhen shall we  \nmeet again\n"
+    md = (
+        "# Macbeth\n\n## ACT I\n\n_Thunder. Enter\nWitches_\n\n"
+        "**First Witch**  \nWhen shall we  \nmeet again\n"
+    )
     out = strip_markdown(md)
-    assert out == "Macbeth\n\nACT I\n\nThunder. Enter\nWitches\n\nFirst Witch\nWhen shall we\nmeet again\n"
+    assert out == (
+        "Macbeth\n\nACT I\n\nThunder. Enter\nWitches\n\n"
+        "First Witch\nWhen shall we\nmeet again\n"
+    )
     assert "don_t" == strip_markdown("don_t").strip()
 
 

@@ -9,7 +9,9 @@ from dictionary_learning.dictionary import (
 )
 
 
-@pytest.mark.parametrize("cls_args", [(AutoEncoderTopK, (12, 40, 5)), (TopKTranscoder, (12, 10, 40, 5))])
+@pytest.mark.parametrize(
+    "cls_args", [(AutoEncoderTopK, (12, 40, 5)), (TopKTranscoder, (12, 10, 40, 5))]
+)
 def test_forward_matches_dense_formula(cls_args):
     cls, args = cls_args
     torch.manual_seed(0)
@@ -19,7 +21,8 @@ def test_forward_matches_dense_formula(cls_args):
         d.b_dec.normal_()
     x = torch.randn(7, d.d_in)
     recon, feats = d(x, output_features=True)
-    pre = torch.relu(x @ d.encoder.weight.T + d.encoder.bias)  # no b_dec subtraction (docs/method.md §1)
+    # no b_dec subtraction (docs/method.md §1)
+    pre = torch.relu(x @ d.encoder.weight.T + d.encoder.bias)
     v, i = pre.topk(d.k, dim=-1)
     f = torch.zeros_like(pre).scatter(1, i, v)
     torch.testing.assert_close(feats.dense(d.dict_size), f)

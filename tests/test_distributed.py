@@ -22,8 +22,8 @@ def make_trainer(kind: str):
         cfg = SCAETrainerConfig(total_steps=10, n_threshold=4, n_random=0, lr=1e-2, warmup_steps=0,
                                 act_coeff=0.5, dead_tokens=8)
         return TrainerSCAESuite(suite, cfg)
-    tr = TopKSuiteTrainer(dict(suite.dicts.items()), TopKTrainerConfig(total_steps=10, lr=1e-2,
-                                                                      warmup_steps=0, dead_tokens=8))
+    cfg = TopKTrainerConfig(total_steps=10, lr=1e-2, warmup_steps=0, dead_tokens=8)
+    tr = TopKSuiteTrainer(dict(suite.dicts.items()), cfg)
     tr.initialized = True
     return tr
 
@@ -64,8 +64,9 @@ def check(kind: str, tmp_path):
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for name, sd in single.items():
         for k, v in sd.items():
-            assert torch.equal(ranks[0][name][k], ranks[1][name][k]), f"ranks disagree on {name}.{k}"
-            torch.testing.assert_close(ranks[0][name][k], v, rtol=1e-6, atol=1e-6, msg=f"{name}.{k}")
+            got = ranks[0][name][k]
+            assert torch.equal(got, ranks[1][name][k]), f"ranks disagree on {name}.{k}"
+            torch.testing.assert_close(got, v, rtol=1e-6, atol=1e-6, msg=f"{name}.{k}")
 
 
 def test_scae_finetuning_on_two_ranks_equals_one_process(tmp_path):
@@ -87,7 +88,8 @@ class RankBatches:
 
     def __next__(self):
         self.i += 1
-        return half(random_batch(2, 6, B=B, seed=500 + self.i, dtype=torch.float32), self.r, self.world)
+        batch = random_batch(2, 6, B=B, seed=500 + self.i, dtype=torch.float32)
+        return half(batch, self.r, self.world)
 
     def state_dict(self):
         return {"i": self.i}
@@ -105,7 +107,8 @@ def _resume_worker(r: int, world: int, port: int, out: str):
         def run(folder, **kw):
             tr = make_trainer("scae")
             tr.cfg.n_random = 3  # per-rank candidate samplers must resume too
-            return train(tr, RankBatches(r, world), TrainConfig(steps=6, out_dir=folder, save_steps=2, **kw))
+            cfg = TrainConfig(steps=6, out_dir=folder, save_steps=2, **kw)
+            return train(tr, RankBatches(r, world), cfg)
 
         straight = run(f"{out}/straight")
         run(f"{out}/resumed", max_steps_this_run=3)
