@@ -66,7 +66,8 @@ def test_metric_functions_match_plain_formulas():
     # token 0: A_v = {0, 2}, A_p = {2, 9, 1} -> 1/2; token 1: A_v empty -> left out;
     # token 2: A_v = {2, 6, 7}, A_p = {6, 8} -> 1/3
     per_tok = ev.agreement_per_token(van, pr)
-    assert per_tok[0] == pytest.approx(0.5) and math.isnan(per_tok[1]) and per_tok[2] == pytest.approx(1 / 3)
+    assert per_tok[0] == pytest.approx(0.5) and math.isnan(per_tok[1])
+    assert per_tok[2] == pytest.approx(1 / 3)
     assert float(ev.agreement(van, pr)) == pytest.approx((0.5 + 1 / 3) / 2)
     assert float(ev.agreement(van, van)) == pytest.approx(1.0)
 
@@ -210,7 +211,8 @@ def test_limits_and_errors(model, toks):
     e = ev.evaluate_suite(suite, model, iter(list(toks)), n_tokens=2 * (CTX - 1) + 1,
                           splice=False, progress=False)
     assert e.n_contexts == 3 and e.ce.splice == {}
-    assert ev.evaluate_suite(suite, model, toks, n_contexts=2, splice=False, progress=False).n_contexts == 2
+    e2 = ev.evaluate_suite(suite, model, toks, n_contexts=2, splice=False, progress=False)
+    assert e2.n_contexts == 2
     with pytest.raises(ValueError, match="no evaluation contexts"):
         ev.evaluate_suite(suite, model, [], progress=False)
     with pytest.raises(ValueError, match="3 <= ctx_len"):
@@ -222,7 +224,9 @@ def test_limits_and_errors(model, toks):
 
 def test_report_writes_json_and_plots(model, toks, tmp_path):
     suite = connected_suite()
-    rep = ev.report(suite, model, toks, n_contexts=3, batch_size=2, out_dir=tmp_path, progress=False)
+    rep = ev.report(
+        suite, model, toks, n_contexts=3, batch_size=2, out_dir=tmp_path, progress=False
+    )
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == rep
     assert set(rep["modules"]) == set(suite.names)
@@ -241,7 +245,9 @@ def test_report_writes_json_and_plots(model, toks, tmp_path):
 
 def test_report_without_connections(model, toks, tmp_path):
     suite = random_suite(n_layers=L, d=D, F=48, k=4, dtype=torch.float32)
-    rep = ev.report(suite, model, toks, n_contexts=2, splice=False, out_dir=tmp_path, progress=False)
+    rep = ev.report(
+        suite, model, toks, n_contexts=2, splice=False, out_dir=tmp_path, progress=False
+    )
     assert rep["ce"]["pruned"] is None and rep["ce"]["recovered_pruned"] is None
     assert all(m["fvu_pruned"] is None and m["agreement"] is None for m in rep["modules"].values())
     assert rep["notes"] and "no connections" in rep["notes"][0]
@@ -259,7 +265,8 @@ def test_cli(model, tmp_path, monkeypatch):
     model.tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "text.txt").write_text("hello there, this is a small text. " * 20)
     rep = ev.main(["--suite", str(tmp_path / "suite"), "--data", str(tmp_path / "text.txt"),
-                   "--tokens", "40", "--ctx-len", "12", "--batch-size", "2", "--device", "cpu", "--no-splice",
+                   "--tokens", "40", "--ctx-len", "12", "--batch-size", "2", "--device", "cpu",
+                   "--no-splice",
                    "--out", str(tmp_path / "out")])
     assert rep["n_contexts"] == 4 and rep["has_connections"]
     assert (tmp_path / "out" / "report.json").exists()

@@ -25,7 +25,10 @@ def test_importance_equals_plain_loop_over_tokens():
         tc = suite.dicts[down]
         Wc = tc.encoder.weight - tc.encoder.weight.mean(1, keepdim=True)
         with torch.no_grad():
-            dense = {n: torch.cat([suite.vanilla_forward(b)[n].feats.dense(6) for b in batches])[:18] for n in suite.names}
+            dense = {
+                n: torch.cat([suite.vanilla_forward(b)[n].feats.dense(6) for b in batches])[:18]
+                for n in suite.names
+            }
         sigma = torch.cat([b.layernorm_scale[down] for b in batches])[:18]
         for i in range(tc.dict_size):
             col = 0
@@ -78,8 +81,8 @@ def planted_batches(suite, n_batches=8, B=256, seed=1):
         resid = x0 + attn
         sigma = (resid.var(-1, unbiased=False) + 1e-5).sqrt()
         mlp_in = (resid - resid.mean(-1, keepdim=True)) / sigma[:, None]
-        yield Batch(x0, {"attn_0": attn, "mlp_0": mlp_in}, {"attn_0": attn, "mlp_0": torch.zeros(B, d)},
-                    {"mlp_0": sigma})
+        yield Batch(x0, {"attn_0": attn, "mlp_0": mlp_in},
+                    {"attn_0": attn, "mlp_0": torch.zeros(B, d)}, {"mlp_0": sigma})
 
 
 def test_finder_recovers_planted_connections():
@@ -99,7 +102,8 @@ def test_finder_recovers_planted_connections():
 
 def test_budget_is_shared_across_upstream_modules_and_blocks_agree(tmp_path):
     suite = random_suite(n_layers=3, d=6, F=10, k=3, dtype=torch.float32)
-    acts = collect_activations(suite, [random_batch(3, 6, B=64, seed=s, dtype=torch.float32) for s in range(2)], 128)
+    batches = [random_batch(3, 6, B=64, seed=s, dtype=torch.float32) for s in range(2)]
+    acts = collect_activations(suite, batches, 128)
     C = 7
     conns = top_connections(suite, acts, C)
     small = top_connections(suite, acts, C, memory_budget_bytes=4 * 3 * 50 * 3)  # blocks of ~3 rows

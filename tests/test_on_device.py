@@ -80,7 +80,8 @@ def test_kernels_and_gradients_match_plain_reference(fallback, monkeypatch):
 
     got = pipeline(*params, kernels=True)
     want = pipeline(*refs, kernels=False)
-    for name, a, b in zip(["virtual weights", "candidates kernel", "all-features kernel"], got, want):
+    names = ["virtual weights", "candidates kernel", "all-features kernel"]
+    for name, a, b in zip(names, got, want):
         assert a.dtype == DT, f"{name}: dtype {a.dtype}, want {DT}"
         assert_close_to_reference(a, b.detach(), name)
     g_out = torch.randn(B, N, generator=g, dtype=torch.float64)
@@ -91,7 +92,8 @@ def test_kernels_and_gradients_match_plain_reference(fallback, monkeypatch):
 
 
 def test_kernel_probe_accepts_this_device():
-    """On CPU and CUDA the fast kernels must be the ones in use for fp32 (the fallback is slower)."""
+    """On CPU and CUDA the fast kernels must be the ones in use for fp32 (the fallback is
+    slower)."""
     if DEV.type in ("cpu", "cuda"):
         assert sparse_ops.kernel_available("csr", DEV.type, torch.float32)
         assert sparse_ops.kernel_available("embedding_bag", DEV.type, torch.float32)
@@ -111,8 +113,9 @@ def connected_suite(n_layers=3, d=16, F=40, k=4, C=10, seed=0):
 
 
 def dense_pruned_pre(suite64, batch64, conns, name: str, up_dense: dict) -> torch.Tensor:
-    """docs/method.md §3 densely in float64: [(x0 + sum b_dec) Wc^T + sum_u f_u (M_u * Wc dec_u)^T] /
-    sigma + b_enc, with M_u the connection mask and f_u the given dense upstream activations."""
+    """docs/method.md §3 densely in float64:
+    [(x0 + sum b_dec) Wc^T + sum_u f_u (M_u * Wc dec_u)^T] / sigma + b_enc, with M_u the
+    connection mask and f_u the given dense upstream activations."""
     tc = suite64.dicts[name]
     W = tc.encoder.weight
     Wc = W - W.mean(1, keepdim=True)
@@ -161,7 +164,9 @@ def test_pruned_pass_matches_dense_reference(mode):
     for m in suite.transcoder_names:
         assert pruned[m].pre_BN.dtype == DT
         assert_close_to_reference(pruned[m].pre_BN, pre[m], f"{m} pruned pre-activations ({mode})")
-        assert_close_to_reference(pruned[m].recon_BD, recon[m], f"{m} pruned reconstruction ({mode})")
+        assert_close_to_reference(
+            pruned[m].recon_BD, recon[m], f"{m} pruned reconstruction ({mode})"
+        )
 
 
 def test_pruned_pass_gradients_match_dense_reference():
@@ -189,7 +194,8 @@ def test_pruned_pass_gradients_match_dense_reference():
     pre64, recon64 = reference_pass(suite64, batch64, conns, vanilla, pruned)
     loss(pre64, recon64, batch64.tgt, "cpu").backward()
     for n in suite.names:
-        for (pname, p), p64 in zip(suite.dicts[n].named_parameters(), suite64.dicts[n].parameters()):
+        params64 = suite64.dicts[n].parameters()
+        for (pname, p), p64 in zip(suite.dicts[n].named_parameters(), params64):
             assert p.grad is not None and p.grad.dtype == DT, f"{n}.{pname}: no {DT} gradient"
             # gradients sum over tokens and features: allow twice the forward tolerance
             assert_close_to_reference(p.grad, p64.grad, f"gradient of {n}.{pname}", rtol=2 * RTOL)

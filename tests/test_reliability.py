@@ -44,28 +44,36 @@ def good(suite):
 def test_connections_wrong_shape(suite):
     conns = good(suite)
     conns["mlp_1"]["attn_0"] = conns["mlp_1"]["attn_0"][:7]
-    with pytest.raises(ValueError, match=r"connections\['mlp_1'\]\['attn_0'\].*shape \(7, \d+\).*F_down=10"):
+    with pytest.raises(
+        ValueError, match=r"connections\['mlp_1'\]\['attn_0'\].*shape \(7, \d+\).*F_down=10"
+    ):
         suite.set_connections(conns)
 
 
 def test_connections_index_too_large(suite):
     conns = good(suite)
     conns["mlp_1"]["mlp_0"][3, 0] = 10
-    with pytest.raises(ValueError, match=r"\['mlp_1'\]\['mlp_0'\]: index 10 at feature 3.*\[0, 10\) or -1"):
+    with pytest.raises(
+        ValueError, match=r"\['mlp_1'\]\['mlp_0'\]: index 10 at feature 3.*\[0, 10\) or -1"
+    ):
         suite.set_connections(conns)
 
 
 def test_connections_index_below_minus_one(suite):
     conns = good(suite)
     conns["mlp_0"]["attn_0"][2, 0] = -2
-    with pytest.raises(ValueError, match=r"\['mlp_0'\]\['attn_0'\]: index -2 at feature 2.*or -1 for padding"):
+    with pytest.raises(
+        ValueError, match=r"\['mlp_0'\]\['attn_0'\]: index -2 at feature 2.*or -1 for padding"
+    ):
         suite.set_connections(conns)
 
 
 def test_connections_unknown_module_name(suite):
     conns = good(suite)
     conns["mlp_1"]["resid_0"] = conns["mlp_1"].pop("attn_0")
-    with pytest.raises(ValueError, match=r"unknown module name 'resid_0'.*'attn_<layer>' or 'mlp_<layer>'"):
+    with pytest.raises(
+        ValueError, match=r"unknown module name 'resid_0'.*'attn_<layer>' or 'mlp_<layer>'"
+    ):
         suite.set_connections(conns)
 
 
@@ -91,7 +99,9 @@ def test_connections_file_made_for_another_dict_size(tmp_path, suite):
     other = random_suite(n_layers=2, d=6, F=14, k=2)
     path = tmp_path / "conns.pt"
     save_connections(random_connections(other, C=4), path)
-    with pytest.raises(ValueError, match=r"shape \(14, \d+\); expected \[F_down=10, C\].*another dict_size"):
+    with pytest.raises(
+        ValueError, match=r"shape \(14, \d+\); expected \[F_down=10, C\].*another dict_size"
+    ):
         load_connections(path, suite.dict_sizes)
 
 
@@ -116,9 +126,14 @@ def test_suite_width_does_not_fit_model():
     model, _ = tiny_gpt2(n_layer=2, d_model=32)
     buf = AllActivationBuffer(model, iter(random_contexts(64, 9)), n_tokens=256, out_batch_size=64)
     suite = random_suite(n_layers=2, d=6, F=10, k=2, dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"d_model=6 but the buffer's model has d_model=32.*trained on this model"):
+    with pytest.raises(
+        ValueError, match=r"d_model=6 but the buffer's model has d_model=32.*trained on this model"
+    ):
         suite.check_fits(buf.n_layers, buf.d_model, "the buffer's model")
-    with pytest.raises(ValueError, match=r"attn_0: the batch has width 32 but the dictionary expects 6.*d_model mismatch"):
+    with pytest.raises(
+        ValueError,
+        match=r"attn_0: the batch has width 32 but the dictionary expects 6.*d_model mismatch",
+    ):
         suite.vanilla_forward(next(buf))
 
 
@@ -132,10 +147,14 @@ def test_bad_k(k):
 
 def test_k_plus_n_threshold_larger_than_F(suite):
     suite.set_connections(good(suite))
-    with pytest.raises(ValueError, match=r"mlp_0: k \+ n_threshold \+ n_random = 2 \+ 9 \+ 0 exceeds dict_size 10; lower"):
+    with pytest.raises(
+        ValueError,
+        match=r"mlp_0: k \+ n_threshold \+ n_random = 2 \+ 9 \+ 0 exceeds dict_size 10; lower",
+    ):
         TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, n_threshold=9, n_random=0))
     with pytest.raises(ValueError, match=r"exceeds dict_size 10; lower n_threshold or n_random"):
-        suite.pruned_forward(random_batch(2, 6, dtype=torch.float32), mode="candidates", n_threshold=9)
+        batch = random_batch(2, 6, dtype=torch.float32)
+        suite.pruned_forward(batch, mode="candidates", n_threshold=9)
 
 
 def test_incomplete_suite():
@@ -175,7 +194,9 @@ def test_data_runs_out_during_training():
     from dictionary_learning.errors import DataExhaustedError as LoopError
     from buffer import DataExhaustedError
 
-    buf = AllActivationBuffer(tiny_model(), iter(random_contexts(5, 9)), n_tokens=40, out_batch_size=16)
+    buf = AllActivationBuffer(
+        tiny_model(), iter(random_contexts(5, 9)), n_tokens=40, out_batch_size=16
+    )
     next(buf)
     next(buf)
     with pytest.raises((DataExhaustedError, LoopError), match=r"ran out.*more data|fewer steps"):
@@ -195,7 +216,10 @@ def test_model_that_is_not_gpt2_like():
 
 def test_context_longer_than_model_positions():
     model = tiny_model()  # n_positions = 16
-    with pytest.raises(ValueError, match=r"contexts have 20 tokens but the model has n_positions=16.*ctx_len <= 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"contexts have 20 tokens but the model has n_positions=16.*ctx_len <= 16",
+    ):
         AllActivationBuffer(model, iter(random_contexts(8, 20)), n_tokens=128, out_batch_size=16)
 
 
@@ -213,7 +237,9 @@ class Batches:
 
     def __next__(self):
         self.i += 1
-        return random_batch(self.n_layers, self.d, B=self.B, seed=1000 + self.i, dtype=torch.float32)
+        return random_batch(
+            self.n_layers, self.d, B=self.B, seed=1000 + self.i, dtype=torch.float32
+        )
 
     def state_dict(self):
         return {"i": self.i}
@@ -225,7 +251,8 @@ class Batches:
 def scae_trainer(seed=0):
     suite = random_suite(n_layers=2, d=6, F=12, k=2, seed=seed, dtype=torch.float32)
     suite.set_connections(random_connections(suite, C=4, seed=seed))
-    return TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=8, n_threshold=3, n_random=2, lr=1e-2))
+    cfg = SCAETrainerConfig(total_steps=8, n_threshold=3, n_random=2, lr=1e-2)
+    return TrainerSCAESuite(suite, cfg)
 
 
 def test_nan_loss_stops_with_dictionary_and_step_and_keeps_last_checkpoint(tmp_path):
@@ -237,7 +264,9 @@ def test_nan_loss_stops_with_dictionary_and_step_and_keeps_last_checkpoint(tmp_p
             with torch.no_grad():
                 tr.dicts["attn_1"].b_dec.fill_(float("inf"))
 
-    with pytest.raises(NonFiniteLossError, match=r"'attn_1' at step 5.*resume from the last checkpoint"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"'attn_1' at step 5.*resume from the last checkpoint"
+    ):
         train(tr, Batches(), cfg, callback=poison)
     ckpt = load_checkpoint(tmp_path / CHECKPOINT)
     assert ckpt["step"] == 4
@@ -278,9 +307,10 @@ def test_resume_after_kill_at_random_step_is_bit_identical(tmp_path):
         def cb(step, metrics):
             if step + 1 == kill:
                 os.kill(os.getpid(), signal.SIGKILL)
-        tr = train(scae_trainer(), Batches(), TrainConfig(steps=12, out_dir=out, save_steps=2, resume=True),
-                   callback=cb if kill else None)
-        torch.save({{n: d.state_dict() for n, d in tr.dicts.items()}}, os.path.join(out, "final.pt"))
+        cfg = TrainConfig(steps=12, out_dir=out, save_steps=2, resume=True)
+        tr = train(scae_trainer(), Batches(), cfg, callback=cb if kill else None)
+        final = {{n: d.state_dict() for n, d in tr.dicts.items()}}
+        torch.save(final, os.path.join(out, "final.pt"))
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = lambda out, kill: subprocess.run([sys.executable, "-c", script, str(out), str(kill)],  # noqa: E731
@@ -308,7 +338,9 @@ def test_saved_suite_with_missing_or_unexpected_key(tmp_path, suite):
     t["mlp_0.extra"] = torch.zeros(1)
     del t["attn_1.b_dec"]
     save_file(t, str(f))
-    with pytest.raises(KeyError, match=r"missing keys: \['attn_1.b_dec'\]; unexpected keys: \['mlp_0.extra'\]"):
+    with pytest.raises(
+        KeyError, match=r"missing keys: \['attn_1.b_dec'\]; unexpected keys: \['mlp_0.extra'\]"
+    ):
         SCAESuite.from_pretrained(tmp_path / "s")
 
 
@@ -332,7 +364,9 @@ def test_no_tokens_or_keys_in_the_code():
 def test_buffer_memory_bound_is_honoured():
     model, _ = tiny_gpt2(n_layer=1, d_model=16, n_ctx=16)
     bound = 200
-    buf = AllActivationBuffer(model, iter(random_contexts(200, 16)), n_tokens=bound, out_batch_size=32)
+    buf = AllActivationBuffer(
+        model, iter(random_contexts(200, 16)), n_tokens=bound, out_batch_size=32
+    )
     for _ in range(20):
         next(buf)
         assert buf.peak_stored_tokens <= bound

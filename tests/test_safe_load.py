@@ -214,7 +214,9 @@ def test_checkpoint_with_nan_weights_is_refused(tmp_path):
     ckpt = load_checkpoint(path)
     ckpt["trainer"]["dicts"]["attn_1"]["b_dec"][0] = float("nan")
     atomic_torch_save(ckpt, path)
-    with pytest.raises(NonFiniteWeightsError, match=rf"{path}.*dictionary 'attn_1' parameter 'b_dec'"):
+    with pytest.raises(
+        NonFiniteWeightsError, match=rf"{path}.*dictionary 'attn_1' parameter 'b_dec'"
+    ):
         load_checkpoint(path)
 
 
@@ -227,7 +229,9 @@ def test_dictionary_learning_export_with_inf(tmp_path):
     state = torch.load(tmp_path / "ae" / "ae.pt", weights_only=True)
     state["decoder.weight"][1, 1] = float("-inf")
     torch.save(state, tmp_path / "ae" / "ae.pt")
-    with pytest.raises(NonFiniteWeightsError, match=r"ae.pt.*parameter 'decoder.weight' has 0 NaN and 1 Inf"):
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"ae.pt.*parameter 'decoder.weight' has 0 NaN and 1 Inf"
+    ):
         load_dictionary_learning(tmp_path / "ae")
 
 
@@ -244,7 +248,10 @@ def test_null_metrics_always_come_with_a_note():
     rep = eval_to_dict(ev)
     assert rep["modules"]["attn_0"]["fvu_vanilla"] is None
     notes = "\n".join(rep["notes"])
-    assert "modules.attn_0.fvu_vanilla is null: its value was nan (the target activations have" in notes
+    assert (
+        "modules.attn_0.fvu_vanilla is null: its value was nan (the target activations have"
+        in notes
+    )
     assert "modules.attn_0.agreement is null" in notes and "no evaluation token" in notes
     assert "ce.recovered_pruned is null: its value was nan (CE_ablated equals CE_clean" in notes
 
@@ -289,13 +296,16 @@ def test_full_disk_while_saving_a_suite(tmp_path, monkeypatch, suite):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(suite_io, "save_file", full)
-    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*model.safetensors"):
+    with pytest.raises(
+        DiskFullError, match=r"no space left on device while writing .*model.safetensors"
+    ):
         suite.save_pretrained(tmp_path / "s")
     assert os.listdir(tmp_path) == []
 
 
 def test_no_other_code_path_unpickles():
-    """Every load goes through safe_load.py: no torch.load / pickle.load elsewhere in the library."""
+    """Every load goes through safe_load.py: no torch.load / pickle.load elsewhere in the
+    library."""
     import re
     import subprocess
     from pathlib import Path
