@@ -23,7 +23,8 @@ def topk_dense(pre_BF, k):
 
 
 def reference_pruned(suite, batch, conns):
-    """docs/method.md §3 written as plainly as possible: loops over features and their connections."""
+    """docs/method.md §3 written as plainly as possible: loops over features and their
+    connections."""
     feats, pres = {}, {}
     for layer in range(suite.n_layers):
         a, m = f"attn_{layer}", f"mlp_{layer}"
@@ -62,7 +63,8 @@ def test_pruned_pass_equals_plain_loop_reference(chunk, monkeypatch):
 
 
 def test_full_connectivity_equals_encoding_of_rebuilt_residual():
-    """conn(i) = everything: pre = encoding of P r_L / sigma_L, r_L = x0 + sum of upstream recons."""
+    """conn(i) = everything: pre = encoding of P r_L / sigma_L, r_L = x0 + sum of upstream
+    recons."""
     suite = random_suite(n_layers=3)
     suite.set_connections(full_connections(suite))
     batch = random_batch(n_layers=3)
@@ -133,7 +135,9 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
     batch = random_batch(n_layers=1, B=8)
     vanilla = suite.vanilla_forward(batch)
     g = torch.Generator().manual_seed(0)
-    out = suite.pruned_forward(batch, vanilla, mode="candidates", n_threshold=5, n_random=6, generator=g)
+    out = suite.pruned_forward(
+        batch, vanilla, mode="candidates", n_threshold=5, n_random=6, generator=g
+    )
     cand = out["mlp_0"].cand_BN
     assert cand.shape == (8, 3 + 5 + 6)
     order = vanilla["mlp_0"].pre_BN.topk(8, dim=1).indices

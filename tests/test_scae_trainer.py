@@ -20,14 +20,16 @@ def tiny_buffer(n_layer=2, d=32, n_tokens=2048, batch=256, seed=0):
 
 
 def test_exact_attention_sae_on_real_activations_gives_vanilla_mlp0_pre():
-    """docs/method.md §3: r_0 = x0 + attn_out_0 is resid_mid_0 when attn_0 is exact, so pruned == vanilla."""
+    """docs/method.md §3: r_0 = x0 + attn_out_0 is resid_mid_0 when attn_0 is exact, so
+    pruned == vanilla."""
     buf = tiny_buffer(n_layer=1)
     batch = next(buf).to(dtype=torch.float64)
     suite = SCAESuite({"attn_0": exact_sae(32), "mlp_0": TopKTranscoder(32, 32, 64, 8)}).double()
     suite.set_connections(full_connections(suite))
     van = suite.vanilla_forward(batch)
     pr = suite.pruned_forward(batch, van, mode="all")
-    torch.testing.assert_close(pr["mlp_0"].pre_BN, van["mlp_0"].pre_BN, rtol=1e-5, atol=1e-5)  # fp32 model
+    # the tolerance is that of the fp32 model
+    torch.testing.assert_close(pr["mlp_0"].pre_BN, van["mlp_0"].pre_BN, rtol=1e-5, atol=1e-5)
 
 
 def suite_for(buf, F=64, k=4):
@@ -68,7 +70,8 @@ def test_finetuning_lowers_pruned_fvu_and_resumes_exactly():
         tr.update(step, batches[step % 8])
         twin.update(step, batches[step % 8])
     for n in suite.names:
-        for (pn, a), b in zip(tr.dicts[n].state_dict().items(), twin.dicts[n].state_dict().values()):
+        twin_values = twin.dicts[n].state_dict().values()
+        for (pn, a), b in zip(tr.dicts[n].state_dict().items(), twin_values):
             assert torch.equal(a, b), (n, pn)
 
 
@@ -78,10 +81,10 @@ def test_pruned_only_loss_drops_transcoder_vanilla_term():
 
     suite.set_connections(rc(suite, C=4))
     batch = random_batch(2, 6, B=16, dtype=torch.float32)
-    both = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0))
+    common = dict(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0)
+    both = TrainerSCAESuite(suite, SCAETrainerConfig(**common))
     losses_both, m, _ = both.losses(batch)
-    only = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0,
-                                                     loss="pruned"))
+    only = TrainerSCAESuite(suite, SCAETrainerConfig(**common, loss="pruned"))
     losses_only, _, _ = only.losses(batch)
     for n in suite.transcoder_names:
         torch.testing.assert_close(losses_both[n] - losses_only[n], m[f"{n}/fvu"])

@@ -28,7 +28,9 @@ def test_csr_virtual_weights_match_sampled_dot_and_gradcheck():
     got = sparse_ops.csr_virtual_weights(W, dec, *pat)
     want = sparse_ops.sampled_dot_plain(W, dec.T, rows, cols)
     torch.testing.assert_close(got, want)
-    assert torch.autograd.gradcheck(lambda a, b: sparse_ops.csr_virtual_weights(a, b, *pat), (W, dec))
+    assert torch.autograd.gradcheck(
+        lambda a, b: sparse_ops.csr_virtual_weights(a, b, *pat), (W, dec)
+    )
 
 
 def test_compiled_csr_layout_matches_the_slots():
@@ -56,7 +58,8 @@ def test_bf16_pruned_pass_forward_and_backward():
     loss.backward()
     for ae in suite.dicts.values():
         for p in ae.parameters():
-            assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+            assert p.grad is not None and p.grad.dtype == torch.bfloat16
+            assert torch.isfinite(p.grad).all()
     with torch.no_grad():
         all_ = suite.pruned_forward(batch, mode="all")
     assert all(o.pre_BN.dtype == torch.bfloat16 for o in all_.values())

@@ -110,9 +110,11 @@ def test_each_input_recomputes_exactly_its_dependent_stages(world, monkeypatch):
     assert recomputed(run(world, monkeypatch)) == set()  # warm: all from the cache
 
     # finetuning settings: only the finetune stages
-    assert recomputed(run(world, monkeypatch, finetune_steps=3)) == {"finetune_top", "finetune_random"}
+    assert recomputed(run(world, monkeypatch, finetune_steps=3)) == {
+        "finetune_top", "finetune_random"}
     # C and the connection variant: the search and what depends on it
-    assert recomputed(run(world, monkeypatch, C=3)) == {"connections", "finetune_top", "finetune_random"}
+    assert recomputed(run(world, monkeypatch, C=3)) == {
+        "connections", "finetune_top", "finetune_random"}
     assert recomputed(run(world, monkeypatch, variant="all")) == {
         "connections", "finetune_top", "finetune_random"}
     # the context length, the data's content (same path) and the model's content: everything

@@ -147,7 +147,9 @@ def test_dl_roundtrip_and_formula(tmp_path):
     assert cfg["trainer"]["dict_class"] == "AutoEncoderTopK" and cfg["trainer"]["k"] == k
     assert cfg["buffer"]["ctx_len"] == 64
     sd = torch.load(tmp_path / "ae" / "ae.pt", weights_only=True)
-    assert set(sd) == {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"}
+    assert set(sd) == {
+        "encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"
+    }
     assert sd["decoder.weight"].shape == (D, F) and sd["encoder.weight"].shape == (F, D)
     back = load_dictionary_learning(tmp_path / "ae")
     x = torch.randn(64, D)
@@ -160,7 +162,8 @@ def test_dl_roundtrip_and_formula(tmp_path):
     vals, idx = pre.topk(int(sd["k"]), dim=-1, sorted=False)
     f_dl = torch.zeros(64, F).scatter(1, idx, vals)
     torch.testing.assert_close(f_dl, f0.dense(F), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(f_dl @ sd["decoder.weight"].T + sd["b_dec"], r0, atol=1e-5, rtol=1e-5)
+    recon_dl = f_dl @ sd["decoder.weight"].T + sd["b_dec"]
+    torch.testing.assert_close(recon_dl, r0, atol=1e-5, rtol=1e-5)
 
 
 def test_dl_transcoder_exact_and_wide_refused(tmp_path):

@@ -43,8 +43,9 @@ def test_empty_folder(tmp_path, no_hang):
 def test_folder_without_text_files(tmp_path, no_hang):
     (tmp_path / "a.csv").write_text("x,y\n")
     (tmp_path / "b.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"it holds 2 file\(s\), none ending in .txt or .md: "
-                                                r"a.csv, b.json"):
+    with pytest.raises(
+        FileNotFoundError, match=r"it holds 2 file\(s\), none ending in .txt or .md: a.csv, b.json"
+    ):
         first_context(tmp_path)
 
 
@@ -103,7 +104,9 @@ def test_cuda_without_gpu():
 
 
 def test_device_that_does_not_exist():
-    with pytest.raises(ValueError, match=r"--device 'cuda:64': (CUDA is not available|this machine has)"):
+    with pytest.raises(
+        ValueError, match=r"--device 'cuda:64': (CUDA is not available|this machine has)"
+    ):
         check_device("cuda:64")
     with pytest.raises(ValueError, match=r"--device 'gpu0' is not a device name"):
         check_device("gpu0")
