@@ -33,24 +33,30 @@ def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
     tiny_hf_gpt2(n_layer=N_LAYERS, d_model=D, n_ctx=32).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     write_fork_suite(tmp_path / "suite")
-    (tmp_path / "train.txt").write_text("\n".join(random_texts(800, seed=1, min_len=20, max_len=60)))
+    train_texts = random_texts(800, seed=1, min_len=20, max_len=60)
+    (tmp_path / "train.txt").write_text("\n".join(train_texts))
     (tmp_path / "eval.txt").write_text("\n".join(random_texts(100, seed=2, min_len=20, max_len=60)))
 
     import run_finetuning
 
-    argv = ["--preset", "gpt2", "--quick", "--out", str(tmp_path / "out"), "--model", str(model_dir),
-            "--suite", str(tmp_path / "suite"), "--data", str(tmp_path / "train.txt"),
+    argv = ["--preset", "gpt2", "--quick", "--out", str(tmp_path / "out"),
+            "--model", str(model_dir), "--suite", str(tmp_path / "suite"),
+            "--data", str(tmp_path / "train.txt"),
             "--eval-data", str(tmp_path / "eval.txt"), "--ctx-len", "32", "--steps", "6"]
     run_finetuning.main(argv)
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(rep["modules"]) == {f"{k}_{layer}" for layer in range(N_LAYERS) for k in ("attn", "mlp")}
+    assert set(rep["modules"]) == {
+        f"{k}_{layer}" for layer in range(N_LAYERS) for k in ("attn", "mlp")
+    }
     for m in rep["modules"].values():
         assert {"fvu_vanilla", "fvu_pruned", "l0", "dead_frac"} <= set(m)
-    assert {"clean", "ablated", "vanilla", "pruned", "recovered_vanilla", "recovered_pruned"} <= set(rep["ce"])
+    ce_keys = {"clean", "ablated", "vanilla", "pruned", "recovered_vanilla", "recovered_pruned"}
+    assert ce_keys <= set(rep["ce"])
     assert set(rep["before_finetuning"]) == {"modules", "ce"}
     assert set(rep["random_connections"]) == {"modules", "ce"}
     assert rep["config"]["model"] == str(model_dir) and rep["config"]["C"] == 16
-    assert {"model", "pretrain", "connections", "finetune", "finetune_random", "evaluate"} <= set(rep["timings_s"])
+    stages = {"model", "pretrain", "connections", "finetune", "finetune_random", "evaluate"}
+    assert stages <= set(rep["timings_s"])
     # the products: the finetuned suite, feature pages and circuits, all named in report.json
     art = rep["artifacts"]
     for k in ("suite", "feature_pages", "circuits", "viewer", "report", "finetuned",
