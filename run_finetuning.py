@@ -54,6 +54,12 @@ from dictionary_learning.distributed import (
 )
 from dictionary_learning.embedded import EMBEDDED_MODEL, cache_root
 from dictionary_learning.model import load_model
+from dictionary_learning.reproducibility import (
+    DEFAULT_THREADS,
+    configure_determinism,
+    connections_digest,
+    suite_digest,
+)
 from evaluate import format_table, report
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAESuite, SCAETrainerConfig
@@ -113,6 +119,13 @@ class PipelineConfig:
     """"float32" or "bfloat16" for dictionaries and activations."""
     seed: int = 0
     """Seed of every stage."""
+    threads: int | None = DEFAULT_THREADS
+    """Intra-op CPU threads (torch.set_num_threads). CPU results depend on this number in the last
+    bits (torch's reductions split their work per thread), so it is fixed rather than taken from
+    the machine or $OMP_NUM_THREADS; None keeps torch's default. Part of every cache key."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): needed for bitwise-identical runs on CUDA, whose
+    atomic scatter/index_add kernels add in a varying order (see dictionary_learning.reproducibility)."""
 
 
 def make_config(preset: str = PRESET, quick: bool = False, **overrides) -> PipelineConfig:
@@ -191,7 +204,7 @@ def pretrained_suite(cfg: PipelineConfig, model, cache: Path) -> tuple[SCAESuite
     from run_pretraining import PretrainConfig, make_config as pretrain_config, pretrain_suite
 
     k = key("pretrain", cfg.model, cfg.data, cfg.ctx_len, cfg.dict_size, cfg.k, cfg.pretrain_steps,
-            cfg.batch_tokens, cfg.buffer_tokens, cfg.dtype, cfg.seed, world_size())
+            cfg.batch_tokens, cfg.buffer_tokens, cfg.dtype, cfg.seed, world_size(), cfg.threads)
     out = cache / f"pretrain-{k}"
     if not (out / "suite" / "config.json").is_file():
         pcfg: PretrainConfig = pretrain_config(False, str(out), cfg.pretrain_steps)
@@ -232,7 +245,8 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_id: str, model,
     """cfg.connections if given, else the top-C connections computed (on rank 0) and cached."""
     if cfg.connections is not None:
         return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes)
-    k = key("connections", suite_id, cfg.data, cfg.C, cfg.variant, cfg.connection_tokens, cfg.seed)
+    k = key("connections", suite_id, cfg.data, cfg.C, cfg.variant, cfg.connection_tokens, cfg.seed,
+            cfg.threads)
     path = cache / f"connections-{k}.pt"
     if not path.is_file() and is_main():
         buf = make_buffer(replace(cfg, batch_tokens=1024 * world_size()), model, cfg.seed + 17)
@@ -242,10 +256,14 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_id: str, model,
     return load_connections(path, suite.dict_sizes)
 
 
-def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path) -> SCAESuite:
+def finetuned(cfg: PipelineConfig, suite: SCAESuite, suite_id: str, conns, tag: str, model,
+              cache: Path) -> SCAESuite:
     """Finetune a copy of `suite` with `conns` (cached; an interrupted run resumes)."""
+    # The key names the suite and the connections themselves: without them a run with another C,
+    # suite or connections file would silently reuse a suite finetuned for the old ones.
     k = key("finetune", tag, asdict(cfg.finetune), cfg.finetune_steps, cfg.batch_tokens,
-            cfg.buffer_tokens, cfg.data, cfg.dtype, cfg.seed, world_size())
+            cfg.buffer_tokens, cfg.data, cfg.dtype, cfg.seed, world_size(), cfg.threads,
+            cfg.model, cfg.ctx_len, suite_id, connections_digest(conns))
     out = cache / f"finetune-{tag}-{k}"
     if not (out / "suite" / "config.json").is_file():
         loop = TrainConfig(steps=cfg.finetune_steps, out_dir=str(out), resume=True,
@@ -270,6 +288,7 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         timings[stage] = round(now - clock, 2)
         clock = now
 
+    configure_determinism(cfg.threads, cfg.deterministic)
     cache = cache_root() / "pipeline"
     cache.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
@@ -278,12 +297,12 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     lap("pretrain")
     conns = connections_for(cfg, suite, suite_id, model, cache)
     lap("connections")
-    tuned = finetuned(cfg, suite, conns, "top", model, cache)
+    tuned = finetuned(cfg, suite, suite_id, conns, "top", model, cache)
     lap("finetune")
     rnd = None
     if cfg.random_baseline:
         rnd_conns = random_connections(suite, conns, seed=cfg.seed)
-        rnd = finetuned(cfg, suite, rnd_conns, "random", model, cache)
+        rnd = finetuned(cfg, suite, suite_id, rnd_conns, "random", model, cache)
         lap("finetune_random")
     if not is_main():
         return None
@@ -306,6 +325,12 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         r = evaluate(rnd, "random_connections")
         result["random_connections"] = {"modules": r["modules"], "ce": r["ce"]}
     lap("evaluate")
+    # Two runs reproduce each other exactly iff these agree (stage by stage).
+    result["digests"] = {"pretrained": suite_digest(suite), "connections": connections_digest(conns),
+                         "finetuned": suite_digest(tuned)}
+    if rnd is not None:
+        result["digests"].update(random_connections=connections_digest(rnd_conns),
+                                 finetuned_random=suite_digest(rnd))
     result["config"] = asdict(cfg)
     result["timings_s"] = timings
     atomic_write_json(out_dir / "report.json", result)
@@ -342,6 +367,11 @@ def main(argv=None) -> None:
     p.add_argument("--ctx-len", type=int, dest="ctx_len", help="context length, BOS included")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
+    p.add_argument("--threads", type=int,
+                   help=f"intra-op CPU threads; results depend on it (default {DEFAULT_THREADS})")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms: bitwise-reproducible CUDA runs (slower)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()
