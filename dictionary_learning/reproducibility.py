@@ -1,14 +1,14 @@
 """Bit-for-bit reproducible runs: the determinism settings, and digests to compare runs with.
 
 Two runs of the pipeline at the same settings give bitwise-identical artifacts on CPU when they
-use the same number of intra-op threads: torch's CPU reductions split their work into one chunk
-per thread, so a sum of more than about 2^19 elements (e.g. over a [1024, 512] activation block)
-rounds differently with 1 and 2 threads. `configure_determinism` therefore fixes that number.
+use the same number of intra-op threads: torch splits a CPU reduction over all elements of a
+tensor of 2^16 elements or more (e.g. the FVU of a [1024, 128] batch) into one chunk per thread,
+so it rounds differently with 1 and 2 threads. `configure_determinism` therefore fixes that number.
 
-On CUDA, a few kernels add in a scheduling-dependent order (atomic `index_add_`, `scatter_add_`,
-`index_put_(accumulate=True)`, the backward of `embedding_bag` and of gathers): their results
-change in the last bits from run to run. `deterministic=True` switches torch to its deterministic
-implementations (`torch.use_deterministic_algorithms`), slower, and raises where none exists.
+On CUDA, some kernels the pipeline uses add in a scheduling-dependent order (`index_add_`,
+`scatter_add_`, the backward of `gather` and `index_select`): their results can change in the last
+bits from run to run. `deterministic=True` switches torch to its deterministic implementations
+(`torch.use_deterministic_algorithms`), slower, and torch raises where none exists.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ machine's core count, so runs on different machines can agree."""
 
 def configure_determinism(threads: int | None = DEFAULT_THREADS, deterministic: bool = False) -> None:
     """Fix the sources of run-to-run variation that are process settings, not seeds.
+
+    Call it before any computation (CUBLAS_WORKSPACE_CONFIG is read at cuBLAS's first use).
 
     threads: intra-op threads (torch.set_num_threads); None keeps torch's default (the core count,
         or $OMP_NUM_THREADS), which makes CPU results depend on the machine and the environment.
