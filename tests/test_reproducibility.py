@@ -19,6 +19,7 @@ import torch
 
 from dictionary_learning.reproducibility import (
     configure_determinism,
+    connections_digest,
     first_difference,
     load_tensors,
     report_digest,
@@ -37,8 +38,8 @@ import sys
 import run_finetuning as rf
 model, train, evl, out = sys.argv[1:5]
 cfg = rf.make_config("tiny", quick=True, model=model, data=train, eval_data=evl, ctx_len=32,
-                     batch_tokens={BATCH_TOKENS}, pretrain_steps=20, finetune_steps=12,
-                     connection_tokens=2048)
+                     batch_tokens={BATCH_TOKENS}, pretrain_steps=8, finetune_steps=6,
+                     connection_tokens=2048, dict_size=128)
 rf.run(cfg, out)
 """
 
@@ -142,3 +143,26 @@ def test_digests_and_first_difference():
     assert tensor_digest(a) != tensor_digest(b)
     assert first_difference(a, b).startswith("x: 1 of 6 elements differ")
     assert "different tensor names" in first_difference(a, {"x": a["x"]})
+
+
+def test_finetuning_cache_is_keyed_on_the_connections(tmp_path, monkeypatch):
+    """A run with other connections (another C, or a connections file) must not reuse the suite
+    finetuned with the old ones."""
+    import run_finetuning as rf
+    from tests.scae_fixtures import random_connections, random_suite
+
+    def fake_train(buffer, *, suite, connections, train_cfg, **_):
+        suite.set_connections(connections)
+        suite.save_pretrained(Path(train_cfg.out_dir) / "suite")
+
+    monkeypatch.setattr(rf, "train_scae_suite", fake_train)
+    monkeypatch.setattr(rf, "make_buffer", lambda *a, **k: None)
+    suite = random_suite(dtype=torch.float32)
+    cfg = rf.make_config("tiny", quick=True, device="cpu")
+    conns_a, conns_b = random_connections(suite, 3, seed=0), random_connections(suite, 3, seed=1)
+    tuned_a = rf.finetuned(cfg, suite, "suite-id", conns_a, "top", None, tmp_path)
+    tuned_b = rf.finetuned(cfg, suite, "suite-id", conns_b, "top", None, tmp_path)
+    assert len(list(tmp_path.glob("finetune-top-*"))) == 2
+    for tuned, conns in ((tuned_a, conns_a), (tuned_b, conns_b)):
+        suite.set_connections(conns)  # the exchange format as the suite stores it
+        assert connections_digest(tuned.connections) == connections_digest(suite.connections)
