@@ -49,13 +49,18 @@ def configure_determinism(threads: int | None = DEFAULT_THREADS, deterministic: 
         torch.use_deterministic_algorithms(True)
 
 
+def _bytes(t: Tensor) -> Tensor:
+    """The raw bytes of a tensor (any dtype and shape, 0-d included) as a flat uint8 tensor."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     """SHA-256 of named tensors (names, dtypes, shapes and bytes), independent of dict order."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_bytes(t).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -85,7 +90,7 @@ def first_difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> str | 
         x, y = a[name].detach().cpu(), b[name].detach().cpu()
         if x.dtype != y.dtype or x.shape != y.shape:
             return f"{name}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}"
-        if not torch.equal(x.view(torch.uint8) if x.numel() else x, y.view(torch.uint8) if y.numel() else y):
+        if not torch.equal(_bytes(x), _bytes(y)):
             diff = (x.double() - y.double()).abs()
             return (f"{name}: {int((diff > 0).sum())} of {x.numel()} elements differ "
                     f"(max |difference| {float(diff.max()):.3g})")
