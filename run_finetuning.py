@@ -122,6 +122,12 @@ from dictionary_learning.suite_io import suite_folder
 from dictionary_learning.validate import check_cache_root, check_ctx_len, check_device, check_out_dir
 from evaluate import format_table, module_rows, report
 from export import FORMATS, export_suite
+from dictionary_learning.reproducibility import (
+    DEFAULT_THREADS,
+    configure_determinism,
+    connections_digest,
+    suite_digest,
+)
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAESuite, SCAETrainerConfig
 from dictionary_learning.files import atomic_write_json
@@ -188,6 +194,13 @@ class PipelineConfig:
     """"float32" or "bfloat16" for dictionaries and activations."""
     seed: int = 0
     """Seed of every stage."""
+    threads: int | None = DEFAULT_THREADS
+    """Intra-op CPU threads (torch.set_num_threads). CPU results depend on this number in the last
+    bits (torch's reductions split their work per thread), so it is fixed rather than taken from
+    the machine or $OMP_NUM_THREADS; None keeps torch's default. Part of every cache key."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): needed for bitwise-identical runs on CUDA, whose
+    atomic scatter/index_add kernels add in a varying order (see dictionary_learning.reproducibility)."""
 
 
 def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> PipelineConfig:
@@ -279,7 +292,8 @@ def settings_key(stage: str, cfg: PipelineConfig, hashes: dict[str, str], **more
     stage shares, and `more` (its own settings and the hashes of its other inputs)."""
     return stage_key(stage, STAGE_VERSIONS[stage], model=hashes["model"], data=hashes["data"],
                      ctx_len=cfg.ctx_len, dtype=cfg.dtype, seed=cfg.seed, world_size=world_size(),
-                     device=torch.device(cfg.device).type, **more)
+                     device=torch.device(cfg.device).type, threads=cfg.threads,
+                     deterministic=cfg.deterministic, **more)
 
 
 def contexts(cfg: PipelineConfig, tokenizer, split: str):
@@ -457,6 +471,7 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         timings[stage] = round(now - clock, 2)
         clock = now
 
+    configure_determinism(cfg.threads, cfg.deterministic)
     cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
     wb = WandbSettings(cfg.wandb_mode, group=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
                        dir=str(out_dir))
@@ -510,6 +525,12 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         "pretrained_suite": stages["pretrain"].dir if "pretrain" in stages else cfg.suite,
         "finetune_cache": stages["finetune_top"].dir,
     }
+    # Two runs reproduce each other exactly iff these agree (stage by stage).
+    result["digests"] = {"pretrained": suite_digest(suite), "connections": connections_digest(conns),
+                         "finetuned": suite_digest(tuned)}
+    if rnd is not None:
+        result["digests"].update(random_connections=connections_digest(rnd_conns),
+                                 finetuned_random=suite_digest(rnd))
     result["config"] = asdict(cfg)
     result["inputs"] = {**hashes, "suite": suite_hash, "connections": tensors_hash(conns)}
     result["stages"] = {name: r._asdict() for name, r in stages.items()}
@@ -622,6 +643,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
     p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],
                    help="wandb mode; overrides $WANDB_MODE, which overrides WANDB_MODE in the file")
+    p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
+    p.add_argument("--threads", type=int,
+                   help=f"intra-op CPU threads; results depend on it (default {DEFAULT_THREADS})")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms: bitwise-reproducible CUDA runs (slower)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()

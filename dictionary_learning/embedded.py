@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .reproducibility import DEFAULT_THREADS
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "scae-shakespeare"
@@ -165,12 +167,22 @@ def _contexts(texts: list[str], tokenizer, ctx_len: int) -> torch.Tensor:
 
 def build_embedded_model(out_dir: Path, cfg: EmbeddedConfig | None = None) -> dict:
     """Train tokenizer + model from scratch into `out_dir`; return the metrics dict."""
+    cfg = cfg or EmbeddedConfig()
+    threads = torch.get_num_threads()
+    # A fixed thread count, not the machine's: the weights depend on it in the last bits (torch's
+    # CPU reductions split per thread), and every stage downstream inherits the difference.
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        return _build(out_dir, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
     from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = cfg or EmbeddedConfig()
     t0 = time.time()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     torch.manual_seed(cfg.seed)
     train_texts, val_texts = embedded_corpus("train"), embedded_corpus("validation")
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
