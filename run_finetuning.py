@@ -119,7 +119,9 @@ from dictionary_learning.logger import (
 )
 from dictionary_learning.model import load_model, model_info
 from dictionary_learning.suite_io import suite_folder
-from dictionary_learning.validate import check_cache_root, check_ctx_len, check_device, check_out_dir
+from dictionary_learning.validate import (
+    check_cache_root, check_ctx_len, check_device, check_out_dir,
+)
 from evaluate import format_table, module_rows, report
 from export import FORMATS, export_suite
 from dictionary_learning.reproducibility import (
@@ -141,7 +143,8 @@ class PipelineConfig:
     """Settings of every stage; the presets below fill them in."""
 
     model: str = EMBEDDED_MODEL
-    """Model name or path (load_model): the embedded default, "gpt2", or a save_pretrained folder."""
+    """Model name or path (load_model): the embedded default, "gpt2", or a save_pretrained
+    folder."""
     data: str = "embedded"
     """Training text: "embedded", a text file or folder, or a `datasets` name (streamed)."""
     eval_data: str = "embedded"
@@ -151,7 +154,8 @@ class PipelineConfig:
     suite: str | None = None
     """Pretrained suite folder or Hub id; None pretrains one (cached)."""
     connections: str | None = None
-    """Connections file or Google Drive file id (fetched with gdown); None computes them (cached)."""
+    """Connections file or Google Drive file id (fetched with gdown); None computes them
+    (cached)."""
     ctx_len: int = 128
     """Context length, BOS included."""
     dict_size: int = 512
@@ -200,7 +204,8 @@ class PipelineConfig:
     the machine or $OMP_NUM_THREADS; None keeps torch's default. Part of every cache key."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True): needed for bitwise-identical runs on CUDA, whose
-    atomic scatter/index_add kernels add in a varying order (see dictionary_learning.reproducibility)."""
+    atomic scatter/index_add kernels add in a varying order (see
+    dictionary_learning.reproducibility)."""
 
 
 def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> PipelineConfig:
@@ -526,7 +531,8 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         "finetune_cache": stages["finetune_top"].dir,
     }
     # Two runs reproduce each other exactly iff these agree (stage by stage).
-    result["digests"] = {"pretrained": suite_digest(suite), "connections": connections_digest(conns),
+    result["digests"] = {"pretrained": suite_digest(suite),
+                         "connections": connections_digest(conns),
                          "finetuned": suite_digest(tuned)}
     if rnd is not None:
         result["digests"].update(random_connections=connections_digest(rnd_conns),
@@ -647,7 +653,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--threads", type=int,
                    help=f"intra-op CPU threads; results depend on it (default {DEFAULT_THREADS})")
     p.add_argument("--deterministic", action="store_true", default=None,
-                   help="torch.use_deterministic_algorithms: bitwise-reproducible CUDA runs (slower)")
+                   help="torch.use_deterministic_algorithms: bitwise-reproducible CUDA runs "
+                        "(slower)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()

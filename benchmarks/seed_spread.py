@@ -67,8 +67,10 @@ def spread(reports: list[dict]) -> dict:
             continue
         names = list(sections[0]["modules"])
         out[label] = {
-            "modules": {n: {f: stats([s["modules"][n][f] for s in sections]) for f in MODULE_FIGURES}
-                        for n in names},
+            "modules": {
+                n: {f: stats([s["modules"][n][f] for s in sections]) for f in MODULE_FIGURES}
+                for n in names
+            },
             "ce": {f: stats([s["ce"][f] for s in sections]) for f in CE_FIGURES},
         }
     return out

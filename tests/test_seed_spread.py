@@ -1,4 +1,4 @@
-"""benchmarks/seed_spread.py: exact statistics over per-seed reports, and refusal of mixed settings."""
+"""benchmarks/seed_spread.py: exact statistics over per-seed reports; mixed settings refused."""
 
 import json
 
