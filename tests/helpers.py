@@ -78,3 +78,13 @@ def random_texts(n: int, seed: int = 0, min_len: int = 1, max_len: int = 40) -> 
         idx = torch.randint(0, len(_CHARS), (L,), generator=g)
         out.append("".join(_CHARS[i] for i in idx))
     return out
+
+
+def randomized(dictionary, seed: int, scale: float = 0.3):
+    """`dictionary` with every parameter drawn from N(0, scale^2) (seeded), decoder unit-norm."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dictionary.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    dictionary.normalize_decoder()
+    return dictionary

@@ -12,25 +12,17 @@ from safetensors.torch import load_file
 import export
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.suite_io import save_suite
+from tests.helpers import randomized
 
 D, F, K, N_LAYERS, B = 16, 64, 4, 2, 200
-
-
-def _randomize(d, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    d.normalize_decoder()
-    return d
 
 
 @pytest.fixture(scope="module")
 def suite_dir(tmp_path_factory):
     dicts = {}
     for layer in range(N_LAYERS):
-        dicts[f"attn_{layer}"] = _randomize(AutoEncoderTopK(D, F, K), 10 * layer)
-        dicts[f"mlp_{layer}"] = _randomize(TopKTranscoder(D, D, F, K), 10 * layer + 1)
+        dicts[f"attn_{layer}"] = randomized(AutoEncoderTopK(D, F, K), 10 * layer)
+        dicts[f"mlp_{layer}"] = randomized(TopKTranscoder(D, D, F, K), 10 * layer + 1)
     path = tmp_path_factory.mktemp("suite") / "suite"
     save_suite(path, dicts, {"model_name": "tiny-gpt2", "buffer": {"ctx_len": 32}})
     return path, dicts
@@ -166,7 +158,7 @@ def test_export_errors(suite_dir, tmp_path):
         export.export_suite(type("S", (), {"dicts": dicts, "meta": {}})(), tmp_path / "x",
                             "sparsify")
     assert not (tmp_path / "x").exists()
-    wide = {"mlp_0": _randomize(TopKTranscoder(D, 2 * D, F, K), 5)}
+    wide = {"mlp_0": randomized(TopKTranscoder(D, 2 * D, F, K), 5)}
     res = export.export_suite(type("S", (), {"dicts": wide, "meta": {"model_name": "m"}})(),
                               tmp_path / "w", "sparsify")
     assert res.written == {} and "d_in=16 != d_out=32" in res.skipped["mlp_0"]

@@ -7,22 +7,14 @@ import torch
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.dl_format import export_dictionary_learning, load_dictionary_learning
 from dictionary_learning.suite_io import load_suite, save_suite
-
-
-def _randomize(d, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    d.normalize_decoder()
-    return d
+from tests.helpers import randomized
 
 
 def _suite(D=16, F=64, k=4, n_layers=2):
     dicts = {}
     for l in range(n_layers):
-        dicts[f"attn_{l}"] = _randomize(AutoEncoderTopK(D, F, k), 10 * l)
-        dicts[f"mlp_{l}"] = _randomize(TopKTranscoder(D, D, F, k), 10 * l + 1)
+        dicts[f"attn_{l}"] = randomized(AutoEncoderTopK(D, F, k), 10 * l)
+        dicts[f"mlp_{l}"] = randomized(TopKTranscoder(D, D, F, k), 10 * l + 1)
     return dicts
 
 
@@ -139,7 +131,7 @@ def test_nonexistent_path():
 
 def test_dl_roundtrip_and_formula(tmp_path):
     D, F, k = 16, 64, 6
-    ae = _randomize(AutoEncoderTopK(D, F, k), 3)
+    ae = randomized(AutoEncoderTopK(D, F, k), 3)
     export_dictionary_learning(
         ae, tmp_path / "ae", layer=1, lm_name="tiny", submodule_name="attn_1", ctx_len=64
     )
@@ -168,7 +160,7 @@ def test_dl_roundtrip_and_formula(tmp_path):
 
 def test_dl_transcoder_exact_and_wide_refused(tmp_path):
     D, F, k = 8, 16, 2
-    tc = _randomize(TopKTranscoder(D, D, F, k), 4)
+    tc = randomized(TopKTranscoder(D, D, F, k), 4)
     export_dictionary_learning(tc, tmp_path / "tc", layer=0, lm_name="m", submodule_name="mlp_0",
                                ctx_len=8)
     back = load_dictionary_learning(tmp_path / "tc", transcoder=True)
