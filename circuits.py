@@ -37,12 +37,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from buffer import ActivationBatch, trace_activations
+from dictionary_learning.batch import ActivationBatch, trace_activations
 from dictionary_learning.dictionary import Features
 from dictionary_learning.files import atomic_write_json
 from dictionary_learning.model import hf_model
 from dictionary_learning.names import parse_module_name
-from trainers.scae import DictOutput, SCAESuite
+from dictionary_learning.suite import DictOutput, SCAESuite
 
 logger = logging.getLogger("circuits")
 

@@ -9,9 +9,12 @@ Hygiene: the BOS position (0) of every context is never reconstructed or scored;
 only on the predictions made from positions 1..T-2 (of tokens 2..T-1); in splice runs the BOS
 position keeps its true activation. Contexts are packed, so there is no padding.
 
-The metric functions are standalone; `evaluate_suite` runs them over chunks of contexts,
-accumulating sums so the results equal a one-shot computation with bounded memory; `report`
-adds report.json and plots; `python evaluate.py --suite DIR --out DIR` is the CLI.
+The metric functions are defined once, in dictionary_learning/metrics.py; this module adds the
+model runs (unembedding, clean and splice logits). `evaluate_suite` runs them over chunks of
+contexts, accumulating sums so the results equal a one-shot computation with bounded memory;
+`evaluate_dictionaries` gives the vanilla figures of bare dictionaries over ActivationBatches
+(pretraining's held-out check); `report` adds report.json and plots; `python evaluate.py --suite
+DIR --out DIR` is the CLI.
 """
 
 from __future__ import annotations
@@ -26,17 +29,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F_
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from buffer import ActivationBatch, trace_activations
-from dictionary_learning.dictionary import Features
+from dictionary_learning.batch import ActivationBatch, trace_activations
+from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.files import atomic_write
+# The metric functions live in the base layer; they are re-exported here (see __all__) so that
+# `evaluate.fvu`, `evaluate.agreement`, ... keep working.
+from dictionary_learning.metrics import (
+    FVUAccumulator,
+    agreement,
+    agreement_per_token,
+    ce_recovered,
+    dead_fraction,
+    fired_features,
+    fvu,
+    l0,
+    next_token_ce,
+    scored_predictions,
+)
 from dictionary_learning.model import hf_model, model_info
 from dictionary_learning.safe_load import check_finite, flat_state
-from trainers.scae import SCAESuite
-from trainers.top_k import fvu
+from dictionary_learning.suite import SCAESuite
+from dictionary_learning.suite_io import check_name, suite_order
 
 logger = logging.getLogger("evaluate")
 
@@ -44,77 +60,12 @@ __all__ = [
     "l0", "fired_features", "dead_fraction", "agreement_per_token", "agreement", "ce_recovered",
     "scored_predictions", "next_token_ce", "final_residual", "unembed", "clean_logits",
     "splice_logits", "fvu", "FVUAccumulator", "ModuleMetrics", "CEMetrics", "SuiteEval",
-    "evaluate_suite", "report", "format_table", "print_table", "save_plots", "main",
+    "evaluate_suite", "DictQuality", "evaluate_dictionaries", "report", "format_table",
+    "print_table", "save_plots", "main",
 ]
 
 
 # ============================================================================ metric functions
-
-
-def l0(feats: Features) -> Tensor:
-    """Mean number of active (> 0) features per token, a scalar (fp32)."""
-    return (feats.vals_BK > 0).sum(1).float().mean()
-
-
-def fired_features(feats: Features, n_features: int) -> Tensor:
-    """BoolTensor [F]: which features are active (> 0) on at least one token of the batch."""
-    fired_F = torch.zeros(n_features, dtype=torch.bool, device=feats.idx_BK.device)
-    fired_F[feats.idx_BK[feats.vals_BK > 0]] = True
-    return fired_F
-
-
-def dead_fraction(fired_F: Tensor) -> float:
-    """Fraction of features never active, from the OR of `fired_features` over all tokens."""
-    return 1.0 - float(fired_F.float().mean())
-
-
-def agreement_per_token(vanilla: Features, pruned: Features) -> Tensor:
-    """[B]: |A_pruned ∩ A_vanilla| / |A_vanilla| per token, A = indices with value > 0.
-
-    NaN for tokens with no active vanilla feature (the ratio is undefined there).
-    """
-    van_BK = torch.where(vanilla.vals_BK > 0, vanilla.idx_BK, -1)
-    pr_BK = torch.where(pruned.vals_BK > 0, pruned.idx_BK, -2)
-    # indices within one TopK set are distinct, so the pairwise match count is |A_p ∩ A_v|
-    inter_B = (van_BK[:, :, None] == pr_BK[:, None, :]).sum((1, 2)).float()
-    n_van_B = (vanilla.vals_BK > 0).sum(1).float()
-    return torch.where(n_van_B > 0, inter_B / n_van_B.clamp_min(1), torch.nan)
-
-
-def agreement(vanilla: Features, pruned: Features) -> Tensor:
-    """Mean over tokens of |A_pruned ∩ A_vanilla| / |A_vanilla| (tokens with A_vanilla empty are
-    left out); 1 means the pruned pass activates every vanilla-active feature."""
-    return agreement_per_token(vanilla, pruned).nanmean()
-
-
-def ce_recovered(ce_ablated: float, ce_suite: float, ce_clean: float) -> float:
-    """(CE_ablated - CE_suite) / (CE_ablated - CE_clean): 1 = as good as the model, 0 = as bad as
-    removing every block. NaN when CE_ablated == CE_clean."""
-    den = ce_ablated - ce_clean
-    return (ce_ablated - ce_suite) / den if den != 0 else math.nan
-
-
-def scored_predictions(logits_BTV: Tensor, toks_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """The scored (logits [N, V], targets [N]) of full-context logits: predictions made from
-    positions 1..T-2 of tokens 2..T-1 (the prediction from BOS is left out, docs/method.md §7)."""
-    if logits_BTV.shape[:2] != toks_BT.shape:
-        raise ValueError(
-            f"logits {tuple(logits_BTV.shape)} and tokens {tuple(toks_BT.shape)} disagree; pass "
-            "logits for every position of the contexts, [B, T, V] with tokens [B, T]."
-        )
-    if toks_BT.shape[1] < 3:
-        raise ValueError(
-            f"contexts of {toks_BT.shape[1]} tokens have no scored prediction; CE needs BOS + 2 "
-            "tokens at least (use ctx_len >= 3)."
-        )
-    logits_NV = logits_BTV[:, 1:-1].reshape(-1, logits_BTV.shape[-1])
-    return logits_NV, toks_BT[:, 2:].reshape(-1).to(logits_BTV.device)
-
-
-def next_token_ce(logits_BTV: Tensor, toks_BT: Tensor, reduction: str = "mean") -> Tensor:
-    """Next-token cross-entropy over the scored predictions (see `scored_predictions`), in fp32."""
-    logits_NV, tgt_N = scored_predictions(logits_BTV, toks_BT)
-    return F_.cross_entropy(logits_NV.float(), tgt_N, reduction=reduction)
 
 
 def final_residual(x0_BTD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
@@ -184,43 +135,6 @@ def splice_logits(
         return clean_logits(model, toks_BT)
     finally:
         handle.remove()
-
-
-class FVUAccumulator:
-    """sum ||y - yhat||^2 / sum ||y - mean(y)||^2 over all tokens seen, from chunks (float64).
-
-    The mean and the centred sum of squares are merged chunk by chunk (Chan et al.), so the result
-    equals `fvu` on the concatenation without storing it and without cancellation.
-    """
-
-    def __init__(self):
-        self.n = 0
-        self.err = 0.0
-        self.mean_D: Tensor | None = None
-        self.m2 = 0.0
-
-    def update(self, y_ND: Tensor, yhat_ND: Tensor) -> None:
-        """Add a chunk of targets and reconstructions, [N, D] each."""
-        y = y_ND.double()
-        nb = y.shape[0]
-        if nb == 0:
-            return
-        self.err += float((y - yhat_ND.double()).pow(2).sum())
-        mean_b = y.mean(0)
-        m2_b = float((y - mean_b).pow(2).sum())
-        if self.mean_D is None:
-            self.n, self.mean_D, self.m2 = nb, mean_b, m2_b
-            return
-        n = self.n + nb
-        delta = mean_b - self.mean_D
-        self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * nb / n
-        self.mean_D = self.mean_D + delta * (nb / n)
-        self.n = n
-
-    def value(self) -> float:
-        if self.n == 0:
-            return math.nan
-        return self.err / max(self.m2, 1e-12)
 
 
 # ================================================================================ evaluation
@@ -405,12 +319,8 @@ def evaluate_suite(
             t = t[:, 1:]
             return t.reshape(B * (T - 1), *t.shape[2:]).to(device=device, dtype=dtype)
 
-        src, tgt, scale = {}, {}, {}
-        for l in range(suite.n_layers):
-            src[f"attn_{l}"] = tgt[f"attn_{l}"] = flat(acts[f"attn_{l}"])
-            src[f"mlp_{l}"], tgt[f"mlp_{l}"] = flat(acts[f"mlp_in_{l}"]), flat(acts[f"mlp_out_{l}"])
-            scale[f"mlp_{l}"] = flat(acts[f"sigma_{l}"])
-        batch = ActivationBatch(flat(acts["initial"]), src, tgt, scale)
+        batch = ActivationBatch.from_trace({k: flat(v) for k, v in acts.items()}, suite.n_layers)
+        tgt = batch.tgt
         vanilla = suite.vanilla_forward(batch)
         pruned = suite.pruned_forward(batch, vanilla, mode="all") if pruned_on else {}
         N = B * (T - 1)
@@ -479,6 +389,57 @@ def evaluate_suite(
         n_tokens=n_ctx_seen * (ctx_len - 1), n_predictions=n_ctx_seen * (ctx_len - 2),
         has_connections=pruned_on,
     )
+
+
+class DictQuality(NamedTuple):
+    """Held-out quality of one dictionary (pretraining's check, without a model run)."""
+
+    fvu: float
+    """sum ||y - yhat||^2 / sum ||y - mean(y)||^2 over all evaluation tokens."""
+    l0: float
+    """Mean number of active (> 0) features per token."""
+    dead_frac: float
+    """Fraction of features never active over the evaluation tokens."""
+    n_tokens: int
+    """Evaluation tokens."""
+
+
+@torch.no_grad()
+def evaluate_dictionaries(
+    dicts: dict[str, TopKDictionary],
+    batches: Iterable[ActivationBatch],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, DictQuality]:
+    """FVU, L0 and dead fraction of every dictionary over an iterable of ActivationBatch.
+
+    The vanilla metrics of `evaluate_suite` for dictionaries that are not (yet) a suite, e.g.
+    pretraining's held-out check; the FVU is over the whole evaluation set, not a batch mean.
+    """
+    names = suite_order(dicts)
+    fvu_acc = {n: FVUAccumulator() for n in names}
+    l0_sum = {n: _Sum() for n in names}
+    fired: dict[str, Tensor] = {}
+    for batch in batches:
+        for n in names:
+            d = dicts[n]
+            kind, _ = check_name(n)
+            if n not in batch.src:
+                raise KeyError(f"dictionary {n!r} has no activations in the evaluation batch")
+            x = batch.src[n].to(device, dtype)
+            y = x if kind == "attn" else batch.tgt[n].to(device, dtype)
+            recon, feats = d(x, output_features=True)
+            fvu_acc[n].update(y, recon)
+            l0_sum[n].add((feats.vals_BK > 0).sum(), x.shape[0])
+            hit_F = fired_features(feats, d.dict_size)
+            fired[n] = hit_F if n not in fired else fired[n] | hit_F
+    if not fired:
+        raise ValueError("evaluate_dictionaries: no evaluation batches were given")
+    return {
+        n: DictQuality(fvu=fvu_acc[n].value(), l0=l0_sum[n].mean(),
+                       dead_frac=dead_fraction(fired[n]), n_tokens=l0_sum[n].count)
+        for n in names
+    }
 
 
 # ==================================================================================== report

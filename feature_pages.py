@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from buffer import ActivationBatch, trace_activations
+from dictionary_learning.batch import ActivationBatch, trace_activations
 from circuits import center, connection_terms, feature_id, process_token
 from dictionary_learning.data import batched_contexts, contexts_from
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
 from dictionary_learning.model import hf_model
 from dictionary_learning.safe_load import load_tensor_file
-from trainers.scae import SCAESuite
+from dictionary_learning.suite import SCAESuite
 
 logger = logging.getLogger("feature_pages")
 

@@ -32,7 +32,7 @@ from dictionary_learning.connections import (
     upstream_names,
     validate_connections,
 )
-from trainers.scae import SCAESuite
+from dictionary_learning.suite import SCAESuite
 
 logger = logging.getLogger(__name__)
 

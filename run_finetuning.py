@@ -118,6 +118,7 @@ from dictionary_learning.logger import (
     summary_run,
 )
 from dictionary_learning.model import load_model, model_info
+from dictionary_learning.suite import SCAESuite
 from dictionary_learning.suite_io import suite_folder
 from dictionary_learning.validate import (
     check_cache_root, check_ctx_len, check_device, check_out_dir,
@@ -131,7 +132,7 @@ from dictionary_learning.reproducibility import (
     suite_digest,
 )
 from find_top_connections import collect_activations, random_connections, top_connections
-from trainers.scae import SCAESuite, SCAETrainerConfig
+from trainers.scae import SCAETrainerConfig
 from dictionary_learning.files import atomic_write_json
 from training import TrainConfig, train_scae_suite, wandb_config
 

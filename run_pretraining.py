@@ -34,7 +34,8 @@ from dictionary_learning.distributed import is_main, rank, world_size
 from dictionary_learning.model import load_model, model_info, module_names
 from dictionary_learning.suite_io import save_suite
 from dictionary_learning.validate import check_out_dir
-from trainers.top_k import DictQuality, TopKSuiteTrainer, TopKTrainerConfig, evaluate_dictionaries
+from evaluate import DictQuality, evaluate_dictionaries
+from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig
 from training import TrainConfig, train
 
 logger = logging.getLogger("run_pretraining")

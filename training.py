@@ -252,7 +252,8 @@ def train_scae_suite(
     environment or `huggingface-cli login`).
     """
     from dictionary_learning.connections import load_connections
-    from trainers.scae import SCAESuite, TrainerSCAESuite
+    from dictionary_learning.suite import SCAESuite
+    from trainers.scae import TrainerSCAESuite
 
     if (suite is None) == (repo_id_in is None):
         raise ValueError(

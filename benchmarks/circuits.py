@@ -21,7 +21,7 @@ import circuits as C  # noqa: E402
 from dictionary_learning.data import contexts_from  # noqa: E402
 from dictionary_learning.model import hf_model, load_model  # noqa: E402
 from feature_pages import PageConfig, compute_pages  # noqa: E402
-from trainers.scae import SCAESuite  # noqa: E402
+from dictionary_learning.suite import SCAESuite  # noqa: E402
 
 
 def main(argv=None) -> dict:

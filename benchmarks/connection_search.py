@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.pruned_forward import _status_kb  # noqa: E402
-from buffer import ActivationBatch  # noqa: E402
+from dictionary_learning.batch import ActivationBatch  # noqa: E402
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder  # noqa: E402
 from find_top_connections import collect_activations, top_connections  # noqa: E402
-from trainers.scae import SCAESuite  # noqa: E402
+from dictionary_learning.suite import SCAESuite  # noqa: E402
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

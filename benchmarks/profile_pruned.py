@@ -24,21 +24,22 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dictionary_learning.dictionary as dictionary  # noqa: E402
+import dictionary_learning.suite as suite_mod  # noqa: E402
 import trainers.scae as scae  # noqa: E402
 import trainers.top_k as top_k  # noqa: E402
 from benchmarks.pruned_forward import CASES, DTYPES, build, make_step, sync  # noqa: E402
 
 # (module, attribute, label): the phases of a step
 PHASES = [
-    (scae.SCAESuite, "vanilla_one", "vanilla pass (encode, TopK, decode)"),
-    (scae.SCAESuite, "candidates", "candidate selection"),
-    (scae.SCAESuite, "_pruned_pre", "pruned pre-activations (all of it)"),
-    (scae, "csr_virtual_weights", "  virtual weights (sampled_addmm)"),
-    (scae, "connection_contrib_candidates", "  connection term, candidates"),
-    (scae, "connection_contrib_all", "  connection term, all features"),
+    (suite_mod.SCAESuite, "vanilla_one", "vanilla pass (encode, TopK, decode)"),
+    (suite_mod.SCAESuite, "candidates", "candidate selection"),
+    (suite_mod.SCAESuite, "_pruned_pre", "pruned pre-activations (all of it)"),
+    (suite_mod, "csr_virtual_weights", "  virtual weights (sampled_addmm)"),
+    (suite_mod, "connection_contrib_candidates", "  connection term, candidates"),
+    (suite_mod, "connection_contrib_all", "  connection term, all features"),
     (scae, "auxk_loss", "AuxK loss"),
     (top_k, "auxk_loss", "AuxK loss"),
-    (scae, "topk_relu", "TopK"),
+    (suite_mod, "topk_relu", "TopK"),
     (top_k, "topk_relu", "TopK"),
     (dictionary, "sparse_decode", "sparse decode (embedding_bag)"),
 ]

@@ -11,7 +11,8 @@ mode "candidates" (training): one whole training step's loss and its backward.
             candidates mode with n_threshold = n_random = 100, FVU_v + FVU_p + penalty)
 mode "all" (evaluation, forward only, no_grad, "backward": false):
   vanilla = suite.vanilla_forward(batch)
-  pruned  = suite.forward(batch, mode="all")  (vanilla pass + every feature of every transcoder)
+  pruned  = suite.pruned_forward(batch, mode="all")  (vanilla pass + every feature of every
+            transcoder)
 
 Timings are the median of --repeats runs after one warm-up, in one process. Peak memory is
 measured on CPU in a fresh subprocess per (case, mode, pass), whose kernel high-water mark VmHWM
@@ -43,10 +44,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from buffer import ActivationBatch  # noqa: E402
+from dictionary_learning.batch import ActivationBatch  # noqa: E402
 from dictionary_learning.connections import upstream_names  # noqa: E402
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder  # noqa: E402
-from trainers.scae import SCAESuite, SCAETrainerConfig, TrainerSCAESuite  # noqa: E402
+from dictionary_learning.suite import SCAESuite  # noqa: E402
+from trainers.scae import SCAETrainerConfig, TrainerSCAESuite  # noqa: E402
 from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig  # noqa: E402
 
 CASES = {
@@ -136,7 +138,7 @@ def make_step(which: str, mode: str, suite: SCAESuite, batch, device, dtype):
         if which == "vanilla":
             suite.vanilla_forward(batch)
         else:
-            suite(batch, mode="all")
+            suite.pruned_forward(batch, mode="all")
 
     return step
 

@@ -34,6 +34,7 @@ def make(suite_dir: str, out: Path, data: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import export
     from buffer import AllActivationBuffer
+    from dictionary_learning.metrics import fvu
     from dictionary_learning.data import contexts_from
     from dictionary_learning.model import load_model
     from dictionary_learning.suite_io import load_suite
@@ -53,8 +54,7 @@ def make(suite_dir: str, out: Path, data: str) -> None:
             ref[f"{name}.x"], ref[f"{name}.recon"] = x, recon
             ref[f"{name}.f"] = feats.dense(d.dict_size)
             y = batch.tgt[name].float()
-            fvu = (y - recon).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
-            ref[f"{name}.fvu"] = fvu.reshape(1)
+            ref[f"{name}.fvu"] = fvu(y, recon).reshape(1)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ref.items()}, str(out / "reference.safetensors"))
     for fmt in export.FORMATS:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
-from trainers.scae import SCAESuite
+from dictionary_learning.suite import SCAESuite
 
 
-from buffer import ActivationBatch as Batch
+from dictionary_learning.batch import ActivationBatch as Batch
 
 
 def random_suite(n_layers=2, d=6, F=10, k=3, seed=0, dtype=torch.float64) -> SCAESuite:

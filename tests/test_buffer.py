@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from buffer import ActivationBatch, AllActivationBuffer, DataExhaustedError
+from buffer import AllActivationBuffer, DataExhaustedError
+from dictionary_learning.batch import ActivationBatch
 from dictionary_learning.data import token_contexts
 from dictionary_learning.model import hf_model
 from tests.helpers import random_contexts, random_texts, tiny_gpt2

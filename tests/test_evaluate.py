@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from buffer import trace_activations
+from dictionary_learning.batch import trace_activations
 from dictionary_learning.dictionary import Features
 from dictionary_learning.model import hf_model
 from tests.helpers import random_contexts, tiny_gpt2
@@ -157,7 +157,7 @@ def one_shot(suite, model, toks):
     def flat(t):
         return t[:, 1:].reshape(B * (T - 1), *t.shape[2:])
 
-    from buffer import ActivationBatch
+    from dictionary_learning.batch import ActivationBatch
 
     src, tgt, scale = {}, {}, {}
     for l in range(L):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import feature_pages as FP
-from buffer import trace_activations
+from dictionary_learning.batch import trace_activations
 from circuits import connection_terms, feature_id
 from dictionary_learning.graph_format import check_feature
 from tests.helpers import random_contexts, tiny_gpt2
 from tests.scae_fixtures import random_connections, random_suite
-from buffer import ActivationBatch
+from dictionary_learning.batch import ActivationBatch
 
 N_CTX, CTX_LEN = 12, 17
 

@@ -11,7 +11,7 @@ from find_top_connections import (
     top_connections,
 )
 from tests.scae_fixtures import Batch, random_batch, random_suite
-from trainers.scae import SCAESuite
+from dictionary_learning.suite import SCAESuite
 
 
 def test_importance_equals_plain_loop_over_tokens():

@@ -23,7 +23,8 @@ from dictionary_learning.errors import NonFiniteLossError
 from dictionary_learning.model import check_gpt2_like
 from tests.helpers import random_contexts, tiny_gpt2, tiny_tokenizer
 from tests.scae_fixtures import random_batch, random_connections, random_suite
-from trainers.scae import SCAESuite, SCAETrainerConfig, TrainerSCAESuite
+from dictionary_learning.suite import SCAESuite
+from trainers.scae import SCAETrainerConfig, TrainerSCAESuite
 from training import CHECKPOINT, TrainConfig, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]

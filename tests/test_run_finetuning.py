@@ -64,7 +64,7 @@ def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
         assert (tmp_path / "out").joinpath(art[k]).exists(), k
     from pathlib import Path
 
-    from trainers.scae import SCAESuite
+    from dictionary_learning.suite import SCAESuite
 
     out_suite = SCAESuite.from_pretrained(art["suite"])
     assert out_suite.has_connections and Path(out_suite.meta["model_name"]) == model_dir

@@ -22,7 +22,7 @@ from dictionary_learning.errors import (
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
 from tests.scae_fixtures import random_connections, random_suite
 from tests.test_reliability import Batches, scae_trainer
-from trainers.scae import SCAESuite
+from dictionary_learning.suite import SCAESuite
 from training import CHECKPOINT, TrainConfig, load_checkpoint, train
 
 

@@ -14,7 +14,7 @@ from tests.scae_fixtures import (
     random_connections,
     random_suite,
 )
-from trainers.scae import SCAESuite
+from dictionary_learning.suite import SCAESuite
 
 
 def topk_dense(pre_BF, k):
@@ -222,3 +222,16 @@ def test_suite_moves_connections_with_dtype_and_device_changes():
     suite = suite.float()
     out = suite.pruned_forward(random_batch(n_layers=2, dtype=torch.float32), mode="all")
     assert out["mlp_1"].recon_BD.dtype == torch.float32
+
+
+def test_original_fork_imports_still_work():
+    """`from trainers.scae import SCAESuite, TrainerSCAESuite` (the original fork's import) and
+    `from buffer import ActivationBatch` give the base layer's own classes, not copies."""
+    import buffer
+    import dictionary_learning.batch
+    import dictionary_learning.suite
+    from trainers.scae import SCAESuite as FromTrainers, TrainerSCAESuite  # noqa: F401
+
+    assert FromTrainers is dictionary_learning.suite.SCAESuite
+    assert buffer.ActivationBatch is dictionary_learning.batch.ActivationBatch
+    assert buffer.trace_activations is dictionary_learning.batch.trace_activations

@@ -9,7 +9,8 @@ from dictionary_learning.errors import NonFiniteLossError
 from find_top_connections import collect_activations, top_connections
 from tests.helpers import random_contexts, tiny_gpt2
 from tests.scae_fixtures import exact_sae, full_connections, random_suite
-from trainers.scae import SCAESuite, SCAETrainerConfig, TrainerSCAESuite
+from dictionary_learning.suite import SCAESuite
+from trainers.scae import SCAETrainerConfig, TrainerSCAESuite
 
 
 def tiny_buffer(n_layer=2, d=32, n_tokens=2048, batch=256, seed=0):

@@ -1,9 +1,9 @@
 import math
-from typing import NamedTuple
 
 import pytest
 import torch
 
+from dictionary_learning.batch import ActivationBatch
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.errors import NonFiniteLossError
 from trainers.top_k import (
@@ -16,15 +16,6 @@ from trainers.top_k import (
 )
 
 
-try:  # the real one once buffer.py has landed
-    from buffer import ActivationBatch  # type: ignore
-except Exception:  # pragma: no cover - until then
-
-    class ActivationBatch(NamedTuple):
-        initial: torch.Tensor
-        src: dict
-        tgt: dict
-        layernorm_scale: dict
 
 
 class SparseWorld:

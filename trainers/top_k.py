@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,12 +21,12 @@ from torch import Tensor
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.distributed import (
     all_reduce_max_,
-    all_reduce_sum_,
     average_gradients,
     broadcast_params,
     world_size,
 )
 from dictionary_learning.errors import NonFiniteLossError
+from dictionary_learning.metrics import fvu
 from dictionary_learning.suite_io import check_name, suite_order
 
 logger = logging.getLogger(__name__)
@@ -98,42 +98,6 @@ def lr_schedule(total_steps: int, warmup_steps: int, decay_start: float):
         return warm * max(0.0, (total_steps - s) / (total_steps - decay_from))
 
     return factor
-
-
-def fvu(y_BD: Tensor, yhat_BD: Tensor, *, across_ranks: bool = False) -> Tensor:
-    """sum ||y - yhat||^2 / sum ||y - mean_batch(y)||^2 (docs/method.md §5), in fp32.
-
-    across_ranks: under torch.distributed, the batch is the union of every rank's batch. The value
-    is then the global FVU on every rank, and the gradient is world_size x this rank's share, so
-    that averaging gradients over ranks gives exactly the gradient of the global FVU.
-    """
-    y_BD, yhat_BD = y_BD.float(), yhat_BD.float()
-    num = (y_BD - yhat_BD).pow(2).sum()
-    n_ranks = world_size()
-    if not across_ranks or n_ranks == 1:
-        den = (y_BD - y_BD.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-        return num / den
-    stats = torch.cat([
-        y_BD.sum(0), y_BD.pow(2).sum()[None], y_BD.new_tensor([y_BD.shape[0]]), num.detach()[None],
-    ]).detach()
-    all_reduce_sum_(stats)
-    s1, s2, n, num_all = stats[:-3], stats[-3], stats[-2], stats[-1]
-    den = (s2 - s1.pow(2).sum() / n).clamp_min(1e-12)
-    return (n_ranks * num + (num_all - n_ranks * num).detach()) / den
-
-
-def ratio_across_ranks(num: Tensor, den: Tensor) -> Tensor:
-    """(sum of num over ranks) / (sum of den over ranks), with den held constant.
-
-    The gradient is world_size x this rank's share of num, so that averaging gradients over ranks
-    gives the gradient of the global ratio (see `fvu`).
-    """
-    num, den = num.float(), den.detach().float()
-    n_ranks = world_size()
-    if n_ranks == 1:
-        return num / den.clamp_min(1e-12)
-    both = all_reduce_sum_(torch.stack([num.detach(), den]))
-    return (n_ranks * num + (both[0] - n_ranks * num).detach()) / both[1].clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -364,65 +328,3 @@ class TopKSuiteTrainer:
         for n in self.names:
             self.tokens_since_fired[n].copy_(state["tokens_since_fired"][n])
         self.initialized = bool(state["initialized"])
-
-
-class DictQuality(NamedTuple):
-    """Held-out quality of one dictionary."""
-
-    fvu: float
-    """sum ||y - yhat||^2 / sum ||y - mean(y)||^2 over all evaluation tokens."""
-    l0: float
-    """Mean number of active (> 0) features per token."""
-    dead_frac: float
-    """Fraction of features never active over the evaluation tokens."""
-    n_tokens: int
-    """Evaluation tokens."""
-
-
-@torch.no_grad()
-def evaluate_dictionaries(
-    dicts: dict[str, TopKDictionary],
-    batches,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, DictQuality]:
-    """FVU, L0 and dead fraction of every dictionary over an iterable of ActivationBatch.
-
-    Sums are accumulated in float64 so the FVU is over the whole evaluation set, not a batch mean.
-    """
-    names = suite_order(dicts)
-    acc = {
-        n: {"err": 0.0, "s1": None, "s2": 0.0, "l0": 0.0, "hit": None, "n": 0} for n in names
-    }
-    for batch in batches:
-        for n in names:
-            d = dicts[n]
-            kind, _ = check_name(n)
-            if n not in batch.src:
-                raise KeyError(f"dictionary {n!r} has no activations in the evaluation batch")
-            x = batch.src[n].to(device, dtype)
-            y = (x if kind == "attn" else batch.tgt[n].to(device, dtype)).double()
-            recon, feats = d(x, output_features=True)
-            a = acc[n]
-            a["err"] += float((y - recon.double()).pow(2).sum())
-            a["s1"] = y.sum(0) if a["s1"] is None else a["s1"] + y.sum(0)
-            a["s2"] += float(y.pow(2).sum())
-            active = feats.vals_BK > 0
-            a["l0"] += float(active.sum())
-            if a["hit"] is None:
-                a["hit"] = torch.zeros(d.dict_size, dtype=torch.bool, device=x.device)
-            a["hit"][feats.idx_BK[active]] = True
-            a["n"] += x.shape[0]
-    out = {}
-    for n in names:
-        a = acc[n]
-        if a["n"] == 0:
-            raise ValueError("evaluate_dictionaries: no evaluation batches were given")
-        var = a["s2"] - float(a["s1"].pow(2).sum()) / a["n"]
-        out[n] = DictQuality(
-            fvu=a["err"] / max(var, 1e-30),
-            l0=a["l0"] / a["n"],
-            dead_frac=1.0 - float(a["hit"].float().mean()),
-            n_tokens=a["n"],
-        )
-    return out

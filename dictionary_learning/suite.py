@@ -1,0 +1,339 @@
+"""The SCAE suite and its pruned forward pass (docs/method.md §3).
+
+Reading order: `SCAESuite.vanilla_forward` encodes each dictionary's true input;
+`SCAESuite.pruned_forward` rebuilds each transcoder's input from its connected upstream features
+only, in layer order, with `_pruned_pre` holding the one definition of the pruned pre-activation
+for both the candidates mode (training) and the all-features mode (evaluation). The finetuning
+trainer (trainers/scae.py), connection search, evaluation and circuits all use this one model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from dictionary_learning.connections import (
+    CompiledConnections,
+    Connections,
+    compile_connections,
+    to_exchange,
+    validate_connections,
+)
+from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
+from dictionary_learning.names import module_names, parse_module_name
+from dictionary_learning.sparse_ops import (
+    connection_contrib_all,
+    connection_contrib_candidates,
+    csr_virtual_weights,
+)
+from dictionary_learning.suite_io import load_suite, save_suite
+
+Mode = Literal["all", "candidates"]
+
+
+class DictOutput(NamedTuple):
+    """One dictionary's output in one pass."""
+
+    feats: Features
+    """Active features: values [B, K] and indices [B, K]."""
+    recon_BD: Tensor
+    """Reconstruction of the target."""
+    pre_BN: Tensor | None
+    """Pre-activations before ReLU/TopK: all features [B, F], or the candidates [B, N] when
+    cand_BN is set; None where the training step no longer needs them."""
+    cand_BN: Tensor | None = None
+    """Candidate feature indices (candidates mode of the pruned pass), else None."""
+    penalty: Tensor | None = None
+    """Random-candidate penalty (candidates mode with n_random > 0), a scalar."""
+
+
+def check_candidate_counts(
+    name: str, ae: TopKDictionary, n_threshold: int, n_random: int
+) -> None:
+    """Raise unless transcoder `name` has k + n_threshold + n_random <= F features to pick the
+    candidates of the pruned pass from."""
+    if ae.k + n_threshold + n_random > ae.dict_size:
+        raise ValueError(
+            f"{name}: k + n_threshold + n_random = {ae.k} + {n_threshold} + {n_random} exceeds "
+            f"dict_size {ae.dict_size}; lower n_threshold or n_random"
+        )
+
+
+class SCAESuite(nn.Module):
+    """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections."""
+
+    def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None):
+        super().__init__()
+        if not dicts:
+            raise ValueError(
+                "a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}"
+            )
+        layers = {parse_module_name(n)[1] for n in dicts}
+        self.n_layers = max(layers) + 1
+        expected = module_names(self.n_layers)
+        missing = [n for n in expected if n not in dicts]
+        if missing:
+            raise ValueError(
+                f"the suite lacks {missing}; it needs an 'attn_<l>' SAE and an 'mlp_<l>' "
+                f"transcoder for every layer 0..{self.n_layers - 1}"
+            )
+        for name, ae in dicts.items():
+            if parse_module_name(name)[0] == "attn" and ae.d_in != ae.d_out:
+                raise ValueError(
+                    f"{name} must be an SAE (d_in == d_out), got {ae.d_in} -> {ae.d_out}"
+                )
+        dims = {ae.d_out for ae in dicts.values()} | {ae.d_in for ae in dicts.values()}
+        if len(dims) != 1:
+            raise ValueError(f"all dictionaries must share d_model, got dimensions {sorted(dims)}")
+        self.d_model = dims.pop()
+        self.names = expected
+        self.meta: dict = {}
+        """Settings the suite was saved with (model name, buffer, training)."""
+        self.dicts = nn.ModuleDict({n: dicts[n] for n in expected})
+        self._compiled: dict[str, CompiledConnections] = {}
+        if connections is not None:
+            self.set_connections(connections)
+
+    def check_fits(self, n_layers: int, d_model: int, what: str = "the model") -> None:
+        """Raise if the suite was made for a model of another width or depth."""
+        if d_model != self.d_model:
+            raise ValueError(
+                f"the suite's dictionaries have d_model={self.d_model} but {what} has "
+                f"d_model={d_model}; load the suite that was trained on this model"
+            )
+        if n_layers != self.n_layers:
+            raise ValueError(
+                f"the suite has {self.n_layers} layers but {what} has {n_layers}; load the suite "
+                f"that was trained on this model"
+            )
+
+    # ----------------------------------------------------------------- connections
+
+    @property
+    def dict_sizes(self) -> dict[str, int]:
+        return {n: ae.dict_size for n, ae in self.dicts.items()}
+
+    @property
+    def transcoder_names(self) -> list[str]:
+        return [n for n in self.names if n.startswith("mlp_")]
+
+    @property
+    def has_connections(self) -> bool:
+        return bool(self._compiled)
+
+    def set_connections(self, connections: Connections) -> None:
+        """Validate and compile connections (exchange format). Every transcoder needs an entry."""
+        validate_connections(connections, self.dict_sizes)
+        missing = [m for m in self.transcoder_names if m not in connections]
+        if missing:
+            raise ValueError(
+                f"connections have no entry for {missing}; give every transcoder an entry "
+                f"(an empty dict means no connections)"
+            )
+        device = self.dicts[self.names[0]].encoder.weight.device
+        self._compiled = {
+            m: compile_connections(m, connections[m], self.dict_sizes).to(device)
+            for m in self.transcoder_names
+        }
+
+    @property
+    def connections(self) -> Connections:
+        """The connections in the exchange format."""
+        return {m: to_exchange(c, self.dict_sizes) for m, c in self._compiled.items()}
+
+    def compiled(self, down: str) -> CompiledConnections:
+        if down not in self._compiled:
+            raise RuntimeError(
+                "the suite has no connections; call set_connections(...) with a connections file "
+                "(find_top_connections.py) before the pruned pass"
+            )
+        return self._compiled[down]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        device = self.dicts[self.names[0]].encoder.weight.device
+        self._compiled = {m: c.to(device) for m, c in self._compiled.items()}
+        return out
+
+    # ----------------------------------------------------------------- passes
+
+    def _check_batch(self, batch) -> None:
+        for name in self.names:
+            if name not in batch.src or name not in batch.tgt:
+                raise KeyError(
+                    f"the batch has no activations for {name!r}; build the buffer from the "
+                    "suite's model"
+                )
+            x = batch.src[name]
+            if x.shape[-1] != self.dicts[name].d_in:
+                raise ValueError(
+                    f"{name}: the batch has width {x.shape[-1]} but the dictionary expects "
+                    f"{self.dicts[name].d_in}; the suite does not fit this model (d_model mismatch)"
+                )
+
+    def vanilla_one(self, name: str, batch) -> DictOutput:
+        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded ln_2)."""
+        ae = self.dicts[name]
+        pre_BF = ae.pre_acts(batch.src[name])
+        feats = topk_relu(pre_BF, ae.k)
+        return DictOutput(feats, ae.decode(feats), pre_BF)
+
+    def vanilla_forward(self, batch) -> dict[str, DictOutput]:
+        """The vanilla pass of every dictionary."""
+        self._check_batch(batch)
+        return {name: self.vanilla_one(name, batch) for name in self.names}
+
+    def pruned_forward(
+        self,
+        batch,
+        vanilla: dict[str, DictOutput] | None = None,
+        *,
+        mode: Mode = "all",
+        n_threshold: int = 0,
+        n_random: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, DictOutput]:
+        """Transcoder outputs from connected upstream features only, in layer order.
+
+        Upstream features are the vanilla ones for attention SAEs and the pruned ones for
+        transcoders. mode="all" computes every feature (evaluation); mode="candidates" computes
+        the vanilla top K, the next n_threshold and n_random random features (training), or the
+        candidates already in `vanilla[m].cand_BN`.
+        """
+        if vanilla is None:
+            vanilla = self.vanilla_forward(batch)
+        up_feats: dict[str, Features] = {}
+        out = {}
+        for layer in range(self.n_layers):
+            a, m = f"attn_{layer}", f"mlp_{layer}"
+            up_feats[a] = vanilla[a].feats
+            out[m] = self._pruned_transcoder(
+                m, batch, vanilla[m], up_feats, mode, n_threshold, n_random, generator
+            )
+            up_feats[m] = out[m].feats
+        return out
+
+    def candidates(
+        self, name: str, vanilla_pre_BF: Tensor, n_threshold: int, n_random: int,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """[B, K + n_threshold + n_random]: vanilla top K, the next n_threshold, then random
+        others."""
+        ae = self.dicts[name]
+        check_candidate_counts(name, ae, n_threshold, n_random)
+        n_top = ae.k + n_threshold
+        pre_BF = vanilla_pre_BF.detach()
+        top_BT = pre_BF.topk(n_top, dim=1, sorted=True).indices
+        if n_random == 0:
+            return top_BT
+        scores_BF = torch.rand(pre_BF.shape, generator=generator, device=pre_BF.device)
+        scores_BF.scatter_(1, top_BT, -1.0)
+        rand_BR = scores_BF.topk(n_random, dim=1, sorted=False).indices
+        return torch.cat([top_BT, rand_BR], dim=1)
+
+    def virtual_weights(self, name: str) -> Tensor:
+        """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
+        its c-th connection (zero at padding); one sampled product per upstream module."""
+        comp = self.compiled(name)
+        W_enc_FD = self.dicts[name].encoder.weight
+        Wc_FD = W_enc_FD - W_enc_FD.mean(dim=1, keepdim=True)  # rows P w_i
+        F, C = comp.J_FC.shape
+        V_parts, pos_parts = [], []
+        for j, u in enumerate(comp.ups):
+            if comp.pos[j].numel() == 0:
+                continue
+            V_parts.append(csr_virtual_weights(
+                Wc_FD, self.dicts[u].decoder.weight, comp.crow[j], comp.cols[j], comp.tcrow[j],
+                comp.tcol[j], comp.tperm[j],
+            ))
+            pos_parts.append(comp.pos[j])
+        V_flat = Wc_FD.new_zeros(F * C)
+        if V_parts:
+            V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
+        return V_flat.view(F, C)
+
+    def _pruned_pre(
+        self,
+        name: str,
+        batch,
+        up_feats: dict[str, Features],
+        cand_BN: Tensor | None,
+    ) -> Tensor:
+        """The pruned pre-activations of transcoder `name` (docs/method.md §3), for candidates or
+        all.
+
+        pre_i = [w_i.P x0 + sum_u w_i.P b_dec_u + sum_{(u,j) in conn(i)} f_uj (w_i.P d_uj)] / sigma
+                + b_enc_i
+        """
+        comp = self.compiled(name)
+        ae = self.dicts[name]
+        Wc_FD = ae.encoder.weight - ae.encoder.weight.mean(dim=1, keepdim=True)  # rows P w_i
+        V_FC = self.virtual_weights(name)
+
+        # Upstream features in the global index space, and the embedding + bias term.
+        vals_BK = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
+        idx_BK = torch.cat(
+            [up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)],
+            dim=1,
+        )
+        # (x0 + sum_u b_dec_u) @ Wc.T, split so that no [B, F] @ [F, D] product is needed for the
+        # gradient of the biases (x0 is data).
+        b_D = sum(self.dicts[u].b_dec for u in comp.ups)
+        base_BF = batch.initial @ Wc_FD.T + Wc_FD @ b_D
+        sigma_B1 = batch.layernorm_scale[name][:, None]
+
+        if cand_BN is None:
+            conn_BF = connection_contrib_all(vals_BK, idx_BK, V_FC, comp.J_FC, comp.n_up)
+            return (base_BF + conn_BF) / sigma_B1 + ae.encoder.bias
+        conn_BN = connection_contrib_candidates(
+            vals_BK, idx_BK, V_FC, comp.J_FC, cand_BN, comp.n_up
+        )
+        return (base_BF.gather(1, cand_BN) + conn_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
+
+    def _pruned_transcoder(
+        self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
+        generator,
+    ) -> DictOutput:
+        ae = self.dicts[name]
+        if mode == "all":
+            pre_BF = self._pruned_pre(name, batch, up_feats, None)
+            feats = topk_relu(pre_BF, ae.k)
+            return DictOutput(feats, ae.decode(feats), pre_BF)
+        if mode != "candidates":
+            raise ValueError(f"mode must be 'all' or 'candidates', got {mode!r}")
+        cand_BN = vanilla_out.cand_BN
+        if cand_BN is None:
+            cand_BN = self.candidates(name, vanilla_out.pre_BN, n_threshold, n_random, generator)
+        pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN)
+        n_top = ae.k + n_threshold
+        top = pre_BN[:, :n_top]
+        sel_vals_BK, sel_BK = top.topk(ae.k, dim=1, sorted=False)
+        feats = Features(sel_vals_BK.relu(), cand_BN.gather(1, sel_BK))
+        penalty = None
+        if n_random > 0:
+            floor_B1 = top.min(dim=1, keepdim=True).values
+            penalty = (pre_BN[:, n_top:] - floor_B1).relu().sum(1).mean()
+        return DictOutput(feats, ae.decode(feats), pre_BN, cand_BN, penalty)
+
+    # ----------------------------------------------------------------- files
+
+    def save_pretrained(self, path: str | os.PathLike, meta: dict | None = None) -> None:
+        """Save dictionaries, connections and `meta` (default: self.meta) as a suite folder."""
+        conns = self.connections if self.has_connections else None
+        meta = {k: v for k, v in (self.meta if meta is None else meta).items()
+                if k not in ("format", "format_version", "dictionaries", "versions")}
+        save_suite(path, dict(self.dicts.items()), meta, conns)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo_id: str | os.PathLike, device="cpu", dtype=torch.float32,
+        connections: Connections | None = None,
+    ) -> "SCAESuite":
+        """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id."""
+        files = load_suite(path_or_repo_id, device=device, dtype=dtype)
+        suite = cls(files.dicts, connections if connections is not None else files.connections)
+        suite.meta = dict(files.meta)
+        return suite.to(device=device, dtype=dtype)
