@@ -270,3 +270,35 @@ def test_cli(model, tmp_path, monkeypatch):
                    "--out", str(tmp_path / "out")])
     assert rep["n_contexts"] == 4 and rep["has_connections"]
     assert (tmp_path / "out" / "report.json").exists()
+
+
+def test_evaluate_dictionaries_equals_plain_formulas_on_the_concatenation():
+    """Pretraining's held-out check: FVU, L0 and dead fraction over several ActivationBatches equal
+    plain formulas on all their rows at once (float64 reference); no batch is a clear error."""
+    from dictionary_learning.batch import ActivationBatch
+
+    suite = random_suite(n_layers=1, d=6, F=10, k=3, seed=4, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        x = {n: torch.randn(7, 6, generator=g) for n in ("attn_0", "mlp_0")}
+        y_mlp = torch.randn(7, 6, generator=g)
+        batches.append(ActivationBatch(torch.zeros(7, 6), dict(x),
+                                       {"attn_0": x["attn_0"], "mlp_0": y_mlp},
+                                       {"mlp_0": torch.ones(7)}))
+    dicts = dict(suite.dicts.items())
+    got = ev.evaluate_dictionaries(dicts, iter(batches))
+    for n, d in dicts.items():
+        x = torch.cat([b.src[n] for b in batches])
+        y = torch.cat([b.tgt[n] for b in batches]).double()
+        recon, feats = d(x, output_features=True)
+        fvu_ref = float((y - recon.double()).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+        active = feats.vals_BK > 0
+        hit_F = torch.zeros(d.dict_size, dtype=torch.bool)
+        hit_F[feats.idx_BK[active]] = True
+        assert got[n].fvu == pytest.approx(fvu_ref, rel=1e-6)
+        assert got[n].l0 == pytest.approx(float(active.sum()) / 21)
+        assert got[n].dead_frac == pytest.approx(1.0 - float(hit_F.float().mean()))
+        assert got[n].n_tokens == 21
+    with pytest.raises(ValueError, match="no evaluation batches"):
+        ev.evaluate_dictionaries(dicts, iter([]))
