@@ -118,9 +118,10 @@ from dictionary_learning.logger import (
     summary_run,
 )
 from dictionary_learning.model import load_model, model_info
+from dictionary_learning.names import is_transcoder
 from dictionary_learning.suite_io import suite_folder
 from dictionary_learning.validate import (
-    check_cache_root, check_ctx_len, check_device, check_out_dir,
+    DTYPES, check_cache_root, check_ctx_len, check_device, check_out_dir, parse_dtype,
 )
 from evaluate import format_table, module_rows, report
 from export import FORMATS, export_suite
@@ -132,7 +133,7 @@ from dictionary_learning.reproducibility import (
 )
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAESuite, SCAETrainerConfig
-from dictionary_learning.files import atomic_write_json
+from dictionary_learning.files import atomic_write_json, replace_file
 from training import TrainConfig, train_scae_suite, wandb_config
 
 logger = logging.getLogger("run_finetuning")
@@ -264,7 +265,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
 
 #%% Stages
 def dtype_of(cfg: PipelineConfig) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    return parse_dtype(cfg.dtype, "PipelineConfig.dtype")
 
 
 STAGE_VERSIONS = {"pretrain": 2, "connections": 2, "finetune": 2}
@@ -379,7 +380,7 @@ def fetch_connections(spec: str, cache: Path) -> Path:
                     f"connections {spec!r} is neither a local file nor a Google Drive id that "
                     f"could be downloaded; pass a path to a connections file"
                 )
-            os.replace(tmp, target)
+            replace_file(tmp, target)
         barrier()
     return target
 
@@ -569,7 +570,7 @@ def variant_rows(result: dict) -> tuple[list[str], list[list]]:
     """Mean transcoder FVUs and CE of each evaluated suite, as (columns, rows)."""
     rows = []
     for name, r in variants(result).items():
-        mlp = [m for n, m in r["modules"].items() if n.startswith("mlp_")]
+        mlp = [m for n, m in r["modules"].items() if is_transcoder(n)]
         rows.append([name, sum(m["fvu_vanilla"] for m in mlp) / len(mlp),
                      sum(m["fvu_pruned"] for m in mlp) / len(mlp), r["ce"]["vanilla"],
                      r["ce"]["pruned"], r["ce"]["recovered_pruned"]])
@@ -644,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--steps", type=int, dest="finetune_steps", help="finetuning steps")
     p.add_argument("--ctx-len", type=int, dest="ctx_len", help="context length, BOS included")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--export", action="append", choices=FORMATS,
                    help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
     p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],

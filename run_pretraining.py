@@ -32,8 +32,9 @@ from dictionary_learning.data import contexts_from
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from dictionary_learning.distributed import is_main, rank, world_size
 from dictionary_learning.model import load_model, model_info, module_names
+from dictionary_learning.names import is_transcoder
 from dictionary_learning.suite_io import save_suite
-from dictionary_learning.validate import check_out_dir
+from dictionary_learning.validate import check_out_dir, parse_dtype
 from trainers.top_k import DictQuality, TopKSuiteTrainer, TopKTrainerConfig, evaluate_dictionaries
 from training import TrainConfig, train
 
@@ -78,16 +79,9 @@ class PretrainConfig:
     """Training-loop settings (steps, checkpoints, logging)."""
 
 
-def _dtype(name: str) -> torch.dtype:
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
-    if dt is None:
-        raise ValueError(f"dtype {name!r} is not supported; use 'float32' or 'bfloat16'")
-    return dt
-
-
 def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
     """Train, save (`<out_dir>/suite`) and evaluate a TopK suite. Returns (dicts, quality)."""
-    dtype = _dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype, "PretrainConfig.dtype")
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
     info = model_info(model)
@@ -101,10 +95,10 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
     torch.manual_seed(cfg.seed)
     dicts = {}
     for name in module_names(info.n_layers):
-        if name.startswith("attn"):
-            dicts[name] = AutoEncoderTopK(info.d_model, cfg.dict_size, cfg.k)
-        else:
+        if is_transcoder(name):
             dicts[name] = TopKTranscoder(info.d_model, info.d_model, cfg.dict_size, cfg.k)
+        else:
+            dicts[name] = AutoEncoderTopK(info.d_model, cfg.dict_size, cfg.k)
     trainer = TopKSuiteTrainer(dicts, cfg.trainer, device=cfg.device, dtype=dtype)
     train(trainer, buffer, cfg.loop)
     train_s = time.perf_counter() - t0

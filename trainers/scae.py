@@ -27,6 +27,7 @@ from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
 from dictionary_learning.distributed import rank
 from dictionary_learning.names import module_names, parse_module_name
 from dictionary_learning.suite_io import load_suite, save_suite
+from dictionary_learning.validate import check_candidates
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
@@ -225,11 +226,7 @@ class SCAESuite(nn.Module):
         others."""
         ae = self.dicts[name]
         n_top = ae.k + n_threshold
-        if n_top + n_random > ae.dict_size:
-            raise ValueError(
-                f"{name}: k + n_threshold + n_random = {ae.k} + {n_threshold} + {n_random} exceeds "
-                f"dict_size {ae.dict_size}; lower n_threshold or n_random"
-            )
+        check_candidates(name, ae.k, n_threshold, n_random, ae.dict_size)
         pre_BF = vanilla_pre_BF.detach()
         top_BT = pre_BF.topk(n_top, dim=1, sorted=True).indices
         if n_random == 0:
@@ -398,12 +395,8 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                 "with the output of find_top_connections"
             )
         for m in suite.transcoder_names:
-            k, F = suite.dicts[m].k, suite.dicts[m].dict_size
-            if k + cfg.n_threshold + cfg.n_random > F:
-                raise ValueError(
-                    f"{m}: k + n_threshold + n_random = {k} + {cfg.n_threshold} + {cfg.n_random} "
-                    f"exceeds dict_size {F}; lower n_threshold or n_random"
-                )
+            ae = suite.dicts[m]
+            check_candidates(m, ae.k, cfg.n_threshold, cfg.n_random, ae.dict_size)
         self.suite = suite.to(device=device, dtype=dtype)
         super().__init__(dict(suite.dicts.items()), cfg, device, dtype)
         self.initialized = True  # finetuning starts from trained dictionaries
