@@ -107,6 +107,7 @@ from dictionary_learning.distributed import (
     default_device,
     init_distributed,
     is_main,
+    per_rank,
     rank,
     world_size,
 )
@@ -189,8 +190,9 @@ class PipelineConfig:
     """Held-out tokens of the finetuned suite's feature pages."""
     export: tuple[str, ...] = ()
     """Formats (export.FORMATS) the finetuned suite is also written in, to OUT/export/<format>."""
-    finetune: SCAETrainerConfig = field(default_factory=lambda: SCAETrainerConfig(total_steps=600))
-    """Finetuning hyperparameters (total_steps is set from finetune_steps)."""
+    finetune: SCAETrainerConfig = field(default_factory=SCAETrainerConfig)
+    """Finetuning hyperparameters (the step count is finetune_steps, given to the training
+    loop)."""
     wandb_mode: str = "disabled"
     """wandb mode of the training runs."""
     device: str = field(default_factory=default_device)
@@ -210,14 +212,23 @@ class PipelineConfig:
 
 
 def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> PipelineConfig:
-    """The preset's config, then QUICK's budgets, then the constants at the top that are set, then
-    `overrides` (the script's flags; None values are ignored).
+    """The pipeline's settings, built in this order (a later step wins):
 
-    The wandb mode is the `wandb_mode` override (--wandb), else $WANDB_MODE, else WANDB_MODE.
+    1. PipelineConfig's defaults, with the finetuning constants (COEFF, LOSS, ACT_COEFF,
+       N_THRESHOLD, N_RANDOM, RANDOM_COEFF, LR) in `finetune`;
+    2. the preset ("gpt2": model, data, suite, C and budgets);
+    3. QUICK's budgets (they also set n_threshold=16 and cap C and n_random at 16);
+    4. the constants at the top that are not None (MODEL ... DTYPE, EXPORT);
+    5. `overrides`, the script's flags (None values are ignored);
+    6. derived values: eval_data follows data unless set; the finetuning warmup and dead-feature
+       window fit finetune_steps x batch_tokens; the wandb mode is the `wandb_mode` override
+       (--wandb), else $WANDB_MODE, else WANDB_MODE.
+
+    The step count is finetune_steps alone: the training loop gives it to the trainer.
     """
     finetune = SCAETrainerConfig(
-        total_steps=1, coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
-        n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR, auxk_relu=False,
+        coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
+        n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR,
     )
     if preset == "tiny":
         cfg = PipelineConfig(finetune=finetune)
@@ -255,7 +266,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
     cfg = replace(cfg, **chosen)
     tokens = cfg.finetune_steps * cfg.batch_tokens
     cfg.finetune = replace(
-        cfg.finetune, total_steps=cfg.finetune_steps,
+        cfg.finetune,
         warmup_steps=min(cfg.finetune.warmup_steps, max(1, cfg.finetune_steps // 10)),
         # a short run needs a dead-feature window well inside its token budget for AuxK to act
         dead_tokens=min(cfg.finetune.dead_tokens, max(tokens // 20, 4 * cfg.batch_tokens)),
@@ -312,10 +323,10 @@ def contexts(cfg: PipelineConfig, tokenizer, split: str):
 
 
 def make_buffer(cfg: PipelineConfig, model, seed: int) -> AllActivationBuffer:
-    per_rank = max(1, cfg.batch_tokens // world_size())
+    batch = per_rank(cfg.batch_tokens)
     return AllActivationBuffer(
         model, contexts(cfg, model.tokenizer, "train"),
-        n_tokens=max(cfg.buffer_tokens // world_size(), per_rank), out_batch_size=per_rank,
+        n_tokens=max(per_rank(cfg.buffer_tokens), batch), out_batch_size=batch,
         model_batch_size=32, device=cfg.device, dtype=dtype_of(cfg), seed=seed + rank(),
     )
 
