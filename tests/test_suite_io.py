@@ -117,8 +117,12 @@ def test_original_fork_missing_key(tmp_path):
 
 def test_hub_id_without_network():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    with pytest.raises(ConnectionError, match="no network"):
+    with pytest.raises(ConnectionError, match=r"no network.*pass its local path"):
         load_suite("someone/some_suite")
+    from trainers.scae import SCAESuite  # the suite class takes the same path
+
+    with pytest.raises(ConnectionError, match=r"no network.*pass its local path"):
+        SCAESuite.from_pretrained("jacobcd52/gpt2_suite_folded_ln")
 
 
 def test_nonexistent_path():
