@@ -20,6 +20,7 @@ from torch import Tensor
 from dictionary_learning.batch import ActivationBatch, trace_activations
 from dictionary_learning.errors import DataExhaustedError
 from dictionary_learning.model import check_gpt2_like, hf_model, model_info, module_names
+from dictionary_learning.validate import check_context, check_ctx_len
 
 __all__ = ["ActivationBatch", "AllActivationBuffer", "DataExhaustedError", "trace_activations"]
 
@@ -74,15 +75,10 @@ class AllActivationBuffer:
                 "the context iterator yielded no complete context; give a text source with at "
                 "least ctx_len - 1 tokens (check the dataset / file paths)."
             )
-        first = self._check_context(first)
+        first = check_context(first, 0)
         self.ctx_len = first.shape[0]
-        if self.ctx_len > info.n_ctx:
-            raise ValueError(
-                f"contexts have {self.ctx_len} tokens but the model has n_positions={info.n_ctx}; "
-                f"pass ctx_len <= {info.n_ctx} to token_contexts."
-            )
-        if self.ctx_len < 2:
-            raise ValueError("contexts need at least 2 tokens (BOS + 1); pass a larger ctx_len.")
+        # Training needs only BOS + 1 token per context (evaluation needs BOS + 2).
+        check_ctx_len(self.ctx_len, info.n_ctx, "the contexts' ctx_len", minimum=2)
         self.contexts_per_fill = self.n_tokens // (self.ctx_len - 1)
         if self.contexts_per_fill * (self.ctx_len - 1) < self.out_batch_size:
             raise ValueError(
@@ -100,17 +96,6 @@ class AllActivationBuffer:
         self._consumed_before_fill = 0
         self._fill_gen_state: Tensor | None = None
         self.peak_stored_tokens = 0
-
-    # ----------------------------------------------------------------------------------- checks
-    def _check_context(self, ctx) -> Tensor:
-        if not isinstance(ctx, Tensor) or ctx.dim() != 1:
-            raise TypeError(
-                f"contexts must be 1-D LongTensors [ctx_len], got {type(ctx).__name__} "
-                f"{getattr(ctx, 'shape', '')}; build them with token_contexts()."
-            )
-        if ctx.dtype.is_floating_point:
-            raise TypeError(f"contexts must hold token ids (integers), got dtype {ctx.dtype}.")
-        return ctx.long()
 
     # ------------------------------------------------------------------------------------ model
     @torch.no_grad()
@@ -145,14 +130,7 @@ class AllActivationBuffer:
         while taken < self.contexts_per_fill:
             batch = []
             for ctx in self._contexts:
-                ctx = self._check_context(ctx)
-                if ctx.shape[0] != self.ctx_len:
-                    raise ValueError(
-                        f"context {self._consumed + len(batch)} has {ctx.shape[0]} tokens, "
-                        f"expected {self.ctx_len}; all contexts must have the same length "
-                        "(use token_contexts)."
-                    )
-                batch.append(ctx)
+                batch.append(check_context(ctx, self._consumed + len(batch), self.ctx_len))
                 if len(batch) == min(self.model_batch_size, self.contexts_per_fill - taken):
                     break
             if not batch:

@@ -41,7 +41,7 @@ from dictionary_learning.batch import ActivationBatch, trace_activations
 from dictionary_learning.dictionary import Features
 from dictionary_learning.files import atomic_write_json
 from dictionary_learning.model import hf_model
-from dictionary_learning.names import parse_module_name
+from dictionary_learning.names import is_transcoder, parse_module_name
 from dictionary_learning.suite import DictOutput, SCAESuite
 
 logger = logging.getLogger("circuits")
@@ -338,7 +338,7 @@ def build_graph(
     feat_nodes: dict[str, Tensor] = {}  # per module: [T, F] node index of active features, -1 else
     feats: dict[str, Features] = {}
     for m_i, name in enumerate(names):
-        out = run.pruned[name] if name.startswith("mlp_") else run.vanilla[name]
+        out = run.pruned[name] if is_transcoder(name) else run.vanilla[name]
         feats[name] = out.feats
         vals_TK, idx_TK = out.feats
         # features in index order within a position: sort the active (value > 0) entries
@@ -353,7 +353,7 @@ def build_graph(
         table_TF[pos_A.cpu(), idx_A.cpu()] = ids
         feat_nodes[name] = table_TF
     n_feat = sum(len(c) for c in nodes.cols["kind"])
-    err_TD = {n: run.outputs[n][1:] - (run.pruned[n] if n.startswith("mlp_") else run.vanilla[n])
+    err_TD = {n: run.outputs[n][1:] - (run.pruned[n] if is_transcoder(n) else run.vanilla[n])
               .recon_BD for n in names}
     err_nodes = {}
     for m_i, name in enumerate(names):
@@ -395,7 +395,7 @@ def build_graph(
 
     # ---- edges into transcoder features: the pruned pass's own terms
     for m_i, name in enumerate(names):
-        if not name.startswith("mlp_"):
+        if not is_transcoder(name):
             continue
         comp, ae = suite.compiled(name), suite.dicts[name]
         sel = feat_nodes[name] >= 0
@@ -424,7 +424,7 @@ def build_graph(
 
     # ---- edges into attention features: frozen patterns and ln_1 scales, per head
     for m_i, name in enumerate(names):
-        if not name.startswith("attn_"):
+        if is_transcoder(name):
             continue
         layer = parse_module_name(name)[1]
         fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
@@ -695,7 +695,7 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
         active_TF[pos[sel], idx[sel]] = True
         if zkind == FEATURE and int(mod[zero]) == m_i:
             active_TF[int(pos[zero]), int(idx[zero])] = False
-        if name.startswith("attn_"):
+        if not is_transcoder(name):
             layer = parse_module_name(name)[1]
             fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
             full_TD = torch.cat([bos_resid[name][None], r_TD])
@@ -706,7 +706,7 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
         vals_TF = pre_TF * active_TF.to(pre_TF.device)
         up[name] = Features(vals_TF, torch.arange(ae.dict_size, device=pre_TF.device)
                             .expand(T, -1).contiguous())
-        err_TD = run.outputs[name][1:] - (run.pruned[name] if name.startswith("mlp_")
+        err_TD = run.outputs[name][1:] - (run.pruned[name] if is_transcoder(name)
                                           else run.vanilla[name]).recon_BD
         err_TD = err_TD.masked_fill(zeroed(m_i, ERROR)[:, None].to(err_TD.device), 0.0)
         r_TD = r_TD + ae.decode(up[name]) + err_TD

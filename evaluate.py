@@ -50,6 +50,8 @@ from dictionary_learning.metrics import (
     scored_predictions,
 )
 from dictionary_learning.model import hf_model, model_info
+from dictionary_learning.names import is_transcoder, parse_module_name
+from dictionary_learning.validate import check_context, check_ctx_len
 from dictionary_learning.safe_load import check_finite, flat_state
 from dictionary_learning.suite import SCAESuite
 from dictionary_learning.suite_io import check_name, suite_order
@@ -104,12 +106,15 @@ def splice_logits(
     everything else runs for real (forward hooks, removed afterwards).
     """
     hf = hf_model(model)
-    kind, _, layer = name.partition("_")
-    if kind not in ("attn", "mlp") or not layer.isdigit() or int(layer) >= len(hf.transformer.h):
+    try:
+        kind, layer = parse_module_name(name)
+    except ValueError:
+        layer = None
+    if layer is None or layer >= len(hf.transformer.h):
         raise ValueError(
             f"cannot splice {name!r}: use 'attn_<l>' or 'mlp_<l>' with l < {len(hf.transformer.h)}."
         )
-    block = hf.transformer.h[int(layer)]
+    block = hf.transformer.h[layer]
 
     def replace(out_BTD: Tensor, x_BTD: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
@@ -217,12 +222,8 @@ def _prepare_contexts(
         raise ValueError(
             "no evaluation contexts were given; pass LongTensors [ctx_len] (token_contexts)."
         )
-    ctx_len = int(first.shape[-1])
-    if ctx_len < 3 or ctx_len > n_ctx:
-        raise ValueError(
-            f"contexts have {ctx_len} tokens; evaluation needs 3 <= ctx_len <= n_positions={n_ctx} "
-            "(BOS + at least one scored prediction); build them with token_contexts(..., ctx_len)."
-        )
+    ctx_len = int(check_context(first, 0).shape[0])
+    check_ctx_len(ctx_len, n_ctx, "the contexts' ctx_len")
     limit = n_contexts
     if n_tokens is not None:
         by_tokens = max(1, math.ceil(n_tokens / (ctx_len - 1)))
@@ -233,16 +234,7 @@ def _prepare_contexts(
         for i, ctx in enumerate(_chain(first, it)):
             if limit is not None and i >= limit:
                 break
-            if not isinstance(ctx, Tensor) or ctx.dim() != 1 or ctx.dtype.is_floating_point:
-                raise TypeError(
-                    f"context {i} is not a 1-D LongTensor of token ids; use token_contexts()."
-                )
-            if ctx.shape[0] != ctx_len:
-                raise ValueError(
-                    f"context {i} has {ctx.shape[0]} tokens, expected {ctx_len}; all contexts must "
-                    "have one length (token_contexts packs them)."
-                )
-            batch.append(ctx.long())
+            batch.append(check_context(ctx, i, ctx_len))
             if len(batch) == batch_size:
                 yield torch.stack(batch)
                 batch = []
@@ -479,8 +471,8 @@ def eval_to_dict(ev: SuiteEval) -> dict:
         notes.append("the suite has no connections: pruned metrics are None (no pruned pass)")
     modules = {}
     for n, m in ev.modules.items():
-        kind, _, layer = n.partition("_")
-        modules[n] = {"kind": kind, "layer": int(layer), **m._asdict()}
+        kind, layer = parse_module_name(n)
+        modules[n] = {"kind": kind, "layer": layer, **m._asdict()}
     nulls: list[tuple[str, float]] = []
     out = _clean_float({
         "modules": modules,
@@ -593,7 +585,7 @@ def save_plots(rep: dict, out_dir: str | os.PathLike) -> list[Path]:
         fig = Figure(figsize=(max(5, 0.6 * len(names) + 2), 3.5))
         ax = fig.add_subplot(1, 1, 1)
         vals = [ce["splice"][n] if ce["splice"][n] is not None else math.nan for n in names]
-        ax.bar(names, vals, color=["C4" if n.startswith("attn") else "C5" for n in names])
+        ax.bar(names, vals, color=["C5" if is_transcoder(n) else "C4" for n in names])
         ax.axhline(ce["clean"], color="k", ls="--", lw=1, label="clean")
         ax.set_ylabel("next-token CE (nats)")
         ax.set_title("splice CE (one dictionary in the real model)")
@@ -656,13 +648,6 @@ def print_table(rep: dict) -> None:
 # ======================================================================================= CLI
 
 
-def _parse_dtype(name: str) -> torch.dtype:
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
-    if dt is None:
-        raise ValueError(f"dtype {name!r} is not supported; use 'float32' or 'bfloat16'.")
-    return dt
-
-
 def main(argv: list[str] | None = None) -> dict:
     """CLI: evaluate a saved suite and write report.json, the plots and the printed table."""
     from dictionary_learning.connections import load_connections
@@ -670,7 +655,9 @@ def main(argv: list[str] | None = None) -> dict:
         check_text_source, embedded_text_source, text_file_source, token_contexts,
     )
     from dictionary_learning.model import load_model
-    from dictionary_learning.validate import check_ctx_len, check_device, check_out_dir
+    from dictionary_learning.validate import (
+        DTYPES, check_device, check_out_dir, parse_dtype,
+    )
 
     p = argparse.ArgumentParser(description="Evaluate a saved SCAE suite (docs/method.md §6).")
     p.add_argument("--suite", required=True, help="suite folder (save_pretrained) or Hub id")
@@ -689,13 +676,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-splice", action="store_true", help="skip the per-module splice CE runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="suite dtype"
+        "--dtype", default="float32", choices=sorted(DTYPES), help="suite dtype"
     )
     p.add_argument("--out", required=True, help="output folder for report.json and the plots")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    dtype = _parse_dtype(args.dtype)
+    dtype = parse_dtype(args.dtype)
     # every argument checked before any work (each error names it and the fix)
     check_out_dir(args.out)
     check_device(args.device)

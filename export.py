@@ -43,7 +43,8 @@ from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.dl_format import centered_encoder_bias, export_dictionary_learning
 from dictionary_learning.files import disk_full_errors
 from dictionary_learning.names import parse_module_name, suite_order
-from dictionary_learning.suite_io import _replace_dir, load_suite
+from dictionary_learning.files import replace_dir
+from dictionary_learning.suite_io import load_suite
 
 logger = logging.getLogger("export")
 
@@ -174,7 +175,7 @@ def export_suite(
             if fmt == "saelens":
                 manifest["saelens_version"] = SAELENS_VERSION
             (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, why in skipped.items():

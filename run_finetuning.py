@@ -107,6 +107,7 @@ from dictionary_learning.distributed import (
     default_device,
     init_distributed,
     is_main,
+    per_rank,
     rank,
     world_size,
 )
@@ -118,10 +119,11 @@ from dictionary_learning.logger import (
     summary_run,
 )
 from dictionary_learning.model import load_model, model_info
+from dictionary_learning.names import is_transcoder
 from dictionary_learning.suite import SCAESuite
 from dictionary_learning.suite_io import suite_folder
 from dictionary_learning.validate import (
-    check_cache_root, check_ctx_len, check_device, check_out_dir,
+    DTYPES, check_cache_root, check_ctx_len, check_device, check_out_dir, parse_dtype,
 )
 from evaluate import format_table, module_rows, report
 from export import FORMATS, export_suite
@@ -133,7 +135,7 @@ from dictionary_learning.reproducibility import (
 )
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAETrainerConfig
-from dictionary_learning.files import atomic_write_json
+from dictionary_learning.files import atomic_write_json, replace_file
 from training import TrainConfig, train_scae_suite, wandb_config
 
 logger = logging.getLogger("run_finetuning")
@@ -189,8 +191,9 @@ class PipelineConfig:
     """Held-out tokens of the finetuned suite's feature pages."""
     export: tuple[str, ...] = ()
     """Formats (export.FORMATS) the finetuned suite is also written in, to OUT/export/<format>."""
-    finetune: SCAETrainerConfig = field(default_factory=lambda: SCAETrainerConfig(total_steps=600))
-    """Finetuning hyperparameters (total_steps is set from finetune_steps)."""
+    finetune: SCAETrainerConfig = field(default_factory=SCAETrainerConfig)
+    """Finetuning hyperparameters (the step count is finetune_steps, given to the training
+    loop)."""
     wandb_mode: str = "disabled"
     """wandb mode of the training runs."""
     device: str = field(default_factory=default_device)
@@ -210,14 +213,23 @@ class PipelineConfig:
 
 
 def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> PipelineConfig:
-    """The preset's config, then QUICK's budgets, then the constants at the top that are set, then
-    `overrides` (the script's flags; None values are ignored).
+    """The pipeline's settings, built in this order (a later step wins):
 
-    The wandb mode is the `wandb_mode` override (--wandb), else $WANDB_MODE, else WANDB_MODE.
+    1. PipelineConfig's defaults, with the finetuning constants (COEFF, LOSS, ACT_COEFF,
+       N_THRESHOLD, N_RANDOM, RANDOM_COEFF, LR) in `finetune`;
+    2. the preset ("gpt2": model, data, suite, C and budgets);
+    3. QUICK's budgets (they also set n_threshold=16 and cap C and n_random at 16);
+    4. the constants at the top that are not None (MODEL ... DTYPE, EXPORT);
+    5. `overrides`, the script's flags (None values are ignored);
+    6. derived values: eval_data follows data unless set; the finetuning warmup and dead-feature
+       window fit finetune_steps x batch_tokens; the wandb mode is the `wandb_mode` override
+       (--wandb), else $WANDB_MODE, else WANDB_MODE.
+
+    The step count is finetune_steps alone: the training loop gives it to the trainer.
     """
     finetune = SCAETrainerConfig(
-        total_steps=1, coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
-        n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR, auxk_relu=False,
+        coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
+        n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR,
     )
     if preset == "tiny":
         cfg = PipelineConfig(finetune=finetune)
@@ -255,7 +267,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
     cfg = replace(cfg, **chosen)
     tokens = cfg.finetune_steps * cfg.batch_tokens
     cfg.finetune = replace(
-        cfg.finetune, total_steps=cfg.finetune_steps,
+        cfg.finetune,
         warmup_steps=min(cfg.finetune.warmup_steps, max(1, cfg.finetune_steps // 10)),
         # a short run needs a dead-feature window well inside its token budget for AuxK to act
         dead_tokens=min(cfg.finetune.dead_tokens, max(tokens // 20, 4 * cfg.batch_tokens)),
@@ -265,7 +277,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
 
 #%% Stages
 def dtype_of(cfg: PipelineConfig) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    return parse_dtype(cfg.dtype, "PipelineConfig.dtype")
 
 
 STAGE_VERSIONS = {"pretrain": 2, "connections": 2, "finetune": 2}
@@ -312,10 +324,10 @@ def contexts(cfg: PipelineConfig, tokenizer, split: str):
 
 
 def make_buffer(cfg: PipelineConfig, model, seed: int) -> AllActivationBuffer:
-    per_rank = max(1, cfg.batch_tokens // world_size())
+    batch = per_rank(cfg.batch_tokens)
     return AllActivationBuffer(
         model, contexts(cfg, model.tokenizer, "train"),
-        n_tokens=max(cfg.buffer_tokens // world_size(), per_rank), out_batch_size=per_rank,
+        n_tokens=max(per_rank(cfg.buffer_tokens), batch), out_batch_size=batch,
         model_batch_size=32, device=cfg.device, dtype=dtype_of(cfg), seed=seed + rank(),
     )
 
@@ -380,7 +392,7 @@ def fetch_connections(spec: str, cache: Path) -> Path:
                     f"connections {spec!r} is neither a local file nor a Google Drive id that "
                     f"could be downloaded; pass a path to a connections file"
                 )
-            os.replace(tmp, target)
+            replace_file(tmp, target)
         barrier()
     return target
 
@@ -570,7 +582,7 @@ def variant_rows(result: dict) -> tuple[list[str], list[list]]:
     """Mean transcoder FVUs and CE of each evaluated suite, as (columns, rows)."""
     rows = []
     for name, r in variants(result).items():
-        mlp = [m for n, m in r["modules"].items() if n.startswith("mlp_")]
+        mlp = [m for n, m in r["modules"].items() if is_transcoder(n)]
         rows.append([name, sum(m["fvu_vanilla"] for m in mlp) / len(mlp),
                      sum(m["fvu_pruned"] for m in mlp) / len(mlp), r["ce"]["vanilla"],
                      r["ce"]["pruned"], r["ce"]["recovered_pruned"]])
@@ -645,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--steps", type=int, dest="finetune_steps", help="finetuning steps")
     p.add_argument("--ctx-len", type=int, dest="ctx_len", help="context length, BOS included")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--export", action="append", choices=FORMATS,
                    help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
     p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],

@@ -30,10 +30,13 @@ import torch
 from buffer import AllActivationBuffer
 from dictionary_learning.data import contexts_from
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
-from dictionary_learning.distributed import is_main, rank, world_size
+from dictionary_learning.distributed import (
+    init_distributed, is_main, per_rank, rank, world_size,
+)
 from dictionary_learning.model import load_model, model_info, module_names
+from dictionary_learning.names import is_transcoder
 from dictionary_learning.suite_io import save_suite
-from dictionary_learning.validate import check_out_dir
+from dictionary_learning.validate import check_out_dir, parse_dtype
 from evaluate import DictQuality, evaluate_dictionaries
 from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig
 from training import TrainConfig, train
@@ -58,11 +61,11 @@ class PretrainConfig:
     k: int = K
     """Active features per token."""
     batch_tokens: int = BATCH_TOKENS
-    """Tokens per optimisation step (per rank)."""
+    """Tokens per optimisation step (global, over all ranks; each rank takes its share)."""
     ctx_len: int = CTX_LEN
     """Context length, BOS included."""
     buffer_tokens: int = BUFFER_TOKENS
-    """Tokens held by the shuffling activation buffer."""
+    """Tokens held by the shuffling activation buffers (global, over all ranks)."""
     model_batch_size: int = 32
     """Contexts per model forward pass when filling the buffer."""
     eval_tokens: int = EVAL_TOKENS
@@ -73,22 +76,16 @@ class PretrainConfig:
     """'float32' or 'bfloat16' for dictionaries and activations."""
     seed: int = 0
     """Seed of the dictionaries and the buffer shuffle."""
-    trainer: TopKTrainerConfig = field(default_factory=lambda: TopKTrainerConfig(total_steps=STEPS))
-    """TopK trainer hyperparameters."""
+    trainer: TopKTrainerConfig = field(default_factory=TopKTrainerConfig)
+    """TopK trainer hyperparameters (its step count comes from `loop.steps`)."""
     loop: TrainConfig = field(default_factory=lambda: TrainConfig(steps=STEPS, out_dir=OUT_DIR))
     """Training-loop settings (steps, checkpoints, logging)."""
 
 
-def _dtype(name: str) -> torch.dtype:
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
-    if dt is None:
-        raise ValueError(f"dtype {name!r} is not supported; use 'float32' or 'bfloat16'")
-    return dt
-
-
 def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
     """Train, save (`<out_dir>/suite`) and evaluate a TopK suite. Returns (dicts, quality)."""
-    dtype = _dtype(cfg.dtype)
+    dtype = parse_dtype(cfg.dtype, "PretrainConfig.dtype")
+    batch = per_rank(cfg.batch_tokens)  # this rank's tokens per step
     t0 = time.perf_counter()
     model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
     info = model_info(model)
@@ -96,16 +93,16 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
         model,
         contexts_from(cfg.data, model.tokenizer, cfg.ctx_len, repeat=True, rank=rank(),
                       world_size=world_size()),
-        n_tokens=cfg.buffer_tokens, out_batch_size=cfg.batch_tokens,
+        n_tokens=per_rank(cfg.buffer_tokens), out_batch_size=batch,
         model_batch_size=cfg.model_batch_size, device=cfg.device, dtype=dtype, seed=cfg.seed,
     )
     torch.manual_seed(cfg.seed)
     dicts = {}
     for name in module_names(info.n_layers):
-        if name.startswith("attn"):
-            dicts[name] = AutoEncoderTopK(info.d_model, cfg.dict_size, cfg.k)
-        else:
+        if is_transcoder(name):
             dicts[name] = TopKTranscoder(info.d_model, info.d_model, cfg.dict_size, cfg.k)
+        else:
+            dicts[name] = AutoEncoderTopK(info.d_model, cfg.dict_size, cfg.k)
     trainer = TopKSuiteTrainer(dicts, cfg.trainer, device=cfg.device, dtype=dtype)
     train(trainer, buffer, cfg.loop)
     train_s = time.perf_counter() - t0
@@ -114,10 +111,10 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
         model,
         contexts_from(cfg.eval_data or cfg.data, model.tokenizer, cfg.ctx_len, split="validation",
                       skip_docs=cfg.eval_skip_docs),
-        n_tokens=cfg.eval_tokens, out_batch_size=cfg.batch_tokens,
+        n_tokens=cfg.eval_tokens, out_batch_size=batch,
         model_batch_size=cfg.model_batch_size, device=cfg.device, dtype=dtype, seed=cfg.seed + 1,
     )
-    n_batches = max(1, cfg.eval_tokens // cfg.batch_tokens)
+    n_batches = max(1, cfg.eval_tokens // batch)
     quality = evaluate_dictionaries(
         trainer.dicts, (b for _, b in zip(range(n_batches), val_buffer)), cfg.device, dtype
     )
@@ -129,7 +126,7 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
             "buffer": {"ctx_len": cfg.ctx_len, "n_tokens": cfg.buffer_tokens,
                        "out_batch_size": cfg.batch_tokens, "model_batch_size": cfg.model_batch_size,
                        "seed": cfg.seed, "data": cfg.data},
-            "trainer": asdict(cfg.trainer),
+            "trainer": asdict(trainer.cfg),
             "steps": cfg.loop.steps,
             "train_seconds": train_s,
             "quality": {n: q._asdict() for n, q in quality.items()},
@@ -156,10 +153,8 @@ def make_config(quick: bool, out: str, steps: int | None) -> PretrainConfig:
         cfg = PretrainConfig()
     tokens = steps * cfg.batch_tokens
     cfg.trainer = TopKTrainerConfig(
-        total_steps=steps,
         warmup_steps=max(1, min(100, steps // 10)),
         decay_start=0.8,
-        auxk_relu=False,  # with ReLU, dead features with all-negative pre-acts never recover
         # Gao et al. use 10M tokens; a short run needs a window well inside its token budget
         dead_tokens=min(10_000_000, max(tokens // 20, 4 * cfg.batch_tokens)),
         seed=cfg.seed,
@@ -178,6 +173,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_out_dir(args.out)
+    init_distributed()  # under torchrun: join the process group (like run_finetuning.py)
     cfg = make_config(args.quick, args.out, args.steps)
     cfg.loop.resume = args.resume
     t0 = time.perf_counter()

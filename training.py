@@ -38,7 +38,8 @@ class TrainConfig:
     """Settings of the training loop (not of the model or the optimiser)."""
 
     steps: int
-    """Total optimisation steps of the run (a resumed run continues up to this)."""
+    """Total optimisation steps of the run (a resumed run continues up to this). The one source of
+    the step count: `train` gives it to the trainer, whose lr schedule follows it."""
     out_dir: str
     """Folder for checkpoint.pt, metrics.jsonl and curves.png."""
     save_steps: int = 0
@@ -183,6 +184,9 @@ def train(
     ckpt_path = out / CHECKPOINT
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
+    # The loop's step count is the one source of truth: the trainer's lr schedule follows it.
+    if hasattr(trainer, "set_total_steps"):
+        trainer.set_total_steps(cfg.steps)
     start = 0
     if cfg.resume and ckpt_path.is_file():
         start = restore_checkpoint(load_checkpoint(ckpt_path), trainer, buffer)
@@ -278,7 +282,7 @@ def train_scae_suite(
     train(trainer, buffer, train_cfg)
     out = Path(train_cfg.out_dir) / "suite"
     if is_main():
-        meta = {**suite.meta, "finetune": asdict(trainer_cfg), "steps": train_cfg.steps}
+        meta = {**suite.meta, "finetune": asdict(trainer.cfg), "steps": train_cfg.steps}
         suite.save_pretrained(out, meta)
         if repo_id_out:
             push_to_hub(out, repo_id_out)

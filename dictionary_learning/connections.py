@@ -168,14 +168,6 @@ class CompiledConnections(NamedTuple):
             tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm),
         )
 
-    def counts(self) -> dict[str, Tensor]:
-        """Number of connections of each downstream feature into each upstream module, [F]."""
-        F = self.J_FC.shape[0]
-        C = max(self.J_FC.shape[1], 1)
-        return {
-            u: torch.bincount(p // C, minlength=F) for u, p in zip(self.ups, self.pos, strict=True)
-        }
-
 
 def compile_connections(
     down: str, ups_idx: dict[str, Tensor], dict_sizes: dict[str, int]

@@ -131,9 +131,6 @@ class TopKDictionary(nn.Module):
     def decode(self, feats: Features) -> Tensor:
         return sparse_decode(feats, self.decoder.weight, self.b_dec)
 
-    def decode_dense(self, f_BF: Tensor) -> Tensor:
-        return f_BF @ self.decoder.weight.T + self.b_dec
-
     def forward(self, x_BI: Tensor, output_features: bool = False):
         feats = self.encode(x_BI)
         recon_BD = self.decode(feats)

@@ -22,6 +22,12 @@ def world_size() -> int:
     return dist.get_world_size() if _active() else 1
 
 
+def per_rank(tokens: int) -> int:
+    """This rank's share of a global token count (at least 1): budgets such as batch_tokens are
+    global, over all ranks, everywhere in the library."""
+    return max(1, tokens // world_size())
+
+
 def is_main() -> bool:
     """True on rank 0: the only rank that logs and saves."""
     return rank() == 0

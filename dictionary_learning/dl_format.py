@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder
-from .files import disk_full_errors
+from .files import disk_full_errors, replace_dir
 from .safe_load import check_finite, load_tensor_file
 
 DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold")
@@ -87,26 +87,10 @@ def export_dictionary_learning(
         with disk_full_errors(out / "ae.pt"):
             torch.save(state, tmp / "ae.pt")
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` folder to `out`, replacing an existing folder safely."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
-        os.replace(out, old / "x")
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old / "x", out)  # put the previous folder back
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def load_dictionary_learning(

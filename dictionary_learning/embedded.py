@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .files import replace_dir
 from .reproducibility import DEFAULT_THREADS
 
 logger = logging.getLogger(__name__)
@@ -299,11 +300,7 @@ def ensure_embedded_model(force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-build-", dir=final.parent))
     try:
         metrics = build_embedded_model(tmp)
-        if final.exists():
-            old = final.with_name(f".{EMBEDDED_MODEL}-old-{os.getpid()}")
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

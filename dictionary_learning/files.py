@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then os.replace (never half-written).
+"""Atomic file and folder writes: a temp file (or folder) in the same folder, fsync, then
+os.replace (never half-written). The one home of atomic replacement in the library.
 
 A write that fails because the disk is full raises DiskFullError naming the target path (torch
 itself reports a full disk as "unexpected pos ..."); the target is left as it was.
@@ -11,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -94,3 +96,30 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     text = json.dumps(obj, indent=2, default=str)
     return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def replace_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move the finished file `tmp` onto `path` (same filesystem) in one rename."""
+    path = Path(path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished folder `tmp` to `out`; an existing `out` is replaced, and put back if
+    the rename fails."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return out
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
+    os.replace(out, old / "x")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "x", out)  # put the previous folder back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -180,9 +180,8 @@ class MetricsLogger:
         kept = []
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.path, lambda fh: fh.write(text.encode("utf-8")))
         self._fh = open(self.path, "a", encoding="utf-8")
         settings = WandbSettings(wandb_mode, project, wandb_group,
                                  None if wandb_dir is None else str(wandb_dir))

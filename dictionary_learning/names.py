@@ -17,6 +17,16 @@ def parse_module_name(name: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
+def is_transcoder(name: str) -> bool:
+    """Whether `name` is a transcoder ("mlp_<l>"), not an attention SAE ("attn_<l>")."""
+    return parse_module_name(name)[0] == "mlp"
+
+
+def layer_of(name: str) -> int:
+    """The layer l of "attn_<l>" / "mlp_<l>"."""
+    return parse_module_name(name)[1]
+
+
 def module_names(n_layers: int) -> list[str]:
     """Dictionary names in execution order: ["attn_0", "mlp_0", "attn_1", "mlp_1", ...]."""
     return [f"{kind}_{layer}" for layer in range(n_layers) for kind in ("attn", "mlp")]

@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 # Elements per temporary gather buffer; bounds the memory of the chunked kernels.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -124,7 +122,11 @@ def sampled_dot_plain(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    # torch warns on every CSR construction that the layout is in beta; silence only that
+    # warning, only here, so the user's own warning filters stay as they set them.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class _CSRVirtualWeights(torch.autograd.Function):

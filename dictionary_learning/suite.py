@@ -23,13 +23,14 @@ from dictionary_learning.connections import (
     validate_connections,
 )
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
-from dictionary_learning.names import module_names, parse_module_name
+from dictionary_learning.names import is_transcoder, module_names, parse_module_name
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
     csr_virtual_weights,
 )
 from dictionary_learning.suite_io import load_suite, save_suite
+from dictionary_learning.validate import check_candidates
 
 Mode = Literal["all", "candidates"]
 
@@ -48,18 +49,6 @@ class DictOutput(NamedTuple):
     """Candidate feature indices (candidates mode of the pruned pass), else None."""
     penalty: Tensor | None = None
     """Random-candidate penalty (candidates mode with n_random > 0), a scalar."""
-
-
-def check_candidate_counts(
-    name: str, ae: TopKDictionary, n_threshold: int, n_random: int
-) -> None:
-    """Raise unless transcoder `name` has k + n_threshold + n_random <= F features to pick the
-    candidates of the pruned pass from."""
-    if ae.k + n_threshold + n_random > ae.dict_size:
-        raise ValueError(
-            f"{name}: k + n_threshold + n_random = {ae.k} + {n_threshold} + {n_random} exceeds "
-            f"dict_size {ae.dict_size}; lower n_threshold or n_random"
-        )
 
 
 class SCAESuite(nn.Module):
@@ -118,7 +107,7 @@ class SCAESuite(nn.Module):
 
     @property
     def transcoder_names(self) -> list[str]:
-        return [n for n in self.names if n.startswith("mlp_")]
+        return [n for n in self.names if is_transcoder(n)]
 
     @property
     def has_connections(self) -> bool:
@@ -223,7 +212,7 @@ class SCAESuite(nn.Module):
         """[B, K + n_threshold + n_random]: vanilla top K, the next n_threshold, then random
         others."""
         ae = self.dicts[name]
-        check_candidate_counts(name, ae, n_threshold, n_random)
+        check_candidates(name, ae.k, n_threshold, n_random, ae.dict_size)
         n_top = ae.k + n_threshold
         pre_BF = vanilla_pre_BF.detach()
         top_BT = pre_BF.topk(n_top, dim=1, sorted=True).indices

@@ -27,7 +27,7 @@ from .names import parse_module_name, suite_order  # noqa: F401  (suite_order re
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder, build_dictionary
 from .version import __version__, git_commit
 from .errors import CorruptFileError
-from .files import disk_full_errors
+from .files import disk_full_errors, replace_dir
 from .safe_load import check_finite, flat_state, load_tensor_file
 
 logger = logging.getLogger(__name__)
@@ -72,23 +72,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`; an existing `out` is replaced, restored on
-    failure."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old", dir=out.parent))
-    os.replace(out, old / "x")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "x", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_suite(
     path: str | os.PathLike,
     dicts: dict[str, TopKDictionary],
@@ -126,7 +109,7 @@ def save_suite(
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
             if connections is not None:
                 torch.save(connections, tmp / "connections.pt")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

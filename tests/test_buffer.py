@@ -168,7 +168,7 @@ def test_with_token_contexts(model):
 def test_errors(model):
     with pytest.raises(ValueError, match="no complete context"):
         AllActivationBuffer(model, iter([]), n_tokens=60, out_batch_size=10)
-    with pytest.raises(ValueError, match="n_positions=16"):
+    with pytest.raises(ValueError, match=r"ctx_len 20 exceeds the model's n_positions=16.*<= 16"):
         AllActivationBuffer(model, iter(random_contexts(2, 20)), n_tokens=60, out_batch_size=10)
     with pytest.raises(TypeError, match="not GPT-2-like"):
         AllActivationBuffer(

@@ -39,11 +39,12 @@ def test_config_roundtrip_and_unit_norm():
         build_dictionary({"class": "Nope"})
 
 
-def test_bad_k():
-    with pytest.raises(ValueError, match="dict_size"):
-        AutoEncoderTopK(4, 8, 9)
-    with pytest.raises(ValueError, match="positive"):
-        TopKTranscoder(4, 4, 8, 0)
+@pytest.mark.parametrize("k", [11, 0, -3])
+def test_bad_k(k):
+    with pytest.raises(ValueError, match=rf"k={k}.*dict_size=10"):
+        AutoEncoderTopK(6, 10, k)
+    with pytest.raises(ValueError, match=rf"k={k}"):
+        TopKTranscoder(6, 6, 10, k)
 
 
 def test_bf16_forward():

@@ -15,14 +15,14 @@ from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig
 B = 32
 
 
-def make_trainer(kind: str):
+def make_trainer(kind: str, total_steps: int | None = 10):
     suite = random_suite(n_layers=2, d=6, F=16, k=3, seed=0, dtype=torch.float32)
     if kind == "scae":
         suite.set_connections(random_connections(suite, C=5, seed=0))
-        cfg = SCAETrainerConfig(total_steps=10, n_threshold=4, n_random=0, lr=1e-2, warmup_steps=0,
-                                act_coeff=0.5, dead_tokens=8)
+        cfg = SCAETrainerConfig(total_steps=total_steps, n_threshold=4, n_random=0, lr=1e-2,
+                                warmup_steps=0, act_coeff=0.5, dead_tokens=8)
         return TrainerSCAESuite(suite, cfg)
-    cfg = TopKTrainerConfig(total_steps=10, lr=1e-2, warmup_steps=0, dead_tokens=8)
+    cfg = TopKTrainerConfig(total_steps=total_steps, lr=1e-2, warmup_steps=0, dead_tokens=8)
     tr = TopKSuiteTrainer(dict(suite.dicts.items()), cfg)
     tr.initialized = True
     return tr
@@ -105,7 +105,7 @@ def _resume_worker(r: int, world: int, port: int, out: str):
     dist.init_process_group("gloo", rank=r, world_size=world)
     try:
         def run(folder, **kw):
-            tr = make_trainer("scae")
+            tr = make_trainer("scae", total_steps=None)  # the loop's steps set it
             tr.cfg.n_random = 3  # per-rank candidate samplers must resume too
             cfg = TrainConfig(steps=6, out_dir=folder, save_steps=2, **kw)
             return train(tr, RankBatches(r, world), cfg)

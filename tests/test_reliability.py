@@ -19,13 +19,11 @@ from buffer import AllActivationBuffer
 from dictionary_learning.connections import load_connections, save_connections
 from dictionary_learning.data import token_contexts
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
-from dictionary_learning.errors import NonFiniteLossError
 from dictionary_learning.model import check_gpt2_like
 from tests.helpers import random_contexts, tiny_gpt2, tiny_tokenizer
 from tests.scae_fixtures import random_batch, random_connections, random_suite
 from dictionary_learning.suite import SCAESuite
 from trainers.scae import SCAETrainerConfig, TrainerSCAESuite
-from training import CHECKPOINT, TrainConfig, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,14 +136,6 @@ def test_suite_width_does_not_fit_model():
         suite.vanilla_forward(next(buf))
 
 
-@pytest.mark.parametrize("k", [11, 0, -3])
-def test_bad_k(k):
-    with pytest.raises(ValueError, match=rf"k={k}.*dict_size=10"):
-        AutoEncoderTopK(6, 10, k)
-    with pytest.raises(ValueError, match=rf"k={k}"):
-        TopKTranscoder(6, 6, 10, k)
-
-
 def test_k_plus_n_threshold_larger_than_F(suite):
     suite.set_connections(good(suite))
     with pytest.raises(
@@ -192,15 +182,14 @@ def test_documents_all_shorter_than_a_context_are_packed_or_exhausted():
 
 
 def test_data_runs_out_during_training():
-    from dictionary_learning.errors import DataExhaustedError as LoopError
-    from buffer import DataExhaustedError
+    from dictionary_learning.errors import DataExhaustedError
 
     buf = AllActivationBuffer(
         tiny_model(), iter(random_contexts(5, 9)), n_tokens=40, out_batch_size=16
     )
     next(buf)
     next(buf)
-    with pytest.raises((DataExhaustedError, LoopError), match=r"ran out.*more data|fewer steps"):
+    with pytest.raises(DataExhaustedError, match=r"ran out.*more data|fewer steps"):
         for _ in range(10):
             next(buf)
 
@@ -213,15 +202,6 @@ def test_model_that_is_not_gpt2_like():
 
     with pytest.raises(TypeError, match=r"not GPT-2-like.*transformer\.h"):
         check_gpt2_like(NotGPT2())
-
-
-def test_context_longer_than_model_positions():
-    model = tiny_model()  # n_positions = 16
-    with pytest.raises(
-        ValueError,
-        match=r"contexts have 20 tokens but the model has n_positions=16.*ctx_len <= 16",
-    ):
-        AllActivationBuffer(model, iter(random_contexts(8, 20)), n_tokens=128, out_batch_size=16)
 
 
 # ------------------------------------------------------------------ faults
@@ -252,48 +232,8 @@ class Batches:
 def scae_trainer(seed=0):
     suite = random_suite(n_layers=2, d=6, F=12, k=2, seed=seed, dtype=torch.float32)
     suite.set_connections(random_connections(suite, C=4, seed=seed))
-    cfg = SCAETrainerConfig(total_steps=8, n_threshold=3, n_random=2, lr=1e-2)
+    cfg = SCAETrainerConfig(n_threshold=3, n_random=2, lr=1e-2)  # steps: from the loop
     return TrainerSCAESuite(suite, cfg)
-
-
-def test_nan_loss_stops_with_dictionary_and_step_and_keeps_last_checkpoint(tmp_path):
-    tr = scae_trainer()
-    cfg = TrainConfig(steps=8, out_dir=str(tmp_path), save_steps=2)
-
-    def poison(step, metrics):
-        if step == 4:  # after step 5 (index 4) ran, poison the weights: step index 5 fails
-            with torch.no_grad():
-                tr.dicts["attn_1"].b_dec.fill_(float("inf"))
-
-    with pytest.raises(
-        NonFiniteLossError, match=r"'attn_1' at step 5.*resume from the last checkpoint"
-    ):
-        train(tr, Batches(), cfg, callback=poison)
-    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
-    assert ckpt["step"] == 4
-    fresh = scae_trainer()
-    fresh.load_state_dict(ckpt["trainer"])
-    assert all(torch.isfinite(p).all() for d in fresh.dicts.values() for p in d.parameters())
-
-
-def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    tr = scae_trainer()
-    real_replace = os.replace
-    n = {"writes": 0}
-
-    def flaky(src, dst):
-        if str(dst).endswith(CHECKPOINT):
-            n["writes"] += 1
-            if n["writes"] == 2:
-                raise KeyboardInterrupt("killed between the temporary write and the rename")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        train(tr, Batches(), TrainConfig(steps=8, out_dir=str(tmp_path), save_steps=2))
-    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
-    assert ckpt["step"] == 2
-    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
 def test_resume_after_kill_at_random_step_is_bit_identical(tmp_path):
@@ -343,12 +283,6 @@ def test_saved_suite_with_missing_or_unexpected_key(tmp_path, suite):
         KeyError, match=r"missing keys: \['attn_1.b_dec'\]; unexpected keys: \['mlp_0.extra'\]"
     ):
         SCAESuite.from_pretrained(tmp_path / "s")
-
-
-def test_hub_id_without_network(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConnectionError, match=r"no network.*pass its local path"):
-        SCAESuite.from_pretrained("jacobcd52/gpt2_suite_folded_ln")
 
 
 def test_no_tokens_or_keys_in_the_code():

@@ -160,9 +160,11 @@ def test_finetuning_cache_is_keyed_on_the_connections(tmp_path, monkeypatch):
     suite = random_suite(dtype=torch.float32)
     cfg = rf.make_config("tiny", quick=True, device="cpu")
     conns_a, conns_b = random_connections(suite, 3, seed=0), random_connections(suite, 3, seed=1)
-    tuned_a = rf.finetuned(cfg, suite, "suite-id", conns_a, "top", None, tmp_path)
-    tuned_b = rf.finetuned(cfg, suite, "suite-id", conns_b, "top", None, tmp_path)
-    assert len(list(tmp_path.glob("finetune-top-*"))) == 2
+    cache, hashes = tmp_path / "pipeline", {"model": "model-hash", "data": "data-hash"}
+    cache.mkdir()
+    tuned_a = rf.finetuned(cfg, suite, conns_a, "top", None, cache, "suite-hash", hashes, {})
+    tuned_b = rf.finetuned(cfg, suite, conns_b, "top", None, cache, "suite-hash", hashes, {})
+    assert len(list(cache.glob("finetune-top-*"))) == 2
     for tuned, conns in ((tuned_a, conns_a), (tuned_b, conns_b)):
         suite.set_connections(conns)  # the exchange format as the suite stores it
         assert connections_digest(tuned.connections) == connections_digest(suite.connections)

@@ -73,7 +73,15 @@ def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
     assert len(index["graphs"]) == 2
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "pipeline").iterdir())
     assert cached == ["connections", "finetune", "finetune"]  # no pretraining: the suite was given
+    computed = {"connections", "finetune_top", "finetune_random"}
+    assert set(rep["stages"]) == computed and not any(r["cached"] for r in rep["stages"].values())
+    # finetuning through the pruned pass lowered the transcoders' pruned FVU
+    mlp = [n for n in rep["modules"] if n.startswith("mlp_")]
+    before = sum(rep["before_finetuning"]["modules"][n]["fvu_pruned"] for n in mlp) / len(mlp)
+    after = sum(rep["modules"][n]["fvu_pruned"] for n in mlp) / len(mlp)
+    assert after < before, (before, after)
 
     run_finetuning.main(argv)  # a second run reuses every cached stage
     rep2 = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert rep2["timings_s"]["finetune"] < 1.0 and rep2["modules"] == rep["modules"]
+    assert set(rep2["stages"]) == computed and all(r["cached"] for r in rep2["stages"].values())
+    assert rep2["modules"] == rep["modules"]

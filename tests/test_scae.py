@@ -217,11 +217,24 @@ def test_connections_round_trip_through_the_compiled_layout():
 
 
 def test_suite_moves_connections_with_dtype_and_device_changes():
+    """fp64 -> fp32 (and to the GPU when there is one): the compiled connections follow the
+    parameters, and the pruned pass gives the fp64 values within fp32 rounding (rel 1e-5)."""
     suite = random_suite(n_layers=2)
     suite.set_connections(random_connections(suite, C=4))
-    suite = suite.float()
-    out = suite.pruned_forward(random_batch(n_layers=2, dtype=torch.float32), mode="all")
-    assert out["mlp_1"].recon_BD.dtype == torch.float32
+    batch = random_batch(n_layers=2)
+    with torch.no_grad():
+        ref = suite.pruned_forward(batch, mode="all")
+    targets = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for dev in targets:
+        moved = suite.to(device=dev, dtype=torch.float32)
+        for c in moved._compiled.values():
+            assert c.J_FC.device.type == dev.type and all(p.device.type == dev.type for p in c.pos)
+        with torch.no_grad():
+            out = moved.pruned_forward(batch.to(dev, torch.float32), mode="all")
+        for m, o in out.items():
+            assert o.recon_BD.dtype == torch.float32 and o.recon_BD.device.type == dev.type
+            torch.testing.assert_close(o.recon_BD.double().cpu(), ref[m].recon_BD,
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_original_fork_imports_still_work():

@@ -117,8 +117,12 @@ def test_original_fork_missing_key(tmp_path):
 
 def test_hub_id_without_network():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    with pytest.raises(ConnectionError, match="no network"):
+    with pytest.raises(ConnectionError, match=r"no network.*pass its local path"):
         load_suite("someone/some_suite")
+    from trainers.scae import SCAESuite  # the suite class takes the same path
+
+    with pytest.raises(ConnectionError, match=r"no network.*pass its local path"):
+        SCAESuite.from_pretrained("jacobcd52/gpt2_suite_folded_ln")
 
 
 def test_nonexistent_path():
@@ -176,3 +180,31 @@ def test_dl_transcoder_exact_and_wide_refused(tmp_path):
             submodule_name="mlp_0", ctx_len=8,
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_replace_dir_replaces_and_restores_on_failure(tmp_path, monkeypatch):
+    """files.replace_dir, the one atomic folder replace (suites, exports, the embedded model)."""
+    from dictionary_learning.files import replace_dir
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    (out / "a").write_text("old")
+    new.mkdir()
+    (new / "a").write_text("new")
+    replace_dir(new, out)
+    assert (out / "a").read_text() == "new" and not new.exists()
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the rename of the finished folder onto `out` fails
+            raise OSError("simulated")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        replace_dir(newer, out)
+    assert (out / "a").read_text() == "new"  # the previous folder is back
+    assert [p.name for p in tmp_path.iterdir() if ".old" in p.name] == []

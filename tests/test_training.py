@@ -68,7 +68,11 @@ def test_max_steps_this_run_then_resume(tmp_path):
         assert torch.equal(v, weights(res)[k]), k
 
 
-def test_interrupted_checkpoint_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exc", [OSError("disk full (simulated)"),
+                                 KeyboardInterrupt("killed between the write and the rename")])
+def test_interrupted_checkpoint_write(tmp_path, monkeypatch, exc):
+    """A failure (or a kill) between the temporary write and the rename keeps the previous
+    checkpoint and leaves no temporary file."""
     world = SparseWorld()
     out = tmp_path / "c"
     real_replace = os.replace
@@ -78,11 +82,11 @@ def test_interrupted_checkpoint_write(tmp_path, monkeypatch):
         if str(dst).endswith(CHECKPOINT):
             calls["n"] += 1
             if calls["n"] == 2:  # second checkpoint write (step 4) fails
-                raise OSError("disk full (simulated)")
+                raise exc
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(type(exc)):
         train(make_trainer(), FakeBuffer(world, 64, seed=1),
               TrainConfig(steps=6, out_dir=str(out), save_steps=2))
     assert load_checkpoint(out / CHECKPOINT)["step"] == 2
@@ -159,3 +163,21 @@ def test_resume_bit_identical_real_buffer(tmp_path):
                 TrainConfig(steps=8, out_dir=out, save_steps=3, resume=True))
     for k, v in weights(ref).items():
         assert torch.equal(v, weights(res)[k]), k
+
+
+def test_step_count_has_one_source(tmp_path):
+    """TrainConfig.steps sets the trainer's lr schedule (total_steps None); a total_steps that
+    disagrees with it is refused, and one that agrees gives the same run."""
+    world = SparseWorld()
+    given = make_trainer(steps=6)
+    free = make_trainer(steps=None)  # no step count of its own
+    assert free.scheduler is None
+    for tr, d in ((given, "a"), (free, "b")):
+        train(tr, FakeBuffer(world, 64, seed=1), TrainConfig(steps=6, out_dir=str(tmp_path / d)))
+    assert free.cfg.total_steps == 6
+    for k, v in weights(given).items():
+        assert torch.equal(v, weights(free)[k]), k
+    with pytest.raises(ValueError, match=r"total_steps=6 disagrees with the training loop's "
+                                         r"steps=8; leave total_steps None"):
+        train(make_trainer(steps=6), FakeBuffer(world, 64, seed=1),
+              TrainConfig(steps=8, out_dir=str(tmp_path / "c")))

@@ -9,7 +9,9 @@ import torch
 
 import run_finetuning
 from dictionary_learning.data import check_text_source, contexts_from, looks_like_path
-from dictionary_learning.validate import check_ctx_len, check_device, check_out_dir
+from dictionary_learning.validate import (
+    check_context, check_ctx_len, check_device, check_out_dir, parse_dtype,
+)
 from tests.helpers import tiny_tokenizer
 
 
@@ -159,3 +161,17 @@ def test_pipeline_fails_before_any_work(tmp_path, monkeypatch, case):
     with pytest.raises(err, match=pat):
         run_finetuning.main(argv)
     assert not (tmp_path / "cache" / "pipeline").exists()
+
+
+def test_parse_dtype_and_context_checks():
+    assert parse_dtype("float32") is torch.float32 and parse_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match=r"--dtype 'float16' is not supported; use one of"):
+        parse_dtype("float16")
+    assert check_context(torch.tensor([1, 2, 3], dtype=torch.int32), 0, 3).dtype == torch.long
+    with pytest.raises(TypeError, match=r"context 4 is not a 1-D LongTensor"):
+        check_context(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match=r"context 2 has 4 tokens, expected 3"):
+        check_context(torch.arange(4), 2, 3)
+    check_ctx_len(2, 16, "ctx_len", minimum=2)
+    with pytest.raises(ValueError, match=r"ctx_len 1 is too short.*>= 2"):
+        check_ctx_len(1, 16, "ctx_len", minimum=2)

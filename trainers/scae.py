@@ -14,10 +14,11 @@ from torch import Tensor
 
 from dictionary_learning.distributed import rank
 from dictionary_learning.metrics import fvu, ratio_across_ranks
+from dictionary_learning.validate import check_candidates
 
 # Re-exported: users of the original SCAE fork import the suite as
 # `from trainers.scae import SCAESuite, TrainerSCAESuite`.
-from dictionary_learning.suite import DictOutput, SCAESuite, check_candidate_counts
+from dictionary_learning.suite import DictOutput, SCAESuite
 from trainers.top_k import TopKSuiteTrainer, TopKTrainerConfig, auxk_loss
 
 __all__ = ["DictOutput", "SCAESuite", "SCAETrainerConfig", "TrainerSCAESuite"]
@@ -77,7 +78,8 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                 "with the output of find_top_connections"
             )
         for m in suite.transcoder_names:
-            check_candidate_counts(m, suite.dicts[m], cfg.n_threshold, cfg.n_random)
+            ae = suite.dicts[m]
+            check_candidates(m, ae.k, cfg.n_threshold, cfg.n_random, ae.dict_size)
         self.suite = suite.to(device=device, dtype=dtype)
         super().__init__(dict(suite.dicts.items()), cfg, device, dtype)
         self.initialized = True  # finetuning starts from trained dictionaries

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -38,8 +38,9 @@ BASE_LR = 2e-4
 class TopKTrainerConfig:
     """Hyperparameters of TopK suite pretraining."""
 
-    total_steps: int
-    """Number of optimisation steps of the whole run (sets the lr decay)."""
+    total_steps: int | None = None
+    """Optimisation steps of the whole run (sets the lr decay). None: the training loop sets it
+    from TrainConfig.steps, the one source of truth; a value set here must agree with it."""
     lr: float | None = None
     """Learning rate for every dictionary; None = auto: base_lr / sqrt(F / 2**14), per
     dictionary."""
@@ -53,10 +54,11 @@ class TopKTrainerConfig:
     """Max gradient norm, applied to each dictionary's parameters separately (0 = no clipping)."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss."""
-    auxk_relu: bool = True
-    """ReLU the dead pre-activations in AuxK (Gao et al.). False lets dead features whose
-    pre-activations are negative on every token still get gradient (measured on the embedded
-    model's attn_0: 65% -> 15-20% dead features)."""
+    auxk_relu: bool = False
+    """ReLU the dead pre-activations in AuxK (Gao et al.: True). False (the default, and what the
+    README's figures use) lets dead features whose pre-activations are negative on every token
+    still get gradient (measured on the embedded model's attn_0: 65% -> 15-20% dead features);
+    see docs/departures.md."""
     k_aux: int | None = None
     """Number of dead features used by AuxK; None = d_out // 2 (clipped to F)."""
     dead_tokens: int = 10_000_000
@@ -68,7 +70,7 @@ class TopKTrainerConfig:
     """Seed of dictionary initialisation."""
 
     def __post_init__(self) -> None:
-        if self.total_steps <= 0:
+        if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"TopKTrainerConfig.total_steps={self.total_steps} must be positive")
         if not 0.0 <= self.decay_start <= 1.0:
             raise ValueError(
@@ -121,14 +123,15 @@ def auxk_loss(
     residual_BD: Tensor,
     dead_F: Tensor,
     k_aux: int,
-    relu: bool = True,
+    relu: bool = False,
 ) -> Tensor:
     """AuxK: reconstruct the residual e = y - yhat from the top k_aux dead PRE-TopK activations.
 
     The aux reconstruction W_dec TopK(ReLU(pre restricted to dead)) (no b_dec) approximates +e;
     the loss is normalised by the residual's variance. Zero when no feature is dead.
-    `relu=False` uses the raw pre-activations, so dead features whose pre-activations are negative
-    on every token (which the ReLU cuts off from any gradient) still learn.
+    `relu=False` (the default) uses the raw pre-activations, so dead features whose
+    pre-activations are negative on every token (which the ReLU cuts off from any gradient) still
+    learn; True is Gao et al.'s ReLU.
     """
     n_dead = int(dead_F.sum())
     if n_dead == 0:
@@ -175,9 +178,9 @@ class TopKSuiteTrainer:
              for n in self.names],
             betas=(0.9, 0.999),
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_schedule(cfg.total_steps, cfg.warmup_steps, cfg.decay_start)
-        )
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        if cfg.total_steps is not None:
+            self.set_total_steps(cfg.total_steps)
         self.tokens_since_fired = {
             n: torch.zeros(d.dict_size, dtype=torch.long, device=self.device)
             for n, d in self.dicts.items()
@@ -257,8 +260,29 @@ class TopKSuiteTrainer:
             metrics[f"{n}/l0"] = active_BK.sum(1).float().mean()
         return losses, metrics, fired
 
+    def set_total_steps(self, steps: int) -> None:
+        """Build the lr schedule of a `steps`-step run. `training.train` calls this with
+        TrainConfig.steps, so the step count has one source of truth; a cfg.total_steps set by
+        hand must agree with it."""
+        if self.scheduler is not None:
+            if steps != self.cfg.total_steps:
+                raise ValueError(
+                    f"{type(self.cfg).__name__}.total_steps={self.cfg.total_steps} disagrees with "
+                    f"the training loop's steps={steps}; leave total_steps None (the loop sets it)"
+                )
+            return
+        self.cfg = replace(self.cfg, total_steps=steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_schedule(steps, self.cfg.warmup_steps, self.cfg.decay_start)
+        )
+
     def update(self, step: int, batch) -> dict[str, float]:
         """One optimisation step on every dictionary; returns scalar metrics."""
+        if self.scheduler is None:
+            raise ValueError(
+                "the trainer has no step count: call set_total_steps(steps) (training.train does) "
+                "or set TopKTrainerConfig.total_steps"
+            )
         if not self.initialized:
             self.init_from_batch(batch)
         losses, metrics, fired = self.losses(batch)
