@@ -77,10 +77,16 @@ def connections_digest(conns: Mapping[str, Mapping[str, Tensor]]) -> str:
     return tensor_digest({f"{d}/{u}": idx for d, ups in conns.items() for u, idx in ups.items()})
 
 
+RUN_LOCAL_FIELDS = ("timings_s", "artifacts", "stages", "inputs")
+"""Report fields that legitimately differ between two runs of the same settings: wall-clock
+timings, and where the run put its files (artifact paths, cache folders, and the stage keys and
+input hashes, which cover the suite folder's metadata and so its cache path)."""
+
+
 def report_digest(report: Mapping) -> str:
     """Digest of a report's figures, without the fields that legitimately differ between runs
-    (wall-clock timings)."""
-    body = {k: v for k, v in report.items() if k != "timings_s"}
+    (RUN_LOCAL_FIELDS)."""
+    body = {k: v for k, v in report.items() if k not in RUN_LOCAL_FIELDS}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
