@@ -31,8 +31,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,9 +39,8 @@ from safetensors.torch import save_file
 
 from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.dl_format import centered_encoder_bias, export_dictionary_learning
-from dictionary_learning.files import disk_full_errors
 from dictionary_learning.names import parse_module_name, suite_order
-from dictionary_learning.files import replace_dir
+from dictionary_learning.files import atomic_dir
 from dictionary_learning.suite_io import load_suite
 
 logger = logging.getLogger("export")
@@ -158,26 +155,20 @@ def export_suite(
         )
     ctx_len = int(ctx_len or (meta.get("buffer") or {}).get("ctx_len") or 128)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     written: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    try:
-        with disk_full_errors(out / "export.json"):
-            for name in suite_order(dicts):
-                folder, why = export_one(dicts[name], name, fmt, tmp, model_name, ctx_len)
-                if why is None:
-                    written[name] = folder
-                else:
-                    skipped[name] = why
-            manifest = {"format": fmt, "model_name": model_name, "ctx_len": ctx_len,
-                        "written": written, "skipped": skipped}
-            if fmt == "saelens":
-                manifest["saelens_version"] = SAELENS_VERSION
-            (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
-            replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out, out / "export.json") as tmp:
+        for name in suite_order(dicts):
+            folder, why = export_one(dicts[name], name, fmt, tmp, model_name, ctx_len)
+            if why is None:
+                written[name] = folder
+            else:
+                skipped[name] = why
+        manifest = {"format": fmt, "model_name": model_name, "ctx_len": ctx_len,
+                    "written": written, "skipped": skipped}
+        if fmt == "saelens":
+            manifest["saelens_version"] = SAELENS_VERSION
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=2))
     for name, why in skipped.items():
         logger.warning("%s not exported to %s: %s", name, fmt, why)
     return Exported(out, {n: out / f for n, f in written.items()}, skipped)

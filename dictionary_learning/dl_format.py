@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder
-from .files import disk_full_errors, replace_dir
+from .files import atomic_dir
 from .safe_load import check_finite, load_tensor_file
 
 DL_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold")
@@ -81,15 +79,9 @@ def export_dictionary_learning(
         "buffer": {"ctx_len": ctx_len, "io": "in_and_out" if ae.is_transcoder else "out",
                    **(extra_buffer_cfg or {})},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        with disk_full_errors(out / "ae.pt"):
-            torch.save(state, tmp / "ae.pt")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out, out / "ae.pt") as tmp:
+        torch.save(state, tmp / "ae.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 

@@ -123,3 +123,19 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, names: str | os.PathLike | None = None):
+    """Yield an empty temporary folder beside `out` to write into; when the block ends without an
+    error it replaces `out` (replace_dir), otherwise it is removed and `out` stays as it was.
+    A full disk inside the block raises DiskFullError naming `names` (default `out`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        with disk_full_errors(names or out):
+            yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

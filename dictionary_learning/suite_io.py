@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +25,7 @@ from .names import parse_module_name, suite_order  # noqa: F401  (suite_order re
 from .dictionary import AutoEncoderTopK, TopKDictionary, TopKTranscoder, build_dictionary
 from .version import __version__, git_commit
 from .errors import CorruptFileError
-from .files import disk_full_errors, replace_dir
+from .files import atomic_dir
 from .safe_load import check_finite, flat_state, load_tensor_file
 
 logger = logging.getLogger(__name__)
@@ -101,17 +99,11 @@ def save_suite(
         **meta,
     }
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
-        with disk_full_errors(out / "model.safetensors"):
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-            if connections is not None:
-                torch.save(connections, tmp / "connections.pt")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out, out / "model.safetensors") as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if connections is not None:
+            torch.save(connections, tmp / "connections.pt")
     return out
 
 
