@@ -55,6 +55,7 @@ from dictionary_learning.validate import check_context, check_ctx_len
 from dictionary_learning.safe_load import check_finite, flat_state
 from dictionary_learning.suite import SCAESuite
 from dictionary_learning.suite_io import check_name, suite_order
+from dictionary_learning.unembed import unembed
 
 logger = logging.getLogger("evaluate")
 
@@ -76,14 +77,6 @@ def final_residual(x0_BTD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
     for out_BTD in outputs:
         r_BTD += out_BTD.to(device=r_BTD.device, dtype=torch.float32)
     return r_BTD
-
-
-@torch.no_grad()
-def unembed(model, r_final_BTD: Tensor) -> Tensor:
-    """logits = lm_head(ln_f(r_final)) with the model's own ln_f and unembedding, [B, T, V]."""
-    hf = hf_model(model)
-    w = hf.lm_head.weight
-    return hf.lm_head(hf.transformer.ln_f(r_final_BTD.to(device=w.device, dtype=w.dtype)))
 
 
 @torch.no_grad()

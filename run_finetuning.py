@@ -44,6 +44,7 @@ VARIANT = "active"  # importance averaged over tokens where the feature is activ
 COEFF = 1.0  # weight of the pruned FVU in the loss
 LOSS = "vanilla+pruned"  # or "pruned"
 ACT_COEFF = 0.0  # weight of the vanilla-vs-pruned activation difference term
+KL_COEFF = 0.0  # weight of the end-to-end KL(model || rebuilt residual's logits) per token
 N_THRESHOLD = 32  # candidates after the vanilla top K (QUICK: 16)
 N_RANDOM = 0  # random candidates per token for the penalty (off: see README, "Hyperparameters")
 RANDOM_COEFF = 0.0  # weight of the random-candidate penalty
@@ -212,15 +213,21 @@ class PipelineConfig:
     dictionary_learning.reproducibility)."""
 
 
+FINETUNE_FLAGS = ("kl_coeff",)
+"""Flags that set a field of PipelineConfig.finetune (SCAETrainerConfig) rather than of the
+pipeline."""
+
+
 def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> PipelineConfig:
     """The pipeline's settings, built in this order (a later step wins):
 
     1. PipelineConfig's defaults, with the finetuning constants (COEFF, LOSS, ACT_COEFF,
-       N_THRESHOLD, N_RANDOM, RANDOM_COEFF, LR) in `finetune`;
+       KL_COEFF, N_THRESHOLD, N_RANDOM, RANDOM_COEFF, LR) in `finetune`;
     2. the preset ("gpt2": model, data, suite, C and budgets);
     3. QUICK's budgets (they also set n_threshold=16 and cap C and n_random at 16);
     4. the constants at the top that are not None (MODEL ... DTYPE, EXPORT);
-    5. `overrides`, the script's flags (None values are ignored);
+    5. `overrides`, the script's flags (None values are ignored); those named in FINETUNE_FLAGS
+       set fields of `finetune`;
     6. derived values: eval_data follows data unless set; the finetuning warmup and dead-feature
        window fit finetune_steps x batch_tokens; the wandb mode is the `wandb_mode` override
        (--wandb), else $WANDB_MODE, else WANDB_MODE.
@@ -228,7 +235,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
     The step count is finetune_steps alone: the training loop gives it to the trainer.
     """
     finetune = SCAETrainerConfig(
-        coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, n_threshold=N_THRESHOLD,
+        coeff=COEFF, loss=LOSS, act_coeff=ACT_COEFF, kl_coeff=KL_COEFF, n_threshold=N_THRESHOLD,
         n_random=N_RANDOM, random_coeff=RANDOM_COEFF, lr=LR,
     )
     if preset == "tiny":
@@ -256,6 +263,8 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
         "eval_tokens": EVAL_TOKENS, "ctx_len": CTX_LEN, "C": C, "variant": VARIANT,
         "device": DEVICE, "dtype": DTYPE, "export": tuple(EXPORT) or None,
     }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    finetune_overrides = {k: overrides.pop(k) for k in FINETUNE_FLAGS if k in overrides}
     chosen = {k: v for k, v in {**constants, **overrides}.items() if v is not None}
     if "export" in chosen:
         chosen["export"] = tuple(chosen["export"])
@@ -268,6 +277,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
     tokens = cfg.finetune_steps * cfg.batch_tokens
     cfg.finetune = replace(
         cfg.finetune,
+        **finetune_overrides,
         warmup_steps=min(cfg.finetune.warmup_steps, max(1, cfg.finetune_steps // 10)),
         # a short run needs a dead-feature window well inside its token budget for AuxK to act
         dead_tokens=min(cfg.finetune.dead_tokens, max(tokens // 20, 4 * cfg.batch_tokens)),
@@ -662,6 +672,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
     p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],
                    help="wandb mode; overrides $WANDB_MODE, which overrides WANDB_MODE in the file")
+    p.add_argument("--kl-coeff", type=float, dest="kl_coeff",
+                   help=f"weight of the end-to-end KL term per token (default {KL_COEFF})")
     p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
     p.add_argument("--threads", type=int,
                    help=f"intra-op CPU threads; results depend on it (default {DEFAULT_THREADS})")

@@ -257,6 +257,7 @@ def train_scae_suite(
     """
     from dictionary_learning.connections import load_connections
     from dictionary_learning.suite import SCAESuite
+    from dictionary_learning.unembed import Unembed
     from trainers.scae import TrainerSCAESuite
 
     if (suite is None) == (repo_id_in is None):
@@ -278,7 +279,16 @@ def train_scae_suite(
         )
     if hasattr(buffer, "d_model"):
         suite.check_fits(buffer.n_layers, buffer.d_model, "the buffer's model")
-    trainer = TrainerSCAESuite(suite, trainer_cfg, device=device, dtype=dtype)
+    unembed = None
+    if getattr(trainer_cfg, "kl_coeff", 0) > 0:
+        if not hasattr(buffer, "model"):
+            raise ValueError(
+                "kl_coeff > 0 needs the model's head: use an AllActivationBuffer (it holds the "
+                "model), or build TrainerSCAESuite yourself with unembed=Unembed.from_model(model, "
+                "frozen_copy=True)"
+            )
+        unembed = Unembed.from_model(buffer.model, frozen_copy=True)
+    trainer = TrainerSCAESuite(suite, trainer_cfg, device=device, dtype=dtype, unembed=unembed)
     train(trainer, buffer, train_cfg)
     out = Path(train_cfg.out_dir) / "suite"
     if is_main():

@@ -40,6 +40,14 @@ class ActivationBatch(NamedTuple):
             layernorm_scale={f"mlp_{i}": acts[f"sigma_{i}"] for i in layers},
         )
 
+    def final_residual(self) -> Tensor:
+        """[B, D] the residual stream after the last block, x0 + every module's true output
+        (docs/method.md (1.1)), in fp32: what the model's head reads."""
+        r_BD = self.initial.float()
+        for out_BD in self.tgt.values():
+            r_BD = r_BD + out_BD.float()
+        return r_BD
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ActivationBatch":
         """Copy of the batch on `device` and/or in `dtype`."""
 

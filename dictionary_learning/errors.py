@@ -10,7 +10,8 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, name: str, step: int, value: float):
         self.name, self.step, self.value = name, step, value
         super().__init__(
-            f"non-finite loss {value} for dictionary {name!r} at step {step}; the optimizer step "
+            f"non-finite loss {value} of {name!r} (a dictionary, or the suite's 'kl') at step "
+            f"{step}; the optimizer step "
             "was skipped. Lower the learning rate, check the inputs for NaN/Inf, or resume from "
             "the last checkpoint."
         )

@@ -163,3 +163,11 @@ def ce_recovered(ce_ablated: float, ce_suite: float, ce_clean: float) -> float:
     removing every block. NaN when CE_ablated == CE_clean."""
     den = ce_ablated - ce_clean
     return (ce_ablated - ce_suite) / den if den != 0 else math.nan
+
+
+def next_token_kl(clean_logits_BV: Tensor, logits_BV: Tensor) -> Tensor:
+    """Mean over token rows of KL(p_clean || p), the next-token distributions of two logits, in
+    fp32 (docs/method.md §5). The clean distribution is a target: no gradient flows into it."""
+    logp_clean_BV = F_.log_softmax(clean_logits_BV.detach().float(), dim=-1)
+    logp_BV = F_.log_softmax(logits_BV.float(), dim=-1)
+    return F_.kl_div(logp_BV, logp_clean_BV, log_target=True, reduction="batchmean")

@@ -11,9 +11,11 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from dictionary_learning.distributed import rank
-from dictionary_learning.metrics import fvu, ratio_across_ranks
+from dictionary_learning.metrics import fvu, next_token_kl, ratio_across_ranks
+from dictionary_learning.unembed import Unembed
 from dictionary_learning.validate import check_candidates
 
 # Re-exported: users of the original SCAE fork import the suite as
@@ -46,6 +48,13 @@ class SCAETrainerConfig(TopKTrainerConfig):
     random_coeff: float = 0.0
     """Weight of the random-candidate penalty sum relu(pre_random - min(pre_top)), averaged over
     tokens. Off by default: its raw scale (~10 at the start of finetuning) dwarfs the FVU terms."""
+    kl_coeff: float = 0.0
+    """Weight of the end-to-end term: per token, KL(model's next-token distribution || the one
+    read from the rebuilt residual x0 + sum of attention reconstructions + sum of pruned
+    transcoder reconstructions, through the model's final norm and unembedding)."""
+    kl_chunk: int = 256
+    """Token rows per chunk of the KL term: only one chunk's [rows, V] logits are held at a time
+    (each chunk's logits are recomputed in the backward pass)."""
     warmup_steps: int = 50
     auxk_alpha: float = 1 / 32
     """AuxK on the vanilla pass, as in pretraining, to keep features alive."""
@@ -57,11 +66,13 @@ class SCAETrainerConfig(TopKTrainerConfig):
                 f"SCAETrainerConfig.loss={self.loss!r}: use 'vanilla+pruned' or 'pruned'"
             )
         counts = (self.n_threshold, self.n_random)
-        coeffs = (self.coeff, self.random_coeff, self.act_coeff)
+        coeffs = (self.coeff, self.random_coeff, self.act_coeff, self.kl_coeff)
         if min(counts) < 0 or min(coeffs) < 0:
             raise ValueError(
                 "SCAETrainerConfig: n_threshold, n_random and the coefficients must be >= 0"
             )
+        if self.kl_chunk < 1:
+            raise ValueError(f"SCAETrainerConfig.kl_chunk={self.kl_chunk} must be >= 1")
 
 
 class TrainerSCAESuite(TopKSuiteTrainer):
@@ -71,7 +82,10 @@ class TrainerSCAESuite(TopKSuiteTrainer):
     takes the optimizer, the schedule, the unit-norm decoders and the dead-feature tracking.
     """
 
-    def __init__(self, suite: SCAESuite, cfg: SCAETrainerConfig, device="cpu", dtype=torch.float32):
+    def __init__(self, suite: SCAESuite, cfg: SCAETrainerConfig, device="cpu", dtype=torch.float32,
+                 unembed: Unembed | None = None):
+        """`unembed`: the model's head (`Unembed.from_model(model, frozen_copy=True)`), needed
+        when cfg.kl_coeff > 0."""
         if not suite.has_connections:
             raise ValueError(
                 "TrainerSCAESuite needs a suite with connections: suite.set_connections(...) "
@@ -80,7 +94,16 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         for m in suite.transcoder_names:
             ae = suite.dicts[m]
             check_candidates(m, ae.k, cfg.n_threshold, cfg.n_random, ae.dict_size)
+        if cfg.kl_coeff > 0 and unembed is None:
+            raise ValueError(
+                f"SCAETrainerConfig.kl_coeff={cfg.kl_coeff} needs the model's head: pass "
+                "unembed=Unembed.from_model(model, frozen_copy=True) (train_scae_suite does this "
+                "from the buffer's model)"
+            )
         self.suite = suite.to(device=device, dtype=dtype)
+        # The head is a fixed target: fp32 whatever the dictionaries' dtype, never trained.
+        self.unembed = (unembed.to(device=device, dtype=torch.float32).requires_grad_(False)
+                        if unembed is not None else None)
         super().__init__(dict(suite.dicts.items()), cfg, device, dtype)
         self.initialized = True  # finetuning starts from trained dictionaries
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank())
@@ -129,7 +152,32 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                 diff = self._activation_difference(self.dicts[n].k, vanilla[n], pr)
                 losses[n] = losses[n] + cfg.act_coeff * diff
                 metrics[f"{n}/act_diff"] = diff.detach()
+        if cfg.kl_coeff > 0:
+            kl = self._kl(batch, vanilla, pruned)
+            losses["kl"] = cfg.kl_coeff * kl
+            metrics["kl"] = kl.detach()
         return losses, metrics, fired
+
+    def _kl(self, batch, vanilla: dict[str, DictOutput], pruned: dict[str, DictOutput]) -> Tensor:
+        """Mean over tokens of KL(p_model || p_suite) (docs/method.md §5): p_model from the true
+        final residual, p_suite from x0 + the attention SAEs' reconstructions + the transcoders'
+        pruned reconstructions, both through the model's final norm and unembedding."""
+        recons = [pruned[n].recon_BD if n in pruned else vanilla[n].recon_BD for n in self.names]
+        rebuilt_BD = batch.initial.float() + sum(r.float() for r in recons)
+        true_BD = batch.final_residual()
+
+        def chunk_kl_sum(rebuilt_bD: Tensor, true_bD: Tensor) -> Tensor:
+            with torch.no_grad():
+                clean_bV = self.unembed(true_bD)
+            return next_token_kl(clean_bV, self.unembed(rebuilt_bD)) * rebuilt_bD.shape[0]
+
+        # Chunks with recomputation: memory holds one chunk's [rows, V] logits, not the batch's.
+        total = rebuilt_BD.new_zeros(())
+        for start in range(0, rebuilt_BD.shape[0], self.cfg.kl_chunk):
+            rows = slice(start, start + self.cfg.kl_chunk)
+            total = total + checkpoint(chunk_kl_sum, rebuilt_BD[rows], true_BD[rows],
+                                       use_reentrant=False)
+        return ratio_across_ranks(total, total.new_tensor(float(rebuilt_BD.shape[0])))
 
     def _activation_difference(self, k: int, van: DictOutput, pr: DictOutput) -> Tensor:
         """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates (the

@@ -286,8 +286,10 @@ class TopKSuiteTrainer:
         if not self.initialized:
             self.init_from_batch(batch)
         losses, metrics, fired = self.losses(batch)
-        loss_values = torch.stack([losses[n].detach().float() for n in self.names]).tolist()
-        for n, v in zip(self.names, loss_values):
+        # one entry per dictionary, plus suite-level terms (the finetuning trainer's "kl")
+        loss_names = list(losses)
+        loss_values = torch.stack([losses[n].detach().float() for n in loss_names]).tolist()
+        for n, v in zip(loss_names, loss_values):
             if not math.isfinite(v):
                 raise NonFiniteLossError(n, step, v)
 
