@@ -347,7 +347,7 @@ def build_graph(
         idx_TK, vals_TK = idx_TK.gather(1, order_TK), vals_TK.gather(1, order_TK)
         pos_A, slot_A = (vals_TK > 0).nonzero(as_tuple=True)
         idx_A = idx_TK[pos_A, slot_A]
-        pre_A = out.pre_BN[pos_A, idx_A]  # the pre-activation: what the frozen model passes on
+        pre_A = out.pre_BF[pos_A, idx_A]  # the pre-activation: what the frozen model passes on
         ids = nodes.add(FEATURE, torch.full_like(pos_A, m_i), pos_A, idx_A, pre_A)
         table_TF = torch.full((T, suite.dicts[name].dict_size), -1, dtype=torch.long)
         table_TF[pos_A.cpu(), idx_A.cpu()] = ids
