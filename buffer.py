@@ -31,7 +31,7 @@ class AllActivationBuffer:
     """Iterator of shuffled ActivationBatch rows, refilled from a context iterator.
 
     Memory: a fill takes floor(n_tokens / (ctx_len - 1)) whole contexts, so at most n_tokens token
-    rows are ever stored (`peak_stored_tokens`). Of a fill of S rows, floor(S / out_batch_size)
+    rows are ever stored (`peak_stored_tokens`). Of a fill of B rows, floor(B / out_batch_size)
     batches are served, each stored row at most once, in a random order drawn from a
     `torch.Generator` seeded once in __init__; the leftover (< out_batch_size rows) is discarded and
     the buffer refills completely. When the contexts run out before a full batch can be formed,
@@ -88,7 +88,7 @@ class AllActivationBuffer:
             )
         self._contexts = chain([first], it)
         self._gen = torch.Generator().manual_seed(seed)
-        self._store: dict[str, Tensor] | None = None  # flat [S, D] / [S] views of the current fill
+        self._store: dict[str, Tensor] | None = None  # flat [B, D] / [B] views of the current fill
         self._alloc: dict[str, Tensor] = {}  # [cap, D] / [cap] storage, allocated once, reused
         self._perm: Tensor | None = None
         self._served = 0  # rows served from the current fill
@@ -99,11 +99,11 @@ class AllActivationBuffer:
 
     # ------------------------------------------------------------------------------------ model
     @torch.no_grad()
-    def _run_model(self, toks_BC: Tensor) -> dict[str, Tensor]:
-        """Trace one model batch; return [b, C-1, D] activation views (BOS dropped) and flat sigmas.
+    def _run_model(self, toks_ST: Tensor) -> dict[str, Tensor]:
+        """Trace one model batch; return [S, T-1, D] activation views (BOS dropped) and flat sigmas.
 
         The views are copied once, straight into the store (no intermediate flattening copy)."""
-        acts = trace_activations(self.model, toks_BC.to(self._model_device), ln_eps=self.ln_eps)
+        acts = trace_activations(self.model, toks_ST.to(self._model_device), ln_eps=self.ln_eps)
         out: dict[str, Tensor] = {}
         for k, v in acts.items():
             v = v[:, 1:]  # drop BOS
@@ -122,8 +122,8 @@ class AllActivationBuffer:
         self._store = None  # the old fill is overwritten in place (storage reused: no page faults)
         self._perm = None
         self._consumed_before_fill = self._consumed
-        T = self.ctx_len - 1
-        cap = self.contexts_per_fill * T
+        n_body = self.ctx_len - 1
+        cap = self.contexts_per_fill * n_body
         store = self._alloc
         rows = 0
         taken = 0
@@ -138,7 +138,7 @@ class AllActivationBuffer:
             self._consumed += len(batch)
             taken += len(batch)
             acts = self._run_model(torch.stack(batch))
-            n = len(batch) * T
+            n = len(batch) * n_body
             if not store:
                 store = self._alloc = {
                     k: torch.empty((cap,) + v.shape[2:], device=self.device, dtype=self.dtype)

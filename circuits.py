@@ -86,21 +86,21 @@ class AttributionGraph(NamedTuple):
     """Token ids of the prompt, BOS excluded (position p of the graph is token p + 1)."""
     token_strs: list[str]
     modules: list[str]
-    """The suite's dictionaries in execution order; `module_N` indexes this list."""
-    kind_N: Tensor
+    """The suite's dictionaries in execution order; `module_X` indexes this list."""
+    kind_X: Tensor
     """FEATURE, ERROR, EMBEDDING or LOGIT per node."""
-    module_N: Tensor
+    module_X: Tensor
     """Index into `modules` (features and errors), -1 otherwise."""
-    pos_N: Tensor
+    pos_X: Tensor
     """Position in the prompt (BOS excluded)."""
-    index_N: Tensor
+    index_X: Tensor
     """Feature index (features), token id (embeddings, logits), -1 (errors)."""
-    activation_N: Tensor
+    activation_X: Tensor
     """Pre-activation (features), logit (logits), norm of the vector written (errors, embeddings:
     display only)."""
-    constant_N: Tensor
+    constant_X: Tensor
     """The node's constant term (biases, b_dec, the BOS position): value minus incoming edges."""
-    adjacency_NN: Tensor
+    adjacency_XX: Tensor
     """A[target, source] = direct effect of the source on the target (activation x weight)."""
     logit_probs: Tensor
     """Probability of each logit node's token at the last position."""
@@ -111,15 +111,15 @@ class AttributionGraph(NamedTuple):
 
     @property
     def n_nodes(self) -> int:
-        return int(self.kind_N.shape[0])
+        return int(self.kind_X.shape[0])
 
     @property
     def target(self) -> int:
         """Node index of the target logit."""
-        return int((self.kind_N == LOGIT).nonzero()[0, 0])
+        return int((self.kind_X == LOGIT).nonzero()[0, 0])
 
     def node_label(self, n: int) -> str:
-        kind, m, p, i = (int(t[n]) for t in (self.kind_N, self.module_N, self.pos_N, self.index_N))
+        kind, m, p, i = (int(t[n]) for t in (self.kind_X, self.module_X, self.pos_X, self.index_X))
         if kind == FEATURE:
             return f"{self.modules[m]}/{i}@{p}"
         if kind == ERROR:
@@ -136,13 +136,13 @@ class PromptRun(NamedTuple):
     """The one model run and the suite's passes over a prompt (positions 1.., BOS excluded)."""
 
     tokens_T: Tensor
-    """[T + 1] token ids, BOS first."""
+    """[T] token ids, BOS first."""
     resid: dict[str, Tensor]
-    """{"attn_<l>": input of block l, "final": input of ln_f}, each [T + 1, D], graph dtype."""
+    """{"attn_<l>": input of block l, "final": input of ln_f}, each [T, D], graph dtype."""
     outputs: dict[str, Tensor]
-    """True output of every module at every position, [T + 1, D]."""
+    """True output of every module at every position, [T, D]."""
     batch: ActivationBatch
-    """The positions 1..T as the suite's batch, graph dtype."""
+    """The positions 1..T-1 as the suite's batch (B = T - 1 token rows), graph dtype."""
     vanilla: dict[str, DictOutput]
     pruned: dict[str, DictOutput]
 
@@ -194,32 +194,32 @@ def layer_norm_scale(x_TD: Tensor, eps: float) -> Tensor:
     return (x_TD.var(dim=-1, unbiased=False) + eps).sqrt()
 
 
-def center(x_ND: Tensor) -> Tensor:
+def center(x: Tensor) -> Tensor:
     """P x: x minus its mean over the model dimension."""
-    return x_ND - x_ND.mean(dim=-1, keepdim=True)
+    return x - x.mean(dim=-1, keepdim=True)
 
 
 class FrozenAttention(NamedTuple):
     """One block's attention with its patterns and ln_1 scales frozen from a run."""
 
-    pattern_HTT: Tensor
-    """Attention probabilities [head, query, key], BOS included."""
+    pattern_YTT: Tensor
+    """Attention probabilities [Y, T, T] (head, query, key), BOS included."""
     sigma_T: Tensor
     """ln_1 scale of each position."""
     gamma_D: Tensor
     beta_D: Tensor
-    W_V_HDd: Tensor
+    W_V_YDd: Tensor
     """Value weights per head, x @ W_V[h] (Conv1D layout)."""
-    b_V_Hd: Tensor
-    W_O_HdD: Tensor
+    b_V_Yd: Tensor
+    W_O_YdD: Tensor
     b_O_D: Tensor
 
     def __call__(self, r_TD: Tensor) -> Tensor:
         """attn_out [T, D] of residual r through the frozen patterns and scales (dense)."""
         ln_TD = self.gamma_D * center(r_TD) / self.sigma_T[:, None] + self.beta_D
-        v_HTd = torch.einsum("td,hde->hte", ln_TD, self.W_V_HDd) + self.b_V_Hd[:, None]
-        z_HTd = self.pattern_HTT @ v_HTd
-        return torch.einsum("hte,hed->td", z_HTd, self.W_O_HdD) + self.b_O_D
+        v_YTd = torch.einsum("td,hde->hte", ln_TD, self.W_V_YDd) + self.b_V_Yd[:, None]
+        z_YTd = self.pattern_YTT @ v_YTd
+        return torch.einsum("hte,hed->td", z_YTd, self.W_O_YdD) + self.b_O_D
 
 
 def frozen_attention(block, r_TD: Tensor) -> FrozenAttention:
@@ -227,21 +227,21 @@ def frozen_attention(block, r_TD: Tensor) -> FrozenAttention:
     attn, ln = block.attn, block.ln_1
     dt = r_TD.dtype
     T, D = r_TD.shape
-    H = attn.num_heads
-    dh = D // H
+    Y = attn.num_heads
+    dh = D // Y
     sigma_T = layer_norm_scale(r_TD, ln.eps)
     gamma_D, beta_D = ln.weight.to(dt), ln.bias.to(dt)
     x_TD = gamma_D * center(r_TD) / sigma_T[:, None] + beta_D
     W, b = attn.c_attn.weight.to(dt), attn.c_attn.bias.to(dt)
-    q_HTd, k_HTd = ((x_TD @ W[:, j * D:(j + 1) * D] + b[j * D:(j + 1) * D]).view(T, H, dh)
+    q_YTd, k_YTd = ((x_TD @ W[:, j * D:(j + 1) * D] + b[j * D:(j + 1) * D]).view(T, Y, dh)
                     .transpose(0, 1) for j in (0, 1))
-    scores_HTT = q_HTd @ k_HTd.transpose(1, 2) / math.sqrt(dh)
+    scores_YTT = q_YTd @ k_YTd.transpose(1, 2) / math.sqrt(dh)
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=r_TD.device).tril()
-    pattern_HTT = scores_HTT.masked_fill(~causal_TT, float("-inf")).softmax(-1)
-    W_V_HDd = W[:, 2 * D:].view(D, H, dh).permute(1, 0, 2)
-    b_V_Hd = b[2 * D:].view(H, dh)
-    W_O_HdD = attn.c_proj.weight.to(dt).view(H, dh, D)
-    return FrozenAttention(pattern_HTT, sigma_T, gamma_D, beta_D, W_V_HDd, b_V_Hd, W_O_HdD,
+    pattern_YTT = scores_YTT.masked_fill(~causal_TT, float("-inf")).softmax(-1)
+    W_V_YDd = W[:, 2 * D:].view(D, Y, dh).permute(1, 0, 2)
+    b_V_Yd = b[2 * D:].view(Y, dh)
+    W_O_YdD = attn.c_proj.weight.to(dt).view(Y, dh, D)
+    return FrozenAttention(pattern_YTT, sigma_T, gamma_D, beta_D, W_V_YDd, b_V_Yd, W_O_YdD,
                            attn.c_proj.bias.to(dt))
 
 
@@ -282,11 +282,11 @@ def connection_terms(
     """
     comp = suite.compiled(name)
     V_FC = suite.virtual_weights(name) if V_FC is None else V_FC
-    vals_BU = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
-    idx_BU = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets)], dim=1)
-    table_BU = vals_BU.new_zeros(vals_BU.shape[0], comp.n_up + 1).scatter(1, idx_BU, vals_BU)
+    vals_BA = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
+    idx_BA = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets)], dim=1)
+    table_BG = vals_BA.new_zeros(vals_BA.shape[0], comp.n_up + 1).scatter(1, idx_BA, vals_BA)
     up_BKC = comp.J_FC[feat_BK]
-    f_BKC = table_BU.gather(1, up_BKC.flatten(1)).view_as(up_BKC)
+    f_BKC = table_BG.gather(1, up_BKC.flatten(1)).view_as(up_BKC)
     return f_BKC * V_FC[feat_BK] / sigma_B[:, None, None], up_BKC
 
 
@@ -328,41 +328,41 @@ def build_graph(
                         f"in {dt} (SCAESuite.from_pretrained(..., dtype=...)) or change the config")
     tokens_T = tokenize_prompt(tok, prompt)
     run = run_prompt(model, suite, tokens_T, dt)
-    T = tokens_T.shape[0] - 1
+    B = tokens_T.shape[0] - 1
     names = suite.names
     device = run.batch.initial.device
     timing = {"run_s": time.perf_counter() - t0}
 
     # ---- nodes: features, errors, embeddings, logits
     nodes = _Nodes()
-    feat_nodes: dict[str, Tensor] = {}  # per module: [T, F] node index of active features, -1 else
+    feat_nodes: dict[str, Tensor] = {}  # per module: [B, F] node index of active features, -1 else
     feats: dict[str, Features] = {}
     for m_i, name in enumerate(names):
         out = run.pruned[name] if is_transcoder(name) else run.vanilla[name]
         feats[name] = out.feats
-        vals_TK, idx_TK = out.feats
+        vals_BK, idx_BK = out.feats
         # features in index order within a position: sort the active (value > 0) entries
-        key_TK = torch.where(vals_TK > 0, idx_TK, suite.dicts[name].dict_size)
-        order_TK = key_TK.argsort(dim=1)
-        idx_TK, vals_TK = idx_TK.gather(1, order_TK), vals_TK.gather(1, order_TK)
-        pos_A, slot_A = (vals_TK > 0).nonzero(as_tuple=True)
-        idx_A = idx_TK[pos_A, slot_A]
-        pre_A = out.pre_BN[pos_A, idx_A]  # the pre-activation: what the frozen model passes on
-        ids = nodes.add(FEATURE, torch.full_like(pos_A, m_i), pos_A, idx_A, pre_A)
-        table_TF = torch.full((T, suite.dicts[name].dict_size), -1, dtype=torch.long)
-        table_TF[pos_A.cpu(), idx_A.cpu()] = ids
-        feat_nodes[name] = table_TF
+        key_BK = torch.where(vals_BK > 0, idx_BK, suite.dicts[name].dict_size)
+        order_BK = key_BK.argsort(dim=1)
+        idx_BK, vals_BK = idx_BK.gather(1, order_BK), vals_BK.gather(1, order_BK)
+        pos_P, slot_P = (vals_BK > 0).nonzero(as_tuple=True)
+        idx_P = idx_BK[pos_P, slot_P]
+        pre_P = out.pre_BF[pos_P, idx_P]  # the pre-activation: what the frozen model passes on
+        ids = nodes.add(FEATURE, torch.full_like(pos_P, m_i), pos_P, idx_P, pre_P)
+        table_BF = torch.full((B, suite.dicts[name].dict_size), -1, dtype=torch.long)
+        table_BF[pos_P.cpu(), idx_P.cpu()] = ids
+        feat_nodes[name] = table_BF
     n_feat = sum(len(c) for c in nodes.cols["kind"])
-    err_TD = {n: run.outputs[n][1:] - (run.pruned[n] if is_transcoder(n) else run.vanilla[n])
+    err_BD = {n: run.outputs[n][1:] - (run.pruned[n] if is_transcoder(n) else run.vanilla[n])
               .recon_BD for n in names}
     err_nodes = {}
     for m_i, name in enumerate(names):
-        pos = torch.arange(T)
-        err_nodes[name] = nodes.add(ERROR, torch.full((T,), m_i), pos, torch.full((T,), -1),
-                                    err_TD[name].norm(dim=-1))
-    x0_TD = run.batch.initial
-    emb_nodes = nodes.add(EMBEDDING, torch.full((T,), -1), torch.arange(T), tokens_T[1:],
-                          x0_TD.norm(dim=-1))
+        pos = torch.arange(B)
+        err_nodes[name] = nodes.add(ERROR, torch.full((B,), m_i), pos, torch.full((B,), -1),
+                                    err_BD[name].norm(dim=-1))
+    x0_BD = run.batch.initial
+    emb_nodes = nodes.add(EMBEDDING, torch.full((B,), -1), torch.arange(B), tokens_T[1:],
+                          x0_BD.norm(dim=-1))
 
     unembed = frozen_unembed(hf, run.resid["final"][-1])
     logits_V = unembed(run.resid["final"][-1])
@@ -371,25 +371,25 @@ def build_graph(
     others = [int(v) for v in probs_V.argsort(descending=True) if int(v) != target_id]
     logit_ids = torch.tensor([target_id] + others[: cfg.n_logits - 1])
     logit_nodes = nodes.add(LOGIT, torch.full_like(logit_ids, -1),
-                            torch.full_like(logit_ids, T - 1), logit_ids, logits_V[logit_ids])
-    kind_N, module_N, pos_N, index_N, act_N = nodes.tensors()
-    N = kind_N.shape[0]
-    A_NN = torch.zeros(N, N, dtype=dt, device=device)
-    const_N = torch.zeros(N, dtype=dt, device=device)
+                            torch.full_like(logit_ids, B - 1), logit_ids, logits_V[logit_ids])
+    kind_X, module_X, pos_X, index_X, act_X = nodes.tensors()
+    X = kind_X.shape[0]
+    A_XX = torch.zeros(X, X, dtype=dt, device=device)
+    const_X = torch.zeros(X, dtype=dt, device=device)
 
     # Every node that writes into the residual stream: its vector at its position.
     def writer_vectors(upto: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(node ids, positions, vectors [S, D], b_dec sum [D]) of modules names[:upto] + emb."""
-        ids, pos, vecs = [emb_nodes], [torch.arange(T)], [x0_TD]
-        b_D = torch.zeros_like(x0_TD[0])
+        """(node ids, positions, vectors [X, D], b_dec sum [D]) of modules names[:upto] + emb."""
+        ids, pos, vecs = [emb_nodes], [torch.arange(B)], [x0_BD]
+        b_D = torch.zeros_like(x0_BD[0])
         for name in names[:upto]:
             ae = suite.dicts[name]
             sel = feat_nodes[name] >= 0
-            p_S, i_S = sel.nonzero(as_tuple=True)
-            ids += [feat_nodes[name][p_S, i_S], err_nodes[name]]
-            pos += [p_S, torch.arange(T)]
-            a_S = act_N[feat_nodes[name][p_S, i_S]].to(device=device, dtype=dt)
-            vecs += [a_S[:, None] * ae.decoder.weight.T[i_S.to(device)], err_TD[name]]
+            p_P, i_P = sel.nonzero(as_tuple=True)
+            ids += [feat_nodes[name][p_P, i_P], err_nodes[name]]
+            pos += [p_P, torch.arange(B)]
+            a_P = act_X[feat_nodes[name][p_P, i_P]].to(device=device, dtype=dt)
+            vecs += [a_P[:, None] * ae.decoder.weight.T[i_P.to(device)], err_BD[name]]
             b_D = b_D + ae.b_dec
         return torch.cat(ids), torch.cat(pos), torch.cat(vecs), b_D
 
@@ -399,28 +399,28 @@ def build_graph(
             continue
         comp, ae = suite.compiled(name), suite.dicts[name]
         sel = feat_nodes[name] >= 0
-        p_S, i_S = sel.nonzero(as_tuple=True)
-        if p_S.numel() == 0:
+        p_P, i_P = sel.nonzero(as_tuple=True)
+        if p_P.numel() == 0:
             continue
-        tgt = feat_nodes[name][p_S, i_S]
-        sigma_S = run.batch.layernorm_scale[name][p_S.to(device)]
-        up = {u: Features(feats[u].vals_BK[p_S.to(device)], feats[u].idx_BK[p_S.to(device)])
+        tgt = feat_nodes[name][p_P, i_P]
+        sigma_P = run.batch.layernorm_scale[name][p_P.to(device)]
+        up = {u: Features(feats[u].vals_BK[p_P.to(device)], feats[u].idx_BK[p_P.to(device)])
               for u in comp.ups}
-        terms_S1C, up_S1C = connection_terms(suite, name, up, sigma_S, i_S.to(device)[:, None])
-        terms_SC, up_SC = terms_S1C[:, 0], up_S1C[:, 0].cpu()
+        terms_P1C, up_P1C = connection_terms(suite, name, up, sigma_P, i_P.to(device)[:, None])
+        terms_PC, up_PC = terms_P1C[:, 0], up_P1C[:, 0].cpu()
         # global upstream index -> node index at the same position
-        src_SC = torch.full(up_SC.shape, -1, dtype=torch.long)
+        src_PC = torch.full(up_PC.shape, -1, dtype=torch.long)
         for u, off in zip(comp.ups, comp.offsets):
-            in_u = (up_SC >= off) & (up_SC < off + suite.dicts[u].dict_size)
+            in_u = (up_PC >= off) & (up_PC < off + suite.dicts[u].dict_size)
             r, c = in_u.nonzero(as_tuple=True)
-            src_SC[r, c] = feat_nodes[u][p_S[r], up_SC[r, c] - off]
-        r, c = (src_SC >= 0).nonzero(as_tuple=True)
-        A_NN[tgt[r], src_SC[r, c]] = terms_SC[r.to(device), c.to(device)]
+            src_PC[r, c] = feat_nodes[u][p_P[r], up_PC[r, c] - off]
+        r, c = (src_PC >= 0).nonzero(as_tuple=True)
+        A_XX[tgt[r], src_PC[r, c]] = terms_PC[r.to(device), c.to(device)]
         Wc_FD = center(ae.encoder.weight)
-        x0_SD = x0_TD[p_S.to(device)]
-        A_NN[tgt, emb_nodes[p_S]] = (x0_SD * Wc_FD[i_S.to(device)]).sum(-1) / sigma_S
+        x0_PD = x0_BD[p_P.to(device)]
+        A_XX[tgt, emb_nodes[p_P]] = (x0_PD * Wc_FD[i_P.to(device)]).sum(-1) / sigma_P
         b_D = sum(suite.dicts[u].b_dec for u in comp.ups)
-        const_N[tgt] = (Wc_FD[i_S.to(device)] @ b_D) / sigma_S + ae.encoder.bias[i_S.to(device)]
+        const_X[tgt] = (Wc_FD[i_P.to(device)] @ b_D) / sigma_P + ae.encoder.bias[i_P.to(device)]
 
     # ---- edges into attention features: frozen patterns and ln_1 scales, per head
     for m_i, name in enumerate(names):
@@ -430,67 +430,67 @@ def build_graph(
         fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
         ae = suite.dicts[name]
         sel = feat_nodes[name] >= 0
-        p_S, i_S = sel.nonzero(as_tuple=True)
-        if p_S.numel() == 0:
+        p_P, i_P = sel.nonzero(as_tuple=True)
+        if p_P.numel() == 0:
             continue
-        tgt = feat_nodes[name][p_S, i_S]
-        w_SD = ae.encoder.weight[i_S.to(device)]
+        tgt = feat_nodes[name][p_P, i_P]
+        w_PD = ae.encoder.weight[i_P.to(device)]
         # read vectors r[s, h] = W_V[h] W_O[h] w_i: the direction head h reads for feature i
-        R_SHD = torch.einsum("hed,sd->she", fa.W_O_HdD, w_SD)
-        R_SHD = torch.einsum("hDe,she->shD", fa.W_V_HDd, R_SHD)
-        src, spos, vec_QD, b_D = writer_vectors(m_i)
+        R_PYD = torch.einsum("hed,sd->she", fa.W_O_YdD, w_PD)
+        R_PYD = torch.einsum("hDe,she->shD", fa.W_V_YDd, R_PYD)
+        src, spos, vec_XD, b_D = writer_vectors(m_i)
         q_pos = spos.to(device) + 1  # positions with BOS
-        vn_QD = fa.gamma_D * center(vec_QD) / fa.sigma_T[q_pos][:, None]
-        H = fa.pattern_HTT.shape[0]
-        step = max(1, cfg.chunk_elements // max(1, H * vn_QD.shape[0]))
+        vn_XD = fa.gamma_D * center(vec_XD) / fa.sigma_T[q_pos][:, None]
+        Y = fa.pattern_YTT.shape[0]
+        step = max(1, cfg.chunk_elements // max(1, Y * vn_XD.shape[0]))
         for s in range(0, tgt.shape[0], step):
             sl = slice(s, s + step)
-            pat_sHQ = fa.pattern_HTT[:, p_S[sl].to(device) + 1][:, :, q_pos].permute(1, 0, 2)
-            e_sQ = (torch.einsum("shD,qD->shq", R_SHD[sl], vn_QD) * pat_sHQ).sum(1)
+            pat_pYX = fa.pattern_YTT[:, p_P[sl].to(device) + 1][:, :, q_pos].permute(1, 0, 2)
+            e_pX = (torch.einsum("shD,qD->shq", R_PYD[sl], vn_XD) * pat_pYX).sum(1)
             rows = tgt[sl][:, None].expand(-1, src.shape[0])
-            A_NN[rows.reshape(-1), src.repeat(rows.shape[0])] = e_sQ.reshape(-1)
+            A_XX[rows.reshape(-1), src.repeat(rows.shape[0])] = e_pX.reshape(-1)
         # constants: b_enc, b_O, value biases and ln_1's beta (patterns sum to 1), the upstream
         # b_dec at every prompt position, and the whole residual at the BOS position
-        pat_SHT = fa.pattern_HTT[:, p_S.to(device) + 1].permute(1, 0, 2)
-        c_S = ae.encoder.bias[i_S.to(device)] + w_SD @ fa.b_O_D
-        c_S = c_S + torch.einsum("shD,D->s", R_SHD, fa.beta_D)
-        c_S = c_S + torch.einsum("hed,sd,he->s", fa.W_O_HdD, w_SD, fa.b_V_Hd)
+        pat_PYT = fa.pattern_YTT[:, p_P.to(device) + 1].permute(1, 0, 2)
+        c_P = ae.encoder.bias[i_P.to(device)] + w_PD @ fa.b_O_D
+        c_P = c_P + torch.einsum("shD,D->s", R_PYD, fa.beta_D)
+        c_P = c_P + torch.einsum("hed,sd,he->s", fa.W_O_YdD, w_PD, fa.b_V_Yd)
         bn_TD = fa.gamma_D * center(b_D[None]) / fa.sigma_T[:, None]
         bos_D = fa.gamma_D * center(run.resid[name][0]) / fa.sigma_T[0]
         bn_TD = torch.cat([bos_D[None], bn_TD[1:]])
-        c_S = c_S + torch.einsum("sht,shD,tD->s", pat_SHT, R_SHD, bn_TD)
-        const_N[tgt] = c_S
+        c_P = c_P + torch.einsum("sht,shD,tD->s", pat_PYT, R_PYD, bn_TD)
+        const_X[tgt] = c_P
 
     # ---- edges into logits: ln_f's scale frozen, from every node at the last position
-    src, spos, vec_QD, b_D = writer_vectors(len(names))
-    last = spos == T - 1
-    src, vec_QD = src[last], vec_QD[last.to(device)]
+    src, spos, vec_XD, b_D = writer_vectors(len(names))
+    last = spos == B - 1
+    src, vec_XD = src[last], vec_XD[last.to(device)]
     u_VD = unembed.gamma_D * unembed.W_U_VD[logit_ids.to(device)]
-    A_NN[logit_nodes[:, None], src[None, :]] = u_VD @ center(vec_QD).T / unembed.sigma
-    const_N[logit_nodes] = (u_VD @ center(b_D[None])[0]) / unembed.sigma + \
+    A_XX[logit_nodes[:, None], src[None, :]] = u_VD @ center(vec_XD).T / unembed.sigma
+    const_X[logit_nodes] = (u_VD @ center(b_D[None])[0]) / unembed.sigma + \
         unembed.W_U_VD[logit_ids.to(device)] @ unembed.beta_D
     if unembed.b_U_V is not None:
-        const_N[logit_nodes] += unembed.b_U_V[logit_ids.to(device)]
+        const_X[logit_nodes] += unembed.b_U_V[logit_ids.to(device)]
     timing["edges_s"] = time.perf_counter() - t0 - timing["run_s"]
 
-    act_N = act_N.to(device=device, dtype=dt)
-    has_in = kind_N.to(device) != ERROR
-    has_in &= kind_N.to(device) != EMBEDDING
-    identity_error = float((A_NN.sum(1) + const_N - act_N)[has_in].abs().max())
+    act_X = act_X.to(device=device, dtype=dt)
+    has_in = kind_X.to(device) != ERROR
+    has_in &= kind_X.to(device) != EMBEDDING
+    identity_error = float((A_XX.sum(1) + const_X - act_X)[has_in].abs().max())
     info = {
-        "n_nodes": N, "n_features": n_feat, "n_edges": int((A_NN != 0).sum()),
+        "n_nodes": X, "n_features": n_feat, "n_edges": int((A_XX != 0).sum()),
         "identity_error": identity_error, "dtype": str(dt).removeprefix("torch."),
         "build_s": round(time.perf_counter() - t0, 3),
         **{k: round(v, 3) for k, v in timing.items()},
     }
     logger.info("graph of %d tokens: %d nodes (%d features), %d edges in %.2fs; max |edges + "
-                "constant - value| = %.2e", T, N, n_feat, info["n_edges"], info["build_s"],
+                "constant - value| = %.2e", B, X, n_feat, info["n_edges"], info["build_s"],
                 identity_error)
     token_strs = [tok.decode([int(t)]) for t in tokens_T[1:]]
     if not isinstance(prompt, str):
         prompt = tok.decode(tokens_T[1:].tolist())
-    return AttributionGraph(prompt, tokens_T[1:].tolist(), token_strs, list(names), kind_N,
-                            module_N, pos_N, index_N, act_N, const_N, A_NN,
+    return AttributionGraph(prompt, tokens_T[1:].tolist(), token_strs, list(names), kind_X,
+                            module_X, pos_X, index_X, act_X, const_X, A_XX,
                             probs_V[logit_ids.to(device)],
                             [tok.decode([int(i)]) for i in logit_ids], info)
 
@@ -516,7 +516,7 @@ def _target_id(tokenizer, target: str | int | None, logits_V: Tensor) -> int:
 
 
 def total_effect(graph: AttributionGraph, target: int | None = None) -> Tensor:
-    """Signed total effect of every node on a logit node through the frozen linear graph, [N].
+    """Signed total effect of every node on a logit node through the frozen linear graph, [X].
 
     With scales, patterns and TopK choices frozen and active features passing their
     pre-activation through, every value is linear in its sources; zeroing node n's value changes
@@ -524,31 +524,31 @@ def total_effect(graph: AttributionGraph, target: int | None = None) -> Tensor:
     (docs/circuits.md); the loop walks the DAG backwards, one layer of paths per step.
     """
     target = graph.target if target is None else target
-    A = graph.adjacency_NN
-    is_feat = (graph.kind_N == FEATURE).to(A.device)
-    inv_act = torch.where(is_feat, 1.0 / graph.activation_N.where(is_feat, 1.0), 0.0)
-    step_N = A[target].clone()
-    effect_N = step_N.clone()
+    A = graph.adjacency_XX
+    is_feat = (graph.kind_X == FEATURE).to(A.device)
+    inv_act = torch.where(is_feat, 1.0 / graph.activation_X.where(is_feat, 1.0), 0.0)
+    step_X = A[target].clone()
+    effect_X = step_X.clone()
     for _ in range(graph.n_nodes + 1):
-        step_N = (step_N * inv_act) @ A
-        if not step_N.any():
-            return effect_N
-        effect_N += step_N
+        step_X = (step_X * inv_act) @ A
+        if not step_X.any():
+            return effect_X
+        effect_X += step_X
     raise RuntimeError("the graph has a cycle; effects did not converge")
 
 
-def normalize_matrix(A_NN: Tensor) -> Tensor:
+def normalize_matrix(A_XX: Tensor) -> Tensor:
     """|A| with each row divided by its sum (circuit-tracer's normalize_matrix)."""
-    absA = A_NN.abs()
+    absA = A_XX.abs()
     return absA / absA.sum(dim=1, keepdim=True).clamp(min=1e-10)
 
 
-def compute_influence(A_NN: Tensor, logit_weights_N: Tensor, max_iter: int = 1000) -> Tensor:
+def compute_influence(A_XX: Tensor, logit_weights_X: Tensor, max_iter: int = 1000) -> Tensor:
     """w @ (A + A^2 + ...), the total influence of every node on the weighted logits."""
-    current = logit_weights_N @ A_NN
+    current = logit_weights_X @ A_XX
     influence = current.clone()
     for _ in range(max_iter):
-        current = current @ A_NN
+        current = current @ A_XX
         if not current.any():
             return influence
         influence += current
@@ -557,14 +557,14 @@ def compute_influence(A_NN: Tensor, logit_weights_N: Tensor, max_iter: int = 100
 
 def logit_weights(graph: AttributionGraph) -> Tensor:
     """circuit-tracer's weights: each logit node weighted by its token's probability."""
-    A = graph.adjacency_NN
-    w_N = torch.zeros(graph.n_nodes, dtype=A.dtype, device=A.device)
-    w_N[(graph.kind_N == LOGIT).to(w_N.device)] = graph.logit_probs.to(w_N.dtype)
-    return w_N
+    A = graph.adjacency_XX
+    w_X = torch.zeros(graph.n_nodes, dtype=A.dtype, device=A.device)
+    w_X[(graph.kind_X == LOGIT).to(w_X.device)] = graph.logit_probs.to(w_X.dtype)
+    return w_X
 
 
 def node_influence(graph: AttributionGraph) -> Tensor:
-    return compute_influence(normalize_matrix(graph.adjacency_NN), logit_weights(graph))
+    return compute_influence(normalize_matrix(graph.adjacency_XX), logit_weights(graph))
 
 
 def find_threshold(scores: Tensor, threshold: float) -> Tensor:
@@ -579,13 +579,13 @@ def find_threshold(scores: Tensor, threshold: float) -> Tensor:
 
 class PruneResult(NamedTuple):
     node_mask: Tensor
-    """[N] nodes kept."""
+    """[X] nodes kept."""
     edge_mask: Tensor
-    """[N, N] edges kept (target, source)."""
+    """[X, X] edges kept (target, source)."""
     cumulative_scores: Tensor
-    """[N] the cumulative influence fraction at each node's rank (circuit-tracer's `influence`)."""
+    """[X] the cumulative influence fraction at each node's rank (circuit-tracer's `influence`)."""
     influence: Tensor
-    """[N] each node's influence on the probability-weighted logits."""
+    """[X] each node's influence on the probability-weighted logits."""
 
 
 def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
@@ -596,21 +596,21 @@ def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}={v}: a fraction of influence in [0, 1]")
-    A = graph.adjacency_NN
-    w_N = logit_weights(graph)
-    kind = graph.kind_N.to(A.device)
+    A = graph.adjacency_XX
+    w_X = logit_weights(graph)
+    kind = graph.kind_X.to(A.device)
     always = (kind == EMBEDDING) | (kind == LOGIT)
     inner = (kind == FEATURE) | (kind == ERROR)
     feat = kind == FEATURE
 
-    influence_N = compute_influence(normalize_matrix(A), w_N)
-    node_mask = (influence_N >= find_threshold(influence_N, node_threshold)) | always
+    influence_X = compute_influence(normalize_matrix(A), w_X)
+    node_mask = (influence_X >= find_threshold(influence_X, node_threshold)) | always
 
     pruned = A.clone()
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
     norm = normalize_matrix(pruned)
-    pruned_influence = compute_influence(norm, w_N) + w_N
+    pruned_influence = compute_influence(norm, w_X) + w_X
     edge_scores = norm * pruned_influence[:, None]
     edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
 
@@ -626,10 +626,10 @@ def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8,
     edge_mask[~node_mask] = False
     edge_mask[:, ~node_mask] = False
 
-    sorted_scores, order = influence_N.sort(descending=True)
-    cumulative = torch.zeros_like(influence_N)
+    sorted_scores, order = influence_X.sort(descending=True)
+    cumulative = torch.zeros_like(influence_X)
     cumulative[order] = sorted_scores.cumsum(0) / sorted_scores.sum()
-    return PruneResult(node_mask, edge_mask, cumulative, influence_N)
+    return PruneResult(node_mask, edge_mask, cumulative, influence_X)
 
 
 def graph_scores(graph: AttributionGraph) -> dict[str, float]:
@@ -638,14 +638,14 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float]:
     replacement: token-to-logit influence / (token + error influence); completeness: the
     influence-weighted fraction of node inputs that come from non-error nodes.
     """
-    A = graph.adjacency_NN
-    kind = graph.kind_N.to(A.device)
-    w_N = logit_weights(graph)
+    A = graph.adjacency_XX
+    kind = graph.kind_X.to(A.device)
+    w_X = logit_weights(graph)
     norm = normalize_matrix(A)
-    infl = compute_influence(norm, w_N)
+    infl = compute_influence(norm, w_X)
     token, error = float(infl[kind == EMBEDDING].sum()), float(infl[kind == ERROR].sum())
     non_error_frac = norm[:, kind != ERROR].sum(1)
-    out_infl = infl + w_N
+    out_infl = infl + w_X
     completeness = float((non_error_frac * out_infl).sum() / out_infl.sum())
     return {"replacement_score": token / max(token + error, 1e-30),
             "completeness_score": completeness}
@@ -665,54 +665,54 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
     errors added as they were, and the logits through the frozen ln_f. With zero=None it returns
     the model's own logits.
     """
-    dt = graph.adjacency_NN.dtype
+    dt = graph.adjacency_XX.dtype
     hf = hf_model(model)
     if run is None:
         run = run_prompt(model, suite, torch.tensor([model.tokenizer.eos_token_id] + graph.tokens),
                          dt)
-    T = len(graph.tokens)
-    kind, mod, pos, idx = graph.kind_N, graph.module_N, graph.pos_N, graph.index_N
+    B = len(graph.tokens)
+    kind, mod, pos, idx = graph.kind_X, graph.module_X, graph.pos_X, graph.index_X
     zkind = None if zero is None else int(kind[zero])
 
     def zeroed(m_i: int, kind_: int) -> Tensor:
         """Positions where module m_i's node of this kind is zeroed."""
-        hit = torch.zeros(T, dtype=torch.bool)
+        hit = torch.zeros(B, dtype=torch.bool)
         if zero is not None and zkind == kind_ and int(mod[zero]) == m_i:
             hit[int(pos[zero])] = True
         return hit
 
-    x0_TD = run.batch.initial.clone()
+    x0_BD = run.batch.initial.clone()
     if zkind == EMBEDDING:
-        x0_TD[int(pos[zero])] = 0
-    r_TD = x0_TD.clone()
+        x0_BD[int(pos[zero])] = 0
+    r_BD = x0_BD.clone()
     bos_resid = {n: run.resid[n][0] for n in run.resid}
     up: dict[str, Features] = {}
     for m_i, name in enumerate(graph.modules):
         ae = suite.dicts[name]
         # the frozen active set, dense over features so that no index repeats
-        active_TF = torch.zeros(T, ae.dict_size, dtype=torch.bool)
+        active_BF = torch.zeros(B, ae.dict_size, dtype=torch.bool)
         sel = (kind == FEATURE) & (mod == m_i)
-        active_TF[pos[sel], idx[sel]] = True
+        active_BF[pos[sel], idx[sel]] = True
         if zkind == FEATURE and int(mod[zero]) == m_i:
-            active_TF[int(pos[zero]), int(idx[zero])] = False
+            active_BF[int(pos[zero]), int(idx[zero])] = False
         if not is_transcoder(name):
             layer = parse_module_name(name)[1]
             fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
-            full_TD = torch.cat([bos_resid[name][None], r_TD])
-            pre_TF = ae.pre_acts(fa(full_TD)[1:])
+            full_TD = torch.cat([bos_resid[name][None], r_BD])
+            pre_BF = ae.pre_acts(fa(full_TD)[1:])
         else:
-            batch = run.batch._replace(initial=x0_TD)
-            pre_TF = suite._pruned_pre(name, batch, up, None)
-        vals_TF = pre_TF * active_TF.to(pre_TF.device)
-        up[name] = Features(vals_TF, torch.arange(ae.dict_size, device=pre_TF.device)
-                            .expand(T, -1).contiguous())
-        err_TD = run.outputs[name][1:] - (run.pruned[name] if is_transcoder(name)
+            batch = run.batch._replace(initial=x0_BD)
+            pre_BF = suite._pruned_pre(name, batch, up, None)
+        vals_BF = pre_BF * active_BF.to(pre_BF.device)
+        up[name] = Features(vals_BF, torch.arange(ae.dict_size, device=pre_BF.device)
+                            .expand(B, -1).contiguous())
+        err_BD = run.outputs[name][1:] - (run.pruned[name] if is_transcoder(name)
                                           else run.vanilla[name]).recon_BD
-        err_TD = err_TD.masked_fill(zeroed(m_i, ERROR)[:, None].to(err_TD.device), 0.0)
-        r_TD = r_TD + ae.decode(up[name]) + err_TD
+        err_BD = err_BD.masked_fill(zeroed(m_i, ERROR)[:, None].to(err_BD.device), 0.0)
+        r_BD = r_BD + ae.decode(up[name]) + err_BD
     unembed = frozen_unembed(hf, run.resid["final"][-1])
-    logit_ids = graph.index_N[graph.kind_N == LOGIT].to(r_TD.device)
-    return unembed(r_TD[-1])[logit_ids]
+    logit_ids = graph.index_X[graph.kind_X == LOGIT].to(r_BD.device)
+    return unembed(r_BD[-1])[logit_ids]
 
 
 # ===================================================================== files (field format)
@@ -738,23 +738,23 @@ def process_token(token: str) -> str:
 
 
 def graph_json(graph: AttributionGraph, pruned: PruneResult, slug: str, scan: str,
-               node_threshold: float, edge_threshold: float, effect_N: Tensor | None = None
+               node_threshold: float, edge_threshold: float, effect_X: Tensor | None = None
                ) -> dict:
     """The graph as circuit-tracer / Neuronpedia attribution-graph JSON (kept nodes and edges)."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", slug):
         raise ValueError(f"slug {slug!r}: use letters, digits, '-', '_' or '.' (it is a file name)")
     n_rows = 2 * (len(graph.modules) // 2)
     keep = pruned.node_mask.cpu()
-    cum, act = pruned.cumulative_scores.cpu().tolist(), graph.activation_N.cpu().tolist()
+    cum, act = pruned.cumulative_scores.cpu().tolist(), graph.activation_X.cpu().tolist()
     infl = pruned.influence.cpu().tolist()
-    effect = None if effect_N is None else effect_N.cpu().tolist()
+    effect = None if effect_X is None else effect_X.cpu().tolist()
     probs = graph.logit_probs.cpu().tolist()
     ids: dict[int, str] = {}
     nodes = []
     logit_rank = 0
     for n in keep.nonzero()[:, 0].tolist():
-        kind, m, p, i = (int(t[n]) for t in (graph.kind_N, graph.module_N, graph.pos_N,
-                                             graph.index_N))
+        kind, m, p, i = (int(t[n]) for t in (graph.kind_X, graph.module_X, graph.pos_X,
+                                             graph.index_X))
         node = {"ctx_idx": p, "influence": cum[n], "activation": act[n],
                 "token_prob": 0.0, "is_target_logit": False, "reverse_ctx_idx": 0, "run_idx": 0,
                 "clerp": "", "influence_raw": infl[n]}
@@ -787,7 +787,7 @@ def graph_json(graph: AttributionGraph, pruned: PruneResult, slug: str, scan: st
         nodes.append(node)
     em = pruned.edge_mask.cpu()
     tgt, src = em.nonzero(as_tuple=True)
-    w = graph.adjacency_NN.cpu()[tgt, src].tolist()
+    w = graph.adjacency_XX.cpu()[tgt, src].tolist()
     links = [{"source": ids[s], "target": ids[t], "weight": wt}
              for t, s, wt in zip(tgt.tolist(), src.tolist(), w) if s in ids and t in ids]
     metadata = {
@@ -835,9 +835,9 @@ def write_graph_files(graph: AttributionGraph, out_dir: str | Path, slug: str,
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", scan_name):
         raise ValueError(f"scan_name {scan_name!r}: use letters, digits, '-', '_' or '.'")
     pruned = prune_graph(graph, cfg.node_threshold, cfg.edge_threshold)
-    effect_N = total_effect(graph)
+    effect_X = total_effect(graph)
     data = graph_json(graph, pruned, slug, f"./data/features/{scan_name}", cfg.node_threshold,
-                      cfg.edge_threshold, effect_N)
+                      cfg.edge_threshold, effect_X)
     kept = pruned.node_mask
     data["metadata"]["info"].update(
         n_nodes_pruned=int(kept.sum()), n_edges_pruned=len(data["links"]),

@@ -71,31 +71,31 @@ __all__ = [
 # ============================================================================ metric functions
 
 
-def final_residual(x0_BTD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
+def final_residual(x0_STD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
     """r_final = x0 + sum of the given module outputs (reconstructions or true outputs), fp32."""
-    r_BTD = x0_BTD.float().clone()
-    for out_BTD in outputs:
-        r_BTD += out_BTD.to(device=r_BTD.device, dtype=torch.float32)
-    return r_BTD
+    r_STD = x0_STD.float().clone()
+    for out_STD in outputs:
+        r_STD += out_STD.to(device=r_STD.device, dtype=torch.float32)
+    return r_STD
 
 
 @torch.no_grad()
-def clean_logits(model, toks_BT: Tensor) -> Tensor:
-    """The model's own logits [B, T, V] (contexts are packed: the attention mask is all ones)."""
+def clean_logits(model, toks_ST: Tensor) -> Tensor:
+    """The model's own logits [S, T, V] (contexts are packed: the attention mask is all ones)."""
     hf = hf_model(model)
-    toks_BT = toks_BT.to(hf.lm_head.weight.device)
-    return hf(input_ids=toks_BT, attention_mask=torch.ones_like(toks_BT)).logits
+    toks_ST = toks_ST.to(hf.lm_head.weight.device)
+    return hf(input_ids=toks_ST, attention_mask=torch.ones_like(toks_ST)).logits
 
 
 @torch.no_grad()
 def splice_logits(
-    model, toks_BT: Tensor, name: str, recon_fn: Callable[[Tensor], Tensor]
+    model, toks_ST: Tensor, name: str, recon_fn: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """Logits [B, T, V] of the real model with module `name`'s output replaced by `recon_fn`.
+    """Logits [S, T, V] of the real model with module `name`'s output replaced by `recon_fn`.
 
     attn_<l>: h[l].attn output[0] at positions 1.. becomes recon_fn(that output) (an SAE);
     mlp_<l>: h[l].mlp output at positions 1.. becomes recon_fn(the mlp input of this run) (a
-    transcoder). recon_fn maps [N, D] to [N, D]. The BOS position keeps its true activation;
+    transcoder). recon_fn maps [B, D] to [B, D]. The BOS position keeps its true activation;
     everything else runs for real (forward hooks, removed afterwards).
     """
     hf = hf_model(model)
@@ -109,13 +109,13 @@ def splice_logits(
         )
     block = hf.transformer.h[layer]
 
-    def replace(out_BTD: Tensor, x_BTD: Tensor) -> Tensor:
-        B, T, D = x_BTD.shape
-        recon_ND = recon_fn(x_BTD[:, 1:].reshape(-1, D))
-        new_BTD = out_BTD.clone()
-        recon_BTD = recon_ND.reshape(B, T - 1, -1)
-        new_BTD[:, 1:] = recon_BTD.to(device=out_BTD.device, dtype=out_BTD.dtype)
-        return new_BTD
+    def replace(out_STD: Tensor, x_STD: Tensor) -> Tensor:
+        S, T, D = x_STD.shape
+        recon_BD = recon_fn(x_STD[:, 1:].reshape(-1, D))
+        new_STD = out_STD.clone()
+        recon_STD = recon_BD.reshape(S, T - 1, -1)
+        new_STD[:, 1:] = recon_STD.to(device=out_STD.device, dtype=out_STD.dtype)
+        return new_STD
 
     if kind == "attn":
         def hook(module, args, output):
@@ -130,7 +130,7 @@ def splice_logits(
 
         handle = block.mlp.register_forward_hook(hook)
     try:
-        return clean_logits(model, toks_BT)
+        return clean_logits(model, toks_ST)
     finally:
         handle.remove()
 
@@ -205,7 +205,7 @@ class _Sum:
 def _prepare_contexts(
     contexts, n_contexts: int | None, n_tokens: int | None, batch_size: int, n_ctx: int,
 ) -> tuple[int, int | None, Iterator[Tensor]]:
-    """(ctx_len, number of contexts to use or None = all, iterator of checked LongTensor [b, C]
+    """(ctx_len, number of contexts to use or None = all, iterator of checked LongTensor [S, T]
     batches of at most `batch_size` contexts)."""
     if isinstance(contexts, Tensor) and contexts.dim() == 2:
         contexts = list(contexts)
@@ -256,8 +256,8 @@ def evaluate_suite(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> SuiteEval:
-    """All docs/method.md §6 metrics of `suite` over `contexts` (iterable of LongTensor [C] with
-    BOS first, or [N, C]).
+    """All docs/method.md §6 metrics of `suite` over `contexts` (iterable of LongTensor [T] with
+    BOS first, or [S, T]).
 
     Evaluates `batch_size` contexts at a time, accumulating sums (results equal a one-shot run).
     Stops after `n_contexts` contexts or enough contexts for `n_tokens` non-BOS tokens (whichever
@@ -294,57 +294,58 @@ def evaluate_suite(
     if limit is not None:
         total = limit if total is None else min(total, limit)
     bar = tqdm(total=total, unit="ctx", desc="evaluate", disable=not progress)
-    for toks_BT in batches:
-        toks_BT = toks_BT.to(model_device)
-        B, T = toks_BT.shape
+    for toks_ST in batches:
+        toks_ST = toks_ST.to(model_device)
+        S, T = toks_ST.shape
         ctx_len = T
-        acts = trace_activations(model, toks_BT)
+        acts = trace_activations(model, toks_ST)
+        # token rows: the non-BOS positions of every context
+        B = S * (T - 1)
 
-        def flat(t: Tensor) -> Tensor:  # non-BOS positions, [B * (T-1), ...], suite device/dtype
+        def flat(t: Tensor) -> Tensor:  # [B, ...] on the suite's device, in its dtype
             t = t[:, 1:]
-            return t.reshape(B * (T - 1), *t.shape[2:]).to(device=device, dtype=dtype)
+            return t.reshape(B, *t.shape[2:]).to(device=device, dtype=dtype)
 
         batch = ActivationBatch.from_trace({k: flat(v) for k, v in acts.items()}, suite.n_layers)
         tgt = batch.tgt
         vanilla = suite.vanilla_forward(batch)
         pruned = suite.pruned_forward(batch, vanilla, mode="all") if pruned_on else {}
-        N = B * (T - 1)
         for n in names:
             van = vanilla[n]
             fvu_v[n].update(tgt[n], van.recon_BD)
-            l0_v[n].add((van.feats.vals_BK > 0).sum(), N)
+            l0_v[n].add((van.feats.vals_BK > 0).sum(), B)
             fired[n] |= fired_features(van.feats, suite.dicts[n].dict_size)
             if pruned_on:
                 pr = pruned.get(n, van)  # attn SAEs are leaves: pruned = vanilla
                 fvu_p[n].update(tgt[n], pr.recon_BD)
-                l0_p[n].add((pr.feats.vals_BK > 0).sum(), N)
+                l0_p[n].add((pr.feats.vals_BK > 0).sum(), B)
                 a_B = agreement_per_token(van.feats, pr.feats)
                 ok = ~a_B.isnan()
                 agree[n].add(a_B[ok].double().sum(), int(ok.sum()))
 
         # suite CE: r_final at non-BOS positions; position 0 (never scored) is filled with x0
         def suite_ce(recons: dict[str, Tensor]) -> tuple[Tensor, int]:
-            x0_BTD = acts["initial"]
-            r_BTD = x0_BTD.float().clone()
-            recons_BTD = (recons[n].view(B, T - 1, -1) for n in names)
-            r_BTD[:, 1:] = final_residual(x0_BTD[:, 1:], recons_BTD)
-            return next_token_ce(unembed(model, r_BTD), toks_BT, "sum"), B * (T - 2)
+            x0_STD = acts["initial"]
+            r_STD = x0_STD.float().clone()
+            recons_STD = (recons[n].view(S, T - 1, -1) for n in names)
+            r_STD[:, 1:] = final_residual(x0_STD[:, 1:], recons_STD)
+            return next_token_ce(unembed(model, r_STD), toks_ST, "sum"), S * (T - 2)
 
-        n_pred = B * (T - 2)
-        ce["clean"].add(next_token_ce(clean_logits(model, toks_BT), toks_BT, "sum"), n_pred)
-        ce["ablated"].add(next_token_ce(unembed(model, acts["initial"]), toks_BT, "sum"), n_pred)
+        n_pred = S * (T - 2)
+        ce["clean"].add(next_token_ce(clean_logits(model, toks_ST), toks_ST, "sum"), n_pred)
+        ce["ablated"].add(next_token_ce(unembed(model, acts["initial"]), toks_ST, "sum"), n_pred)
         ce["vanilla"].add(*suite_ce({n: vanilla[n].recon_BD for n in names}))
         if pruned_on:
             ce["pruned"].add(*suite_ce({n: pruned.get(n, vanilla[n]).recon_BD for n in names}))
         for n in ce_splice:
             ae = suite.dicts[n]
-            def recon_fn(x_ND: Tensor, ae=ae) -> Tensor:
-                return ae(x_ND.to(device=device, dtype=dtype))
-            logits = splice_logits(model, toks_BT, n, recon_fn)
-            ce_splice[n].add(next_token_ce(logits, toks_BT, "sum"), n_pred)
+            def recon_fn(x_BD: Tensor, ae=ae) -> Tensor:
+                return ae(x_BD.to(device=device, dtype=dtype))
+            logits = splice_logits(model, toks_ST, n, recon_fn)
+            ce_splice[n].add(next_token_ce(logits, toks_ST, "sum"), n_pred)
             del logits
-        n_ctx_seen += B
-        bar.update(B)
+        n_ctx_seen += S
+        bar.update(S)
     bar.close()
     if n_ctx_seen == 0:
         raise ValueError("no evaluation contexts were used (n_contexts=0?); pass at least one.")

@@ -83,54 +83,55 @@ class PageConfig:
 
 class TopTracker:
     """Running top-k contexts per feature by a score, with a window of activations around the
-    context's top token. State is [F, k] and [F, k, W]; `update` merges one batch."""
+    context's top token. State is [F, E] and [F, E, W] (E = k examples, W = the window's
+    positions); `update` merges one batch."""
 
     def __init__(self, F: int, k: int, before: int, after: int, device):
         W = before + after + 1
         self.before, self.after = before, after
-        self.score_FK = torch.full((F, k), -math.inf, device=device)
-        self.value_FK = torch.zeros(F, k, device=device)
-        self.ctx_FK = torch.full((F, k), -1, dtype=torch.long, device=device)
-        self.pos_FK = torch.zeros(F, k, dtype=torch.long, device=device)
-        self.toks_FKW = torch.full((F, k, W), -1, dtype=torch.long, device=device)
-        self.acts_FKW = torch.zeros(F, k, W, device=device)
+        self.score_FE = torch.full((F, k), -math.inf, device=device)
+        self.value_FE = torch.zeros(F, k, device=device)
+        self.ctx_FE = torch.full((F, k), -1, dtype=torch.long, device=device)
+        self.pos_FE = torch.zeros(F, k, dtype=torch.long, device=device)
+        self.toks_FEW = torch.full((F, k, W), -1, dtype=torch.long, device=device)
+        self.acts_FEW = torch.zeros(F, k, W, device=device)
 
-    def update(self, acts_bTF: Tensor, toks_bT: Tensor, ctx_b: Tensor,
-               score_bF: Tensor | None = None) -> None:
-        """acts [b, T, F] of b contexts; score [b, F] (default: the context's max activation);
+    def update(self, acts_sTF: Tensor, toks_sT: Tensor, ctx_s: Tensor,
+               score_sF: Tensor | None = None) -> None:
+        """acts [s, T, F] of s contexts; score [s, F] (default: the context's max activation);
         contexts where the feature never fires are never kept."""
-        b, T, F = acts_bTF.shape
-        max_bF, arg_bF = acts_bTF.max(dim=1)
-        score_bF = max_bF if score_bF is None else score_bF
-        score_bF = torch.where(max_bF > 0, score_bF, -math.inf)
-        offs_W = torch.arange(-self.before, self.after + 1, device=acts_bTF.device)
-        pos_bFW = arg_bF[..., None] + offs_W
-        valid_bFW = (pos_bFW >= 0) & (pos_bFW < T)
-        pos_bFW = pos_bFW.clamp(0, T - 1)
-        acts_bWF = acts_bTF.gather(1, pos_bFW.permute(0, 2, 1))
-        acts_FbW = acts_bWF.permute(2, 0, 1) * valid_bFW.permute(1, 0, 2)
-        toks_FbW = toks_bT.gather(1, pos_bFW.reshape(b, -1)).view(b, F, -1).permute(1, 0, 2)
-        toks_FbW = toks_FbW.masked_fill(~valid_bFW.permute(1, 0, 2), -1)
-        score_FN = torch.cat([self.score_FK, score_bF.T], dim=1)
-        keep_FK = score_FN.topk(self.score_FK.shape[1], dim=1).indices
+        s, T, F = acts_sTF.shape
+        max_sF, arg_sF = acts_sTF.max(dim=1)
+        score_sF = max_sF if score_sF is None else score_sF
+        score_sF = torch.where(max_sF > 0, score_sF, -math.inf)
+        offs_W = torch.arange(-self.before, self.after + 1, device=acts_sTF.device)
+        pos_sFW = arg_sF[..., None] + offs_W
+        valid_sFW = (pos_sFW >= 0) & (pos_sFW < T)
+        pos_sFW = pos_sFW.clamp(0, T - 1)
+        acts_sWF = acts_sTF.gather(1, pos_sFW.permute(0, 2, 1))
+        acts_FsW = acts_sWF.permute(2, 0, 1) * valid_sFW.permute(1, 0, 2)
+        toks_FsW = toks_sT.gather(1, pos_sFW.reshape(s, -1)).view(s, F, -1).permute(1, 0, 2)
+        toks_FsW = toks_FsW.masked_fill(~valid_sFW.permute(1, 0, 2), -1)
+        both_score = torch.cat([self.score_FE, score_sF.T], dim=1)
+        keep_FE = both_score.topk(self.score_FE.shape[1], dim=1).indices
 
         def pick(old, new):
             both = torch.cat([old, new], dim=1)
-            idx = keep_FK.view(*keep_FK.shape, *([1] * (both.dim() - 2))).expand(
+            idx = keep_FE.view(*keep_FE.shape, *([1] * (both.dim() - 2))).expand(
                 -1, -1, *both.shape[2:])
             return both.gather(1, idx)
 
-        self.score_FK = score_FN.gather(1, keep_FK)
-        self.value_FK = pick(self.value_FK, max_bF.T)
-        self.ctx_FK = pick(self.ctx_FK, ctx_b[None].expand(F, -1))
-        self.pos_FK = pick(self.pos_FK, arg_bF.T)
-        self.toks_FKW = pick(self.toks_FKW, toks_FbW)
-        self.acts_FKW = pick(self.acts_FKW, acts_FbW)
+        self.score_FE = both_score.gather(1, keep_FE)
+        self.value_FE = pick(self.value_FE, max_sF.T)
+        self.ctx_FE = pick(self.ctx_FE, ctx_s[None].expand(F, -1))
+        self.pos_FE = pick(self.pos_FE, arg_sF.T)
+        self.toks_FEW = pick(self.toks_FEW, toks_FsW)
+        self.acts_FEW = pick(self.acts_FEW, acts_FsW)
 
     def state(self) -> dict[str, Tensor]:
-        keep = self.score_FK > -math.inf
-        return {"value": self.value_FK.cpu(), "ctx": self.ctx_FK.cpu(), "pos": self.pos_FK.cpu(),
-                "toks": self.toks_FKW.cpu(), "acts": self.acts_FKW.cpu(), "kept": keep.cpu()}
+        keep = self.score_FE > -math.inf
+        return {"value": self.value_FE.cpu(), "ctx": self.ctx_FE.cpu(), "pos": self.pos_FE.cpu(),
+                "toks": self.toks_FEW.cpu(), "acts": self.acts_FEW.cpu(), "kept": keep.cpu()}
 
 
 class FeaturePages:
@@ -347,52 +348,52 @@ def compute_pages(model, suite: SCAESuite, cfg: PageConfig, contexts=None) -> Fe
     seen, n_ctx = 0, 0
     bar = tqdm(total=cfg.n_tokens, desc="feature pages", unit="tok")
     model_dev = next(hf.parameters()).device
-    for toks_bC in batched_contexts(contexts, cfg.batch_contexts):
-        toks_bC = toks_bC.long()
+    for toks_sT in batched_contexts(contexts, cfg.batch_contexts):
+        toks_sT = toks_sT.long()
         left = cfg.n_tokens - seen
-        T = toks_bC.shape[1] - 1
+        n_body = toks_sT.shape[1] - 1
         if left <= 0:
             break
-        toks_bC = toks_bC[: max(1, math.ceil(left / T))]
-        b = toks_bC.shape[0]
-        acts = trace_activations(model, toks_bC.to(model_dev))
-        flat = {k: v[:, 1:].reshape(b * T, *v.shape[2:]).to(device=dev, dtype=dt)
+        toks_sT = toks_sT[: max(1, math.ceil(left / n_body))]
+        s = toks_sT.shape[0]
+        acts = trace_activations(model, toks_sT.to(model_dev))
+        flat = {k: v[:, 1:].reshape(s * n_body, *v.shape[2:]).to(device=dev, dtype=dt)
                 for k, v in acts.items()}
         batch = ActivationBatch.from_trace(flat, suite.n_layers)
         vanilla = suite.vanilla_forward(batch)
         pruned = suite.pruned_forward(batch, vanilla) if V else {}
-        ctx_b = torch.arange(n_ctx, n_ctx + b, device=dev)
-        toks_bT = toks_bC[:, 1:].to(dev)
+        ctx_s = torch.arange(n_ctx, n_ctx + s, device=dev)
+        body_sT = toks_sT[:, 1:].to(dev)
         up = {n: (pruned[n] if n in pruned else vanilla[n]).feats for n in names}
         for n in names:
             F = suite.dicts[n].dict_size
             tr, st = trackers[n], stats[n]
-            van_bTF = vanilla[n].feats.dense(F).float().view(b, T, F)
-            tr["top_vanilla"].update(van_bTF, toks_bT, ctx_b)
-            main_bTF = van_bTF
+            van_sTF = vanilla[n].feats.dense(F).float().view(s, n_body, F)
+            tr["top_vanilla"].update(van_sTF, body_sT, ctx_s)
+            main_sTF = van_sTF
             if n in pruned:
-                main_bTF = pruned[n].feats.dense(F).float().view(b, T, F)
-                tr["top_pruned"].update(main_bTF, toks_bT, ctx_b)
-            key_bF = torch.rand(b, F, generator=gen, device=dev)
-            tr["sample"].update(main_bTF, toks_bT, ctx_b, score_bF=key_bF)
+                main_sTF = pruned[n].feats.dense(F).float().view(s, n_body, F)
+                tr["top_pruned"].update(main_sTF, body_sT, ctx_s)
+            key_sF = torch.rand(s, F, generator=gen, device=dev)
+            tr["sample"].update(main_sTF, body_sT, ctx_s, score_sF=key_sF)
             feats = up[n]
             on = feats.vals_BK > 0
-            idx_A, val_A = feats.idx_BK[on], feats.vals_BK[on].float()
-            st["count"] += torch.bincount(idx_A, minlength=F)
-            bins_A = torch.bucketize(val_A, edges).clamp(1, len(edges) - 1) - 1
-            st["hist"].view(-1).index_add_(0, idx_A * (len(edges) - 1) + bins_A,
-                                           torch.ones_like(bins_A))
-            st["act_max"].scatter_reduce_(0, idx_A, val_A, "amax")
-            st["act_min"].scatter_reduce_(0, idx_A, val_A, "amin")
+            idx_P, val_P = feats.idx_BK[on], feats.vals_BK[on].float()
+            st["count"] += torch.bincount(idx_P, minlength=F)
+            bins_P = torch.bucketize(val_P, edges).clamp(1, len(edges) - 1) - 1
+            st["hist"].view(-1).index_add_(0, idx_P * (len(edges) - 1) + bins_P,
+                                           torch.ones_like(bins_P))
+            st["act_max"].scatter_reduce_(0, idx_P, val_P, "amax")
+            st["act_min"].scatter_reduce_(0, idx_P, val_P, "amin")
             if n in V:
                 terms_BKC, _ = connection_terms(suite, n, up, batch.layernorm_scale[n],
                                                 feats.idx_BK, V[n])
-                st["sum_contrib"].index_add_(0, idx_A, terms_BKC[on].double())
-                st["count_both"].index_add_(0, idx_A, (terms_BKC[on] != 0).long())
-                st["sum_pre"].index_add_(0, idx_A, val_A.double())
-        seen += b * T
-        n_ctx += b
-        bar.update(b * T)
+                st["sum_contrib"].index_add_(0, idx_P, terms_BKC[on].double())
+                st["count_both"].index_add_(0, idx_P, (terms_BKC[on] != 0).long())
+                st["sum_pre"].index_add_(0, idx_P, val_P.double())
+        seen += s * n_body
+        n_ctx += s
+        bar.update(s * n_body)
     bar.close()
     if seen == 0:
         raise ValueError(f"the text source {cfg.data!r} ({cfg.split}) gave no context of "

@@ -40,14 +40,14 @@ Variant = Literal["active", "all"]
 
 
 class SparseActivations(NamedTuple):
-    """Vanilla features of every dictionary over N tokens, and each transcoder's sigma."""
+    """Vanilla features of every dictionary over B token rows, and each transcoder's sigma."""
 
     vals: dict[str, Tensor]
-    """{name: [N, K]} activation values."""
+    """{name: [B, K]} activation values."""
     idx: dict[str, Tensor]
-    """{name: [N, K]} feature indices."""
+    """{name: [B, K]} feature indices."""
     sigma: dict[str, Tensor]
-    """{"mlp_<l>": [N]} LayerNorm scale of the clean run."""
+    """{"mlp_<l>": [B]} LayerNorm scale of the clean run."""
 
     @property
     def n_tokens(self) -> int:
@@ -101,7 +101,7 @@ def _virtual_weights_block(suite: SCAESuite, down: str, lo: int, hi: int) -> Ten
 
 
 def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, dtype: torch.dtype):
-    """Upstream values divided by sigma, and their global indices, [b, K_total], for tokens sl."""
+    """Upstream values divided by sigma, and their global indices, [b, A], for tokens sl."""
     sig_b1 = acts.sigma[down][sl, None].to(dtype)
     vals, idx, off = [], [], 0
     for u in upstream_names(down):
@@ -121,9 +121,10 @@ def importance_blocks(
     memory_budget_bytes: int = 1 << 30,
     token_batch: int = 1024,
 ):
-    """Yield (lo, hi, I [hi - lo, n_up]) blocks of the importance matrix of transcoder `down`.
+    """Yield (lo, hi, I_fG) blocks of the importance matrix of transcoder `down`: f = hi - lo of
+    its features, G = n_up.
 
-    Memory: three [block, n_up] buffers (block set by memory_budget_bytes) plus one token batch of
+    Memory: three [f, G] buffers (block set by memory_budget_bytes) plus one token batch of
     upstream activations; the stored activations are read a token batch at a time.
     """
     if variant not in ("active", "all"):
@@ -132,23 +133,23 @@ def importance_blocks(
     F = suite.dicts[down].dict_size
     ref = acts.vals[down]
     dtype = torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
-    N = acts.n_tokens
-    batches = [slice(s, min(N, s + token_batch)) for s in range(0, N, token_batch)]
+    n_tokens = acts.n_tokens
+    batches = [slice(s, min(n_tokens, s + token_batch)) for s in range(0, n_tokens, token_batch)]
     if variant == "all":
-        a_U = torch.zeros(n_up, dtype=dtype, device=ref.device)
+        a_G = torch.zeros(n_up, dtype=dtype, device=ref.device)
         for sl in batches:
             up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
-            a_U.index_add_(0, up_idx.flatten(), up_vals.flatten())
-        a_U /= N
+            a_G.index_add_(0, up_idx.flatten(), up_vals.flatten())
+        a_G /= n_tokens
     block = max(1, min(F, memory_budget_bytes // (4 * n_up * 3)))
     for lo in range(0, F, block):
         hi = min(F, lo + block)
-        V = _virtual_weights_block(suite, down, lo, hi).to(dtype)
+        V_fG = _virtual_weights_block(suite, down, lo, hi).to(dtype)
         if variant == "all":
-            yield lo, hi, V * a_U
+            yield lo, hi, V_fG * a_G
             continue
-        A = torch.zeros((hi - lo) * n_up, dtype=dtype, device=V.device)
-        count = torch.zeros(hi - lo, dtype=dtype, device=V.device)
+        A_fG = torch.zeros(hi - lo, n_up, dtype=dtype, device=V_fG.device)
+        count_f = torch.zeros(hi - lo, dtype=dtype, device=V_fG.device)
         for sl in batches:
             d_idx = acts.idx[down][sl].long()
             sel = (acts.vals[down][sl] > 0) & (d_idx >= lo) & (d_idx < hi)
@@ -157,15 +158,17 @@ def importance_blocks(
                 continue
             up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
             i = d_idx[t, k] - lo
-            count.index_add_(0, i, torch.ones_like(i, dtype=dtype))
-            A.index_add_(0, (i[:, None] * n_up + up_idx[t]).flatten(), up_vals[t].flatten())
-        yield lo, hi, V * A.view(hi - lo, n_up) / count.clamp_min(1)[:, None]
+            count_f.index_add_(0, i, torch.ones_like(i, dtype=dtype))
+            A_fG.view(-1).index_add_(
+                0, (i[:, None] * n_up + up_idx[t]).flatten(), up_vals[t].flatten()
+            )
+        yield lo, hi, V_fG * A_fG / count_f.clamp_min(1)[:, None]
 
 
 def importance(
     suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active"
 ) -> Tensor:
-    """The dense importance matrix [F_down, n_up] of one transcoder (small suites and tests)."""
+    """The dense importance matrix [F, G] of one transcoder (small suites and tests)."""
     return torch.cat([b for _, _, b in importance_blocks(suite, acts, down, variant)])
 
 
@@ -205,11 +208,11 @@ def top_connections(
         blocks = importance_blocks(
             suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes
         )
-        for _, _, imp in blocks:
-            c = min(C, imp.shape[1])
-            score, top = imp.abs().topk(c, dim=1)
-            tops.append(top)
-            keeps.append(score > 0)
+        for _, _, imp_fG in blocks:
+            c = min(C, imp_fG.shape[1])
+            score_fC, top_fC = imp_fG.abs().topk(c, dim=1)
+            tops.append(top_fC)
+            keeps.append(score_fC > 0)
         conns[down] = _split_global(down, suite, torch.cat(tops), torch.cat(keeps))
     validate_connections(conns, suite.dict_sizes)
     return conns

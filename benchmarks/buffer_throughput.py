@@ -38,15 +38,15 @@ def bench_case(name, model, ctx_len, n_ctx, model_batch_size, device, dtype, rep
     device = torch.device(device)
     vocab = hf_model(model).config.vocab_size
     g = torch.Generator().manual_seed(seed)
-    toks_NC = torch.randint(1, vocab, (n_ctx, ctx_len), generator=g)
-    toks_NC[:, 0] = model.tokenizer.eos_token_id
+    toks_ST = torch.randint(1, vocab, (n_ctx, ctx_len), generator=g)
+    toks_ST[:, 0] = model.tokenizer.eos_token_id
     tokens = n_ctx * (ctx_len - 1)
     hf = hf_model(model)
 
     # one buffer over enough copies of the contexts for every timed fill; fills after the first
     # reuse the store (the steady state of training), each fill runs every context once
     buf = AllActivationBuffer(
-        model, iter(list(toks_NC) * (repeats + 2)), n_tokens=tokens, out_batch_size=ctx_len - 1,
+        model, iter(list(toks_ST) * (repeats + 2)), n_tokens=tokens, out_batch_size=ctx_len - 1,
         model_batch_size=model_batch_size, device=device, dtype=dtype,
     )
 
@@ -62,7 +62,7 @@ def bench_case(name, model, ctx_len, n_ctx, model_batch_size, device, dtype, rep
         _sync(device)
         t = time.perf_counter()
         for i in range(0, n_ctx, model_batch_size):
-            hf.transformer(toks_NC[i : i + model_batch_size].to(device), use_cache=False)
+            hf.transformer(toks_ST[i : i + model_batch_size].to(device), use_cache=False)
         _sync(device)
         return time.perf_counter() - t
 

@@ -60,11 +60,11 @@ def main(argv=None) -> dict:
         write_s = time.perf_counter() - t
         json_bytes = files.graph_path.stat().st_size
     info = files.data["metadata"]["info"]
-    A = graph.adjacency_NN
+    A = graph.adjacency_XX
     out["graph"] = {
         "prompt_tokens": len(graph.tokens), "build_s": round(build_s, 2),
         "prune_s": round(prune_s, 2), "write_s (prune + effects + JSON)": round(write_s, 2),
-        "nodes": graph.n_nodes, "feature_nodes": int((graph.kind_N == C.FEATURE).sum()),
+        "nodes": graph.n_nodes, "feature_nodes": int((graph.kind_X == C.FEATURE).sum()),
         "edges": int((A != 0).sum()),
         "dense_matrix_MB": round(A.numel() * A.element_size() / 2**20),
         "nodes_pruned": int(pruned.node_mask.sum()), "edges_pruned": int(pruned.edge_mask.sum()),

@@ -30,7 +30,7 @@ class ActivationBatch(NamedTuple):
 
     @classmethod
     def from_trace(cls, acts: dict[str, Tensor], n_layers: int) -> "ActivationBatch":
-        """The batch of `trace_activations` output already cut to the rows wanted ([N, D], [N])."""
+        """The batch of `trace_activations` output already cut to the rows wanted ([B, D], [B])."""
         layers = range(n_layers)
         attn = {f"attn_{i}": acts[f"attn_{i}"] for i in layers}
         return cls(
@@ -64,20 +64,20 @@ class ActivationBatch(NamedTuple):
 
 @torch.no_grad()
 def trace_activations(
-    model, toks_BC: Tensor, ln_eps: list[float] | None = None
+    model, toks_ST: Tensor, ln_eps: list[float] | None = None
 ) -> dict[str, Tensor]:
     """One nnsight trace of a folded GPT-2: per-position activations of every layer, BOS kept.
 
-    Returns {"initial": x0, "attn_<l>": attn_out_l, "mlp_in_<l>", "mlp_out_<l>"} each [B, C, D],
-    and {"sigma_<l>"} each [B, C] (sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps), in fp32).
-    The trace stops after the last MLP, so the LM head never runs. `toks_BC` must be on the
+    Returns {"initial": x0, "attn_<l>": attn_out_l, "mlp_in_<l>", "mlp_out_<l>"} each [S, T, D],
+    and {"sigma_<l>"} each [S, T] (sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps), in fp32).
+    The trace stops after the last MLP, so the LM head never runs. `toks_ST` must be on the
     model's device. This is the one tracing implementation (the buffer and evaluate.py use it).
     """
     L = len(hf_model(model).transformer.h)
     if ln_eps is None:
         ln_eps = [float(b.ln_2.eps) for b in hf_model(model).transformer.h]
     saved: dict[str, object] = {}
-    with model.trace(toks_BC, use_cache=False) as tracer:  # no KV cache to build
+    with model.trace(toks_ST, use_cache=False) as tracer:  # no KV cache to build
         blocks = model.transformer.h
         saved["initial"] = blocks[0].input.save()
         for l in range(L):

@@ -159,7 +159,7 @@ class CompiledConnections(NamedTuple):
     """Per upstream module: column (downstream feature) indices of the transposed pattern."""
     tperm: tuple[Tensor, ...] = ()
     """Per upstream module: order of the module's slots in the transposed pattern
-    (values_T = values[tperm])."""
+    (tvalues = values[tperm])."""
 
     def to(self, device) -> "CompiledConnections":
         mv = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731

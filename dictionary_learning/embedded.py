@@ -147,14 +147,14 @@ def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
 
 
 @torch.no_grad()
-def eval_ce(model, contexts_NC: torch.Tensor, batch_size: int = 32) -> float:
+def eval_ce(model, contexts_ST: torch.Tensor, batch_size: int = 32) -> float:
     """Mean next-token cross-entropy (nats), BOS position excluded as a prediction target's
     input."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(contexts_NC), batch_size):
-        toks = contexts_NC[i : i + batch_size]
-        logits = model(toks).logits[:, 1:-1]  # predictions made from positions 1..C-2
+    for i in range(0, len(contexts_ST), batch_size):
+        toks = contexts_ST[i : i + batch_size]
+        logits = model(toks).logits[:, 1:-1]  # predictions made from positions 1..T-2
         tgt = toks[:, 2:]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum"
@@ -191,13 +191,13 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
     torch.manual_seed(cfg.seed)
     train_texts, val_texts = embedded_corpus("train"), embedded_corpus("validation")
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
-    train_NC = _contexts(train_texts, tokenizer, cfg.n_positions)
-    val_NC = _contexts(val_texts, tokenizer, cfg.n_positions)[: cfg.max_val_contexts]
+    train_ST = _contexts(train_texts, tokenizer, cfg.n_positions)
+    val_ST = _contexts(val_texts, tokenizer, cfg.n_positions)[: cfg.max_val_contexts]
     vocab = len(tokenizer)
-    h_uni = unigram_entropy(train_NC[:, 1:], vocab)
+    h_uni = unigram_entropy(train_ST[:, 1:], vocab)
     logger.info(
         "embedded corpus: %d train contexts, %d val contexts, vocab %d, tokenizer %.1fs",
-        len(train_NC), len(val_NC), vocab, time.time() - t0,
+        len(train_ST), len(val_ST), vocab, time.time() - t0,
     )
 
     config = GPT2Config(
@@ -231,13 +231,13 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(train_NC), generator=gen)
+    order = torch.randperm(len(train_ST), generator=gen)
     pos = 0
     bar = tqdm(range(cfg.train_steps), desc="training scae-shakespeare", mininterval=2.0)
     for step in bar:
         if pos + cfg.batch_size > len(order):
-            order, pos = torch.randperm(len(train_NC), generator=gen), 0
-        toks = train_NC[order[pos : pos + cfg.batch_size]]
+            order, pos = torch.randperm(len(train_ST), generator=gen), 0
+        toks = train_ST[order[pos : pos + cfg.batch_size]]
         pos += cfg.batch_size
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -252,7 +252,7 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    val_ce = eval_ce(model, val_NC)
+    val_ce = eval_ce(model, val_ST)
     metrics = {
         "val_ce": val_ce,
         "unigram_entropy": h_uni,

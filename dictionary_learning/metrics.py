@@ -69,13 +69,13 @@ class FVUAccumulator:
         self.mean_D: Tensor | None = None
         self.m2 = 0.0
 
-    def update(self, y_ND: Tensor, yhat_ND: Tensor) -> None:
-        """Add a chunk of targets and reconstructions, [N, D] each."""
-        y = y_ND.double()
+    def update(self, y_BD: Tensor, yhat_BD: Tensor) -> None:
+        """Add a chunk of targets and reconstructions, [B, D] each."""
+        y = y_BD.double()
         nb = y.shape[0]
         if nb == 0:
             return
-        self.err += float((y - yhat_ND.double()).pow(2).sum())
+        self.err += float((y - yhat_BD.double()).pow(2).sum())
         mean_b = y.mean(0)
         m2_b = float((y - mean_b).pow(2).sum())
         if self.mean_D is None:
@@ -135,27 +135,27 @@ def agreement(vanilla: Features, pruned: Features) -> Tensor:
 # ---------------------------------------------------------------------- cross-entropy
 
 
-def scored_predictions(logits_BTV: Tensor, toks_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """The scored (logits [N, V], targets [N]) of full-context logits: predictions made from
+def scored_predictions(logits_STV: Tensor, toks_ST: Tensor) -> tuple[Tensor, Tensor]:
+    """The scored (logits [Q, V], targets [Q]) of full-context logits: predictions made from
     positions 1..T-2 of tokens 2..T-1 (the prediction from BOS is left out, docs/method.md §7)."""
-    if logits_BTV.shape[:2] != toks_BT.shape:
+    if logits_STV.shape[:2] != toks_ST.shape:
         raise ValueError(
-            f"logits {tuple(logits_BTV.shape)} and tokens {tuple(toks_BT.shape)} disagree; pass "
-            "logits for every position of the contexts, [B, T, V] with tokens [B, T]."
+            f"logits {tuple(logits_STV.shape)} and tokens {tuple(toks_ST.shape)} disagree; pass "
+            "logits for every position of the contexts, [S, T, V] with tokens [S, T]."
         )
-    if toks_BT.shape[1] < 3:
+    if toks_ST.shape[1] < 3:
         raise ValueError(
-            f"contexts of {toks_BT.shape[1]} tokens have no scored prediction; CE needs BOS + 2 "
+            f"contexts of {toks_ST.shape[1]} tokens have no scored prediction; CE needs BOS + 2 "
             "tokens at least (use ctx_len >= 3)."
         )
-    logits_NV = logits_BTV[:, 1:-1].reshape(-1, logits_BTV.shape[-1])
-    return logits_NV, toks_BT[:, 2:].reshape(-1).to(logits_BTV.device)
+    logits_QV = logits_STV[:, 1:-1].reshape(-1, logits_STV.shape[-1])
+    return logits_QV, toks_ST[:, 2:].reshape(-1).to(logits_STV.device)
 
 
-def next_token_ce(logits_BTV: Tensor, toks_BT: Tensor, reduction: str = "mean") -> Tensor:
+def next_token_ce(logits_STV: Tensor, toks_ST: Tensor, reduction: str = "mean") -> Tensor:
     """Next-token cross-entropy over the scored predictions (see `scored_predictions`), in fp32."""
-    logits_NV, tgt_N = scored_predictions(logits_BTV, toks_BT)
-    return F_.cross_entropy(logits_NV.float(), tgt_N, reduction=reduction)
+    logits_QV, tgt_Q = scored_predictions(logits_STV, toks_ST)
+    return F_.cross_entropy(logits_QV.float(), tgt_Q, reduction=reduction)
 
 
 def ce_recovered(ce_ablated: float, ce_suite: float, ce_clean: float) -> float:

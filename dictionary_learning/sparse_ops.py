@@ -6,7 +6,7 @@ The pruned pre-activation of downstream feature i sums, over its connections c,
 
 where J [F, C] holds global upstream indices (all upstream dictionaries side by side; the value
 `n_up` marks padding) and V are the "virtual weights". Nothing here builds a dense F x F matrix, a
-[B, K, C, K_up] tensor or, in the all-features mode, a [B, F, C] tensor. The fused kernels work in
+[B, K, C, A] tensor or, in the all-features mode, a [B, F, C] tensor. The fused kernels work in
 token chunks and recompute in backward, so their memory does not grow with the batch.
 """
 
@@ -85,40 +85,41 @@ def _chunks(n: int, per_item: int) -> tuple[range, int]:
 
 
 class _SampledDot(torch.autograd.Function):
-    """out[p] = A[rows[p]] . B[cols[p]], in chunks of pairs."""
+    """out[p] = W[rows[p]] . dec[cols[p]], in chunks of pairs."""
 
     @staticmethod
-    def forward(ctx, A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
-        ctx.save_for_backward(A_MD, B_ND, rows_P, cols_P)
-        out_P = A_MD.new_empty(rows_P.shape[0])
-        starts, step = _chunks(rows_P.shape[0], A_MD.shape[1])
+    def forward(ctx, W_FD: Tensor, dec_UD: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
+        ctx.save_for_backward(W_FD, dec_UD, rows_P, cols_P)
+        out_P = W_FD.new_empty(rows_P.shape[0])
+        starts, step = _chunks(rows_P.shape[0], W_FD.shape[1])
         for s in starts:
             r, c = rows_P[s : s + step], cols_P[s : s + step]
-            out_P[s : s + step] = (A_MD[r] * B_ND[c]).sum(-1)
+            out_P[s : s + step] = (W_FD[r] * dec_UD[c]).sum(-1)
         return out_P
 
     @staticmethod
     def backward(ctx, g_P: Tensor):
-        A_MD, B_ND, rows_P, cols_P = ctx.saved_tensors
-        gA_MD = torch.zeros_like(A_MD) if ctx.needs_input_grad[0] else None
-        gB_ND = torch.zeros_like(B_ND) if ctx.needs_input_grad[1] else None
-        starts, step = _chunks(rows_P.shape[0], A_MD.shape[1])
+        W_FD, dec_UD, rows_P, cols_P = ctx.saved_tensors
+        g_W_FD = torch.zeros_like(W_FD) if ctx.needs_input_grad[0] else None
+        g_dec_UD = torch.zeros_like(dec_UD) if ctx.needs_input_grad[1] else None
+        starts, step = _chunks(rows_P.shape[0], W_FD.shape[1])
         for s in starts:
             r, c, g = rows_P[s : s + step], cols_P[s : s + step], g_P[s : s + step, None]
-            if gA_MD is not None:
-                gA_MD.index_add_(0, r, g * B_ND[c])
-            if gB_ND is not None:
-                gB_ND.index_add_(0, c, g * A_MD[r])
-        return gA_MD, gB_ND, None, None
+            if g_W_FD is not None:
+                g_W_FD.index_add_(0, r, g * dec_UD[c])
+            if g_dec_UD is not None:
+                g_dec_UD.index_add_(0, c, g * W_FD[r])
+        return g_W_FD, g_dec_UD, None, None
 
 
-def sampled_dot(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
-    """Dot products A[rows[p]] . B[cols[p]] for a list of pairs, without the dense A @ B.T."""
-    return _SampledDot.apply(A_MD, B_ND, rows_P, cols_P)
+def sampled_dot(W_FD: Tensor, dec_UD: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
+    """Dot products W[rows[p]] . dec[cols[p]] for a list of pairs, without the dense W @ dec.T
+    (encoder rows [F, D] and upstream decoder columns as rows [U, D])."""
+    return _SampledDot.apply(W_FD, dec_UD, rows_P, cols_P)
 
 
-def sampled_dot_plain(A_MD: Tensor, B_ND: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
-    return (A_MD[rows_P] * B_ND[cols_P]).sum(-1)
+def sampled_dot_plain(W_FD: Tensor, dec_UD: Tensor, rows_P: Tensor, cols_P: Tensor) -> Tensor:
+    return (W_FD[rows_P] * dec_UD[cols_P]).sum(-1)
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -174,18 +175,18 @@ def csr_virtual_weights(
     return V.to(out_dtype)
 
 
-def upstream_table(vals_BK: Tensor, idx_BK: Tensor, n_up: int) -> Tensor:
+def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
     """Dense upstream activations [B, n_up + 1]; the last column is the zero padding slot."""
-    table_BU = vals_BK.new_zeros(vals_BK.shape[0], n_up + 1)
-    return table_BU.scatter(1, idx_BK, vals_BK)
+    table_BG = vals_BA.new_zeros(vals_BA.shape[0], n_up + 1)
+    return table_BG.scatter(1, idx_BA, vals_BA)
 
 
 class _CandidateContrib(torch.autograd.Function):
     """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens."""
 
     @staticmethod
-    def forward(ctx, vals_BK, idx_BK, V_FC, J_FC, cand_BN, n_up: int):
-        ctx.save_for_backward(vals_BK, idx_BK, V_FC, J_FC, cand_BN)
+    def forward(ctx, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int):
+        ctx.save_for_backward(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
         ctx.n_up = n_up
         B, N = cand_BN.shape
         C = J_FC.shape[1]
@@ -193,20 +194,20 @@ class _CandidateContrib(torch.autograd.Function):
         starts, step = _chunks(B, max(N * C, n_up))
         for s in starts:
             sl = slice(s, s + step)
-            table_bU = upstream_table(vals_BK[sl], idx_BK[sl], n_up)
+            table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
             cand_bN = cand_BN[sl]
             J_bNC = J_FC[cand_bN]
-            up_bNC = table_bU.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
+            up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
             out_BN[sl] = (up_bNC * V_FC[cand_bN]).sum(-1)
         return out_BN
 
     @staticmethod
     def backward(ctx, g_BN):
-        vals_BK, idx_BK, V_FC, J_FC, cand_BN = ctx.saved_tensors
+        vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
         n_up = ctx.n_up
         B, N = cand_BN.shape
         C = J_FC.shape[1]
-        g_vals_BK = torch.zeros_like(vals_BK) if ctx.needs_input_grad[0] else None
+        g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
         g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
         starts, step = _chunks(B, max(N * C, n_up))
         for s in starts:
@@ -214,62 +215,63 @@ class _CandidateContrib(torch.autograd.Function):
             cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
             J_bNC = J_FC[cand_bN]
             if g_V_FC is not None:
-                table_bU = upstream_table(vals_BK[sl], idx_BK[sl], n_up)
-                up_bNC = table_bU.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
+                table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
+                up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
                 g_V_FC.index_add_(0, cand_bN.flatten(), (g_bN1 * up_bNC).flatten(0, 1))
-            if g_vals_BK is not None:
-                g_table_bU = vals_BK.new_zeros(cand_bN.shape[0], n_up + 1)
-                g_table_bU.scatter_add_(1, J_bNC.flatten(1), (g_bN1 * V_FC[cand_bN]).flatten(1))
-                g_vals_BK[sl] = g_table_bU.gather(1, idx_BK[sl])
-        return g_vals_BK, None, g_V_FC, None, None, None
+            if g_vals_BA is not None:
+                g_table_bG = vals_BA.new_zeros(cand_bN.shape[0], n_up + 1)
+                g_table_bG.scatter_add_(1, J_bNC.flatten(1), (g_bN1 * V_FC[cand_bN]).flatten(1))
+                g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
+        return g_vals_BA, None, g_V_FC, None, None, None
 
 
 def connection_contrib_candidates(
-    vals_BK: Tensor, idx_BK: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
 ) -> Tensor:
     """Connection term for the candidate features of each token, [B, N].
 
-    vals_BK/idx_BK: every upstream dictionary's active features, idx in the global upstream index
-    space [0, n_up). J_FC uses n_up as padding. Half-precision inputs are computed in fp32 (the
-    sums over connections, and the gradient sums over tokens) and the result cast back.
+    vals_BA/idx_BA: every upstream dictionary's active features side by side, [B, A], idx in the
+    global upstream index space [0, n_up). J_FC uses n_up as padding. Half-precision inputs are
+    computed in fp32 (the sums over connections, and the gradient sums over tokens) and the result
+    cast back.
     """
     acc = accumulation_dtype(V_FC.dtype)
-    out_BN = _CandidateContrib.apply(vals_BK.to(acc), idx_BK, V_FC.to(acc), J_FC, cand_BN, n_up)
+    out_BN = _CandidateContrib.apply(vals_BA.to(acc), idx_BA, V_FC.to(acc), J_FC, cand_BN, n_up)
     return out_BN.to(V_FC.dtype)
 
 
 def connection_contrib_all(
-    vals_BK: Tensor, idx_BK: Tensor, V_FC: Tensor, J_FC: Tensor, n_up: int
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, n_up: int
 ) -> Tensor:
     """Connection term for every downstream feature, [B, F], via embedding_bag over token chunks.
 
     Each downstream feature is one bag (its connections, weighted by V) over the table of upstream
     activations transposed to [n_up + 1, tokens]: no [B, F, C] tensor is formed.
     """
-    B = vals_BK.shape[0]
+    B = vals_BA.shape[0]
     F = J_FC.shape[0]
     acc = accumulation_dtype(V_FC.dtype)
     if J_FC.shape[1] == 0:
-        return V_FC.new_zeros(B, F) + 0 * vals_BK.sum()
+        return V_FC.new_zeros(B, F) + 0 * vals_BA.sum()
     if not kernel_available("embedding_bag", V_FC.device.type, acc):
         all_BF = torch.arange(F, device=J_FC.device).expand(B, F)
-        return connection_contrib_candidates(vals_BK, idx_BK, V_FC, J_FC, all_BF, n_up)
+        return connection_contrib_candidates(vals_BA, idx_BA, V_FC, J_FC, all_BF, n_up)
     out = []
     starts, step = _chunks(B, n_up + F)
     for s in starts:
-        table_Ub = upstream_table(vals_BK[s : s + step], idx_BK[s : s + step], n_up).T.to(acc)
+        table_Gb = upstream_table(vals_BA[s : s + step], idx_BA[s : s + step], n_up).T.to(acc)
         out_Fb = F_.embedding_bag(
-            J_FC, table_Ub.contiguous(), per_sample_weights=V_FC.to(acc), mode="sum"
+            J_FC, table_Gb.contiguous(), per_sample_weights=V_FC.to(acc), mode="sum"
         )
         out.append(out_Fb.T)
     return torch.cat(out).to(V_FC.dtype)
 
 
 def connection_contrib_plain(
-    vals_BK: Tensor, idx_BK: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
 ) -> Tensor:
     """Reference for both kernels: gathers the full [B, N, C] tensor."""
-    table_BU = upstream_table(vals_BK, idx_BK, n_up)
+    table_BG = upstream_table(vals_BA, idx_BA, n_up)
     J_BNC = J_FC[cand_BN]
-    up_BNC = table_BU.gather(1, J_BNC.flatten(1)).view_as(J_BNC)
+    up_BNC = table_BG.gather(1, J_BNC.flatten(1)).view_as(J_BNC)
     return (up_BNC * V_FC[cand_BN]).sum(-1)

@@ -42,9 +42,11 @@ class DictOutput(NamedTuple):
     """Active features: values [B, K] and indices [B, K]."""
     recon_BD: Tensor
     """Reconstruction of the target."""
-    pre_BN: Tensor | None
-    """Pre-activations before ReLU/TopK: all features [B, F], or the candidates [B, N] when
-    cand_BN is set; None where the training step no longer needs them."""
+    pre_BF: Tensor | None
+    """Pre-activations of all features before ReLU/TopK (vanilla pass, all-features mode of the
+    pruned pass); None in the candidates mode, and where the training step no longer needs them."""
+    pre_BN: Tensor | None = None
+    """Pre-activations of the candidates cand_BN before ReLU/TopK (candidates mode), else None."""
     cand_BN: Tensor | None = None
     """Candidate feature indices (candidates mode of the pruned pass), else None."""
     penalty: Tensor | None = None
@@ -209,19 +211,19 @@ class SCAESuite(nn.Module):
         self, name: str, vanilla_pre_BF: Tensor, n_threshold: int, n_random: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """[B, K + n_threshold + n_random]: vanilla top K, the next n_threshold, then random
+        """cand_BN, N = K + n_threshold + n_random: vanilla top K, the next n_threshold, then random
         others."""
         ae = self.dicts[name]
         check_candidates(name, ae.k, n_threshold, n_random, ae.dict_size)
         n_top = ae.k + n_threshold
         pre_BF = vanilla_pre_BF.detach()
-        top_BT = pre_BF.topk(n_top, dim=1, sorted=True).indices
+        top_BM = pre_BF.topk(n_top, dim=1, sorted=True).indices
         if n_random == 0:
-            return top_BT
+            return top_BM
         scores_BF = torch.rand(pre_BF.shape, generator=generator, device=pre_BF.device)
-        scores_BF.scatter_(1, top_BT, -1.0)
+        scores_BF.scatter_(1, top_BM, -1.0)
         rand_BR = scores_BF.topk(n_random, dim=1, sorted=False).indices
-        return torch.cat([top_BT, rand_BR], dim=1)
+        return torch.cat([top_BM, rand_BR], dim=1)
 
     def virtual_weights(self, name: str) -> Tensor:
         """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
@@ -263,8 +265,8 @@ class SCAESuite(nn.Module):
         V_FC = self.virtual_weights(name)
 
         # Upstream features in the global index space, and the embedding + bias term.
-        vals_BK = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
-        idx_BK = torch.cat(
+        vals_BA = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
+        idx_BA = torch.cat(
             [up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)],
             dim=1,
         )
@@ -275,10 +277,10 @@ class SCAESuite(nn.Module):
         sigma_B1 = batch.layernorm_scale[name][:, None]
 
         if cand_BN is None:
-            conn_BF = connection_contrib_all(vals_BK, idx_BK, V_FC, comp.J_FC, comp.n_up)
+            conn_BF = connection_contrib_all(vals_BA, idx_BA, V_FC, comp.J_FC, comp.n_up)
             return (base_BF + conn_BF) / sigma_B1 + ae.encoder.bias
         conn_BN = connection_contrib_candidates(
-            vals_BK, idx_BK, V_FC, comp.J_FC, cand_BN, comp.n_up
+            vals_BA, idx_BA, V_FC, comp.J_FC, cand_BN, comp.n_up
         )
         return (base_BF.gather(1, cand_BN) + conn_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
 
@@ -295,7 +297,7 @@ class SCAESuite(nn.Module):
             raise ValueError(f"mode must be 'all' or 'candidates', got {mode!r}")
         cand_BN = vanilla_out.cand_BN
         if cand_BN is None:
-            cand_BN = self.candidates(name, vanilla_out.pre_BN, n_threshold, n_random, generator)
+            cand_BN = self.candidates(name, vanilla_out.pre_BF, n_threshold, n_random, generator)
         pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN)
         n_top = ae.k + n_threshold
         top = pre_BN[:, :n_top]
@@ -305,7 +307,7 @@ class SCAESuite(nn.Module):
         if n_random > 0:
             floor_B1 = top.min(dim=1, keepdim=True).values
             penalty = (pre_BN[:, n_top:] - floor_B1).relu().sum(1).mean()
-        return DictOutput(feats, ae.decode(feats), pre_BN, cand_BN, penalty)
+        return DictOutput(feats, ae.decode(feats), None, pre_BN, cand_BN, penalty)
 
     # ----------------------------------------------------------------- files
 

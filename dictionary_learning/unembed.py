@@ -42,6 +42,6 @@ class Unembed(nn.Module):
 
 
 @torch.no_grad()
-def unembed(model, r_final_BTD: Tensor) -> Tensor:
+def unembed(model, r_final_STD: Tensor) -> Tensor:
     """logits = lm_head(final_norm(r_final)) with the model's own head, [..., V]."""
-    return Unembed.from_model(model)(r_final_BTD)
+    return Unembed.from_model(model)(r_final_STD)

@@ -64,9 +64,9 @@ def tiny_gpt2(
 def random_contexts(n: int, ctx_len: int, vocab: int = 64, seed: int = 0, bos: int = 0):
     """n random LongTensor [ctx_len] contexts with BOS (id `bos`) at position 0."""
     g = torch.Generator().manual_seed(seed)
-    toks_NC = torch.randint(1, vocab, (n, ctx_len), generator=g)
-    toks_NC[:, 0] = bos
-    return list(toks_NC)
+    toks_ST = torch.randint(1, vocab, (n, ctx_len), generator=g)
+    toks_ST[:, 0] = bos
+    return list(toks_ST)
 
 
 def random_texts(n: int, seed: int = 0, min_len: int = 1, max_len: int = 40) -> list[str]:

@@ -8,7 +8,7 @@ from dictionary_learning.model import hf_model
 from tests.helpers import random_contexts, random_texts, tiny_gpt2
 
 CTX = 16
-T = CTX - 1
+BODY = CTX - 1  # token rows per context (BOS dropped)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def model():
     return m
 
 
-def hook_reference(model, toks_NC):
+def hook_reference(model, toks_ST):
     """Activations captured with plain PyTorch hooks, BOS dropped, flattened to rows."""
     hf = hf_model(model)
     got, handles = {}, []
@@ -39,7 +39,7 @@ def hook_reference(model, toks_NC):
                 lambda m, a, o, l=l: got.__setitem__(f"mlp_out_{l}", o)),
         ]
     with torch.no_grad():
-        hf(toks_NC)
+        hf(toks_ST)
     for h in handles:
         h.remove()
     return {k: v[:, 1:].reshape(-1, v.shape[-1]) for k, v in got.items()}
@@ -63,7 +63,7 @@ def cat(batches):
 
 def test_matches_hooks_and_math(model):
     ctxs = random_contexts(8, CTX)
-    n = 8 * T  # 120 rows, one fill
+    n = 8 * BODY  # 120 rows, one fill
     buf = AllActivationBuffer(
         model, iter(ctxs), n_tokens=n, out_batch_size=20, model_batch_size=3, seed=5
     )

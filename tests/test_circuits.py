@@ -29,12 +29,12 @@ def setup():
 
 def test_incoming_edges_plus_constants_equal_values(setup):
     model, suite, g = setup
-    has_in = (g.kind_N == C.FEATURE) | (g.kind_N == C.LOGIT)
-    lhs = g.adjacency_NN.sum(1) + g.constant_N
-    torch.testing.assert_close(lhs[has_in], g.activation_N[has_in], rtol=0, atol=1e-10)
+    has_in = (g.kind_X == C.FEATURE) | (g.kind_X == C.LOGIT)
+    lhs = g.adjacency_XX.sum(1) + g.constant_X
+    torch.testing.assert_close(lhs[has_in], g.activation_X[has_in], rtol=0, atol=1e-10)
     # sources have no incoming edges; every edge goes forward in the node order's layers
-    src_only = (g.kind_N == C.ERROR) | (g.kind_N == C.EMBEDDING)
-    assert not g.adjacency_NN[src_only].any()
+    src_only = (g.kind_X == C.ERROR) | (g.kind_X == C.EMBEDDING)
+    assert not g.adjacency_XX[src_only].any()
     assert g.info["identity_error"] < 1e-10
 
 
@@ -43,21 +43,21 @@ def test_feature_values_are_the_suites_passes(setup):
     run = C.run_prompt(model, suite, C.tokenize_prompt(model.tokenizer, PROMPT), torch.float64)
     for m_i, name in enumerate(g.modules):
         out = run.pruned[name] if name.startswith("mlp_") else run.vanilla[name]
-        sel = (g.kind_N == C.FEATURE) & (g.module_N == m_i)
+        sel = (g.kind_X == C.FEATURE) & (g.module_X == m_i)
         dense = out.feats.dense(suite.dicts[name].dict_size)
         assert int(sel.sum()) == int((dense > 0).sum())
-        assert torch.equal(dense[g.pos_N[sel], g.index_N[sel]], g.activation_N[sel])
+        assert torch.equal(dense[g.pos_X[sel], g.index_X[sel]], g.activation_X[sel])
 
 
 def test_logit_edges_equal_the_models_logits(setup):
     model, suite, g = setup
     toks = C.tokenize_prompt(model.tokenizer, PROMPT)
     logits_V = hf_model(model)(input_ids=toks[None]).logits[0, -1]
-    is_logit = g.kind_N == C.LOGIT
-    ids = g.index_N[is_logit]
-    torch.testing.assert_close(g.activation_N[is_logit], logits_V[ids].detach(), rtol=0,
+    is_logit = g.kind_X == C.LOGIT
+    ids = g.index_X[is_logit]
+    torch.testing.assert_close(g.activation_X[is_logit], logits_V[ids].detach(), rtol=0,
                                atol=1e-10)
-    lhs = g.adjacency_NN[is_logit].sum(1) + g.constant_N[is_logit]
+    lhs = g.adjacency_XX[is_logit].sum(1) + g.constant_X[is_logit]
     torch.testing.assert_close(lhs, logits_V[ids].detach(), rtol=0, atol=1e-10)
     assert int(ids[0]) == int(logits_V.argmax())  # default target: the top token
     torch.testing.assert_close(g.logit_probs, logits_V.softmax(-1)[ids].detach())
@@ -66,13 +66,13 @@ def test_logit_edges_equal_the_models_logits(setup):
 def test_zeroing_a_node_changes_the_logit_by_its_total_effect(setup):
     model, suite, g = setup
     base = C.frozen_logits(model, suite, g)
-    torch.testing.assert_close(base, g.activation_N[g.kind_N == C.LOGIT], rtol=0, atol=1e-10)
+    torch.testing.assert_close(base, g.activation_X[g.kind_X == C.LOGIT], rtol=0, atol=1e-10)
     effect = C.total_effect(g)
     # the strongest nodes of every kind, and a few random ones
     picks = set(torch.randperm(g.n_nodes - 5, generator=torch.Generator().manual_seed(0))[:3]
                 .tolist())
     for kind in (C.FEATURE, C.ERROR, C.EMBEDDING):
-        sel = (g.kind_N == kind).nonzero()[:, 0]
+        sel = (g.kind_X == kind).nonzero()[:, 0]
         picks |= set(sel[effect[sel].abs().topk(2).indices].tolist())
     hit = 0
     for n in sorted(picks):
@@ -84,7 +84,7 @@ def test_zeroing_a_node_changes_the_logit_by_its_total_effect(setup):
 
 def test_influence_matches_its_closed_form(setup):
     _, _, g = setup
-    A = C.normalize_matrix(g.adjacency_NN)
+    A = C.normalize_matrix(g.adjacency_XX)
     w = C.logit_weights(g)
     eye = torch.eye(g.n_nodes, dtype=A.dtype)
     closed = w @ (torch.linalg.inv(eye - A) - eye)
@@ -95,15 +95,15 @@ def test_pruning(setup):
     _, _, g = setup
     full = C.prune_graph(g, 1.0, 1.0)
     pr = C.prune_graph(g, 0.8, 0.98)
-    always = (g.kind_N == C.EMBEDDING) | (g.kind_N == C.LOGIT)
+    always = (g.kind_X == C.EMBEDDING) | (g.kind_X == C.LOGIT)
     assert pr.node_mask[always].all()
     assert pr.node_mask.sum() < full.node_mask.sum() <= g.n_nodes
     kept_edges = pr.edge_mask.nonzero()
     assert pr.node_mask[kept_edges[:, 0]].all() and pr.node_mask[kept_edges[:, 1]].all()
-    assert (g.adjacency_NN[pr.edge_mask] != 0).all()
-    inner = (g.kind_N == C.FEATURE) | (g.kind_N == C.ERROR)
+    assert (g.adjacency_XX[pr.edge_mask] != 0).all()
+    inner = (g.kind_X == C.FEATURE) | (g.kind_X == C.ERROR)
     assert pr.edge_mask[:, pr.node_mask & inner].any(0).all()  # kept nodes feed something
-    feat = pr.node_mask & (g.kind_N == C.FEATURE)
+    feat = pr.node_mask & (g.kind_X == C.FEATURE)
     assert pr.edge_mask[feat].any(1).all()  # and kept features are fed
     with pytest.raises(ValueError, match="node_threshold"):
         C.prune_graph(g, 1.5)

@@ -33,13 +33,13 @@ def connected_suite(seed=0):
     return suite
 
 
-def plain_ce(logits_BTV, toks_BT):
+def plain_ce(logits_STV, toks_ST):
     """Mean CE of the predictions from positions 1..T-2 of tokens 2..T-1, as a plain loop."""
     losses = []
-    for b in range(toks_BT.shape[0]):
-        for t in range(1, toks_BT.shape[1] - 1):
-            lp = logits_BTV[b, t].double().log_softmax(-1)
-            losses.append(-lp[toks_BT[b, t + 1]])
+    for s in range(toks_ST.shape[0]):
+        for t in range(1, toks_ST.shape[1] - 1):
+            lp = logits_STV[s, t].double().log_softmax(-1)
+            losses.append(-lp[toks_ST[s, t + 1]])
     return float(torch.stack(losses).mean())
 
 

@@ -19,8 +19,8 @@ def test_importance_equals_plain_loop_over_tokens():
     batches = [random_batch(n_layers=2, d=5, B=7, seed=s) for s in range(3)]
     acts = collect_activations(suite, batches, n_tokens=18)
     for down in suite.transcoder_names:
-        imp = importance(suite, acts, down, "active")
-        imp_all = importance(suite, acts, down, "all")
+        imp_FG = importance(suite, acts, down, "active")
+        imp_all_FG = importance(suite, acts, down, "all")
         ups = upstream_names(down)
         tc = suite.dicts[down]
         Wc = tc.encoder.weight - tc.encoder.weight.mean(1, keepdim=True)
@@ -43,8 +43,8 @@ def test_importance_equals_plain_loop_over_tokens():
                             tot += c
                             n_active += 1
                     want = tot / n_active if n_active else 0.0
-                    assert abs(float(imp[i, col]) - want) < 1e-9, (down, i, u, j)
-                    assert abs(float(imp_all[i, col]) - tot_all / 18) < 1e-9
+                    assert abs(float(imp_FG[i, col]) - want) < 1e-9, (down, i, u, j)
+                    assert abs(float(imp_all_FG[i, col]) - tot_all / 18) < 1e-9
                     col += 1
 
 
@@ -110,15 +110,15 @@ def test_budget_is_shared_across_upstream_modules_and_blocks_agree(tmp_path):
     for down, ups in conns.items():
         per_feature = sum((idx >= 0).sum(1) for idx in ups.values())
         assert int(per_feature.max()) <= C
-        imp = importance(suite, acts, down)
-        kth = imp.abs().topk(C, dim=1).values[:, -1]
+        imp_FG = importance(suite, acts, down)
+        kth = imp_FG.abs().topk(C, dim=1).values[:, -1]
         off = 0
         for u in upstream_names(down):
             F_u = suite.dicts[u].dict_size
             for i, row in enumerate(ups.get(u, torch.empty(10, 0, dtype=torch.long))):
                 for j in row.tolist():
                     if j >= 0:
-                        assert imp[i, off + j].abs() >= kth[i] - 1e-6
+                        assert imp_FG[i, off + j].abs() >= kth[i] - 1e-6
             off += F_u
         for u in ups:
             assert torch.equal(ups[u].sort(1).values, small[down][u].sort(1).values)

@@ -70,13 +70,13 @@ def test_kernels_and_gradients_match_plain_reference(fallback, monkeypatch):
             V_P = sparse_ops.sampled_dot_plain(W, dec.T, rows, cols)
         V_FC = torch.zeros(F, C, dtype=V_P.dtype, device=V_P.device).index_put((rows, slots), V_P)
         if kernels:
-            cand_BN = sparse_ops.connection_contrib_candidates(vals, idx, V_FC, J, cand, n_up)
-            all_BF = sparse_ops.connection_contrib_all(vals, idx, V_FC, J, n_up)
+            conn_BN = sparse_ops.connection_contrib_candidates(vals, idx, V_FC, J, cand, n_up)
+            conn_BF = sparse_ops.connection_contrib_all(vals, idx, V_FC, J, n_up)
         else:
-            cand_BN = sparse_ops.connection_contrib_plain(vals, idx, V_FC, J, cand, n_up)
-            all_BF = sparse_ops.connection_contrib_plain(
+            conn_BN = sparse_ops.connection_contrib_plain(vals, idx, V_FC, J, cand, n_up)
+            conn_BF = sparse_ops.connection_contrib_plain(
                 vals, idx, V_FC, J, torch.arange(F).expand(B, F), n_up)
-        return V_P, cand_BN, all_BF
+        return V_P, conn_BN, conn_BF
 
     got = pipeline(*params, kernels=True)
     want = pipeline(*refs, kernels=False)
@@ -162,8 +162,9 @@ def test_pruned_pass_matches_dense_reference(mode):
                                       generator=gen)
         pre, recon = reference_pass(suite64, batch64, conns, vanilla, pruned)
     for m in suite.transcoder_names:
-        assert pruned[m].pre_BN.dtype == DT
-        assert_close_to_reference(pruned[m].pre_BN, pre[m], f"{m} pruned pre-activations ({mode})")
+        pre_m = pruned[m].pre_BF if mode == "all" else pruned[m].pre_BN
+        assert pre_m.dtype == DT
+        assert_close_to_reference(pre_m, pre[m], f"{m} pruned pre-activations ({mode})")
         assert_close_to_reference(
             pruned[m].recon_BD, recon[m], f"{m} pruned reconstruction ({mode})"
         )

@@ -58,7 +58,7 @@ def test_pruned_pass_equals_plain_loop_reference(chunk, monkeypatch):
     out = suite.pruned_forward(batch, mode="all")
     ref_pre, ref_feats = reference_pruned(suite, batch, conns)
     for m in suite.transcoder_names:
-        torch.testing.assert_close(out[m].pre_BN, ref_pre[m], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[m].pre_BF, ref_pre[m], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out[m].feats.dense(suite.dicts[m].dict_size), ref_feats[m])
 
 
@@ -77,7 +77,7 @@ def test_full_connectivity_equals_encoding_of_rebuilt_residual():
         tc = suite.dicts[m]
         P_r = r - r.mean(-1, keepdim=True)
         expected = (P_r / batch.layernorm_scale[m][:, None]) @ tc.encoder.weight.T + tc.encoder.bias
-        torch.testing.assert_close(pruned[m].pre_BN, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(pruned[m].pre_BF, expected, rtol=1e-10, atol=1e-10)
         r = r + pruned[m].recon_BD
 
 
@@ -111,7 +111,7 @@ def test_exact_upstream_gives_vanilla_pre_activations():
     pruned = suite.pruned_forward(batch, vanilla, mode="all")
     for layer in range(n_layers):
         m = f"mlp_{layer}"
-        torch.testing.assert_close(pruned[m].pre_BN, vanilla[m].pre_BN, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(pruned[m].pre_BF, vanilla[m].pre_BF, rtol=1e-9, atol=1e-9)
 
 
 def test_candidates_mode_equals_all_mode_when_candidates_cover_everything():
@@ -124,7 +124,7 @@ def test_candidates_mode_equals_all_mode_when_candidates_cover_everything():
     for m in suite.transcoder_names:
         F = suite.dicts[m].dict_size
         cand = cand_out[m].cand_BN
-        torch.testing.assert_close(cand_out[m].pre_BN, all_out[m].pre_BN.gather(1, cand))
+        torch.testing.assert_close(cand_out[m].pre_BN, all_out[m].pre_BF.gather(1, cand))
         torch.testing.assert_close(cand_out[m].feats.dense(F), all_out[m].feats.dense(F))
         torch.testing.assert_close(cand_out[m].recon_BD, all_out[m].recon_BD)
 
@@ -140,7 +140,7 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
     )
     cand = out["mlp_0"].cand_BN
     assert cand.shape == (8, 3 + 5 + 6)
-    order = vanilla["mlp_0"].pre_BN.topk(8, dim=1).indices
+    order = vanilla["mlp_0"].pre_BF.topk(8, dim=1).indices
     assert torch.equal(cand[:, :8], order)
     for row in cand:
         assert len(set(row.tolist())) == row.numel(), "random candidates must be new features"
@@ -201,7 +201,7 @@ def test_padding_and_features_without_connections():
     out = suite.pruned_forward(batch, mode="all")
     ref_pre, _ = reference_pruned(suite, batch, conns)
     for m in suite.transcoder_names:
-        torch.testing.assert_close(out[m].pre_BN, ref_pre[m])
+        torch.testing.assert_close(out[m].pre_BF, ref_pre[m])
 
 
 def test_connections_round_trip_through_the_compiled_layout():

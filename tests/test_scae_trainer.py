@@ -29,7 +29,7 @@ def test_exact_attention_sae_on_real_activations_gives_vanilla_mlp0_pre():
     van = suite.vanilla_forward(batch)
     pr = suite.pruned_forward(batch, van, mode="all")
     # the tolerance is that of the fp32 model
-    torch.testing.assert_close(pr["mlp_0"].pre_BN, van["mlp_0"].pre_BN, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pr["mlp_0"].pre_BF, van["mlp_0"].pre_BF, rtol=1e-5, atol=1e-5)
 
 
 def suite_for(buf, F=64, k=4):

@@ -66,7 +66,7 @@ def test_bf16_pruned_pass_forward_and_backward():
         all_ = suite.pruned_forward(batch, mode="all")
         # The same parameters and inputs in fp32: only the arithmetic's precision differs.
         ref = copy.deepcopy(suite).float().pruned_forward(batch.to(dtype=torch.float32), mode="all")
-    assert all(o.pre_BN.dtype == torch.bfloat16 for o in all_.values())
+    assert all(o.pre_BF.dtype == torch.bfloat16 for o in all_.values())
     # bf16 keeps 8 mantissa bits (rounding ~4e-3 relative per operation); measured 3e-3 and 6e-3
     # here. 2e-2 allows for accumulation, and fails on a wrong index or a dropped term.
     for m, o in all_.items():

@@ -119,15 +119,17 @@ class TrainerSCAESuite(TopKSuiteTrainer):
             # candidates, then only the candidates' [B, N] are kept (memory of the training step).
             d, van = self.dicts[n], self.suite.vanilla_one(n, batch)
             x, y = self.io(n, batch)
-            aux = auxk_loss(d, van.pre_BN, y.float() - van.recon_BD.float(), self.dead_mask(n),
+            aux = auxk_loss(d, van.pre_BF, y.float() - van.recon_BD.float(), self.dead_mask(n),
                             self.k_aux[n], relu=cfg.auxk_relu)
             if d.is_transcoder:
                 cand_BN = self.suite.candidates(
-                    n, van.pre_BN, cfg.n_threshold, cfg.n_random, self.generator
+                    n, van.pre_BF, cfg.n_threshold, cfg.n_random, self.generator
                 )
-                van = van._replace(pre_BN=van.pre_BN.gather(1, cand_BN), cand_BN=cand_BN)
+                van = van._replace(
+                    pre_BF=None, pre_BN=van.pre_BF.gather(1, cand_BN), cand_BN=cand_BN
+                )
             else:
-                van = van._replace(pre_BN=None)
+                van = van._replace(pre_BF=None)
             vanilla[n] = van
             fvu_v = fvu(y, van.recon_BD, across_ranks=True)
             losses[n] = cfg.auxk_alpha * aux
@@ -183,13 +185,13 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates (the
         denominator is a normaliser: no gradient flows through it)."""
         n_top = k + self.cfg.n_threshold
-        f_van_BT = van.pre_BN[:, :n_top].relu()  # vanilla pre-activations at the candidates
-        f_van_BT = torch.cat([f_van_BT[:, :k], torch.zeros_like(f_van_BT[:, k:])], dim=1)
-        top_BT = pr.pre_BN[:, :n_top]
-        vals_BK, sel_BK = top_BT.topk(k, dim=1)
-        f_pr_BT = torch.zeros_like(top_BT).scatter(1, sel_BK, vals_BK.relu())
+        f_van_BM = van.pre_BN[:, :n_top].relu()  # vanilla pre-activations at the candidates
+        f_van_BM = torch.cat([f_van_BM[:, :k], torch.zeros_like(f_van_BM[:, k:])], dim=1)
+        top_BM = pr.pre_BN[:, :n_top]
+        vals_BK, sel_BK = top_BM.topk(k, dim=1)
+        f_pr_BM = torch.zeros_like(top_BM).scatter(1, sel_BK, vals_BK.relu())
         return ratio_across_ranks(
-            (f_van_BT - f_pr_BT).float().pow(2).sum(), f_van_BT.float().pow(2).sum()
+            (f_van_BM - f_pr_BM).float().pow(2).sum(), f_van_BM.float().pow(2).sum()
         )
 
     def local_state_dict(self) -> dict:

@@ -103,18 +103,18 @@ def lr_schedule(total_steps: int, warmup_steps: int, decay_start: float):
 
 
 @torch.no_grad()
-def geometric_median(points_ND: Tensor, n_iter: int = 100, tol: float = 1e-7) -> Tensor:
+def geometric_median(points_BD: Tensor, n_iter: int = 100, tol: float = 1e-7) -> Tensor:
     """Geometric median of the rows by Weiszfeld iterations (in float64)."""
-    pts = points_ND.double()
+    pts = points_BD.double()
     guess = pts.mean(0)
     for _ in range(n_iter):
-        w_N = 1.0 / (pts - guess).norm(dim=1).clamp_min(1e-12)
-        new = (w_N[:, None] * pts).sum(0) / w_N.sum()
+        w_B = 1.0 / (pts - guess).norm(dim=1).clamp_min(1e-12)
+        new = (w_B[:, None] * pts).sum(0) / w_B.sum()
         done = (new - guess).norm() <= tol * (guess.norm() + 1e-12)
         guess = new
         if done:
             break
-    return guess.to(points_ND.dtype)
+    return guess.to(points_BD.dtype)
 
 
 def auxk_loss(
@@ -137,11 +137,11 @@ def auxk_loss(
     if n_dead == 0:
         return pre_BF.new_zeros((), dtype=torch.float32)
     dead_idx = dead_F.nonzero().squeeze(1)
-    pre_dead_BN = pre_BF.index_select(1, dead_idx)  # only the dead columns are kept for backward
+    pre_dead_BZ = pre_BF.index_select(1, dead_idx)  # only the dead columns are kept for backward
     if relu:
-        dead_feats = topk_relu(pre_dead_BN, min(k_aux, n_dead))
+        dead_feats = topk_relu(pre_dead_BZ, min(k_aux, n_dead))
     else:
-        dead_feats = Features(*pre_dead_BN.topk(min(k_aux, n_dead), dim=-1, sorted=False))
+        dead_feats = Features(*pre_dead_BZ.topk(min(k_aux, n_dead), dim=-1, sorted=False))
     # Dense over the dead columns only: faster than embedding_bag for k_aux ~ D/2, and [B, n_dead].
     aux_BD = dead_feats.dense(n_dead).to(d.decoder.weight.dtype) @ d.decoder.weight[:, dead_idx].T
     return fvu(residual_BD.detach(), aux_BD, across_ranks=True)
