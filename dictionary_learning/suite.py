@@ -186,13 +186,16 @@ class SCAESuite(nn.Module):
         n_threshold: int = 0,
         n_random: int = 0,
         generator: torch.Generator | None = None,
+        pruned_top: bool = False,
     ) -> dict[str, DictOutput]:
         """Transcoder outputs from connected upstream features only, in layer order.
 
         Upstream features are the vanilla ones for attention SAEs and the pruned ones for
         transcoders. mode="all" computes every feature (evaluation); mode="candidates" computes
         the vanilla top K, the next n_threshold and n_random random features (training), or the
-        candidates already in `vanilla[m].cand_BN`.
+        candidates already in `vanilla[m].cand_BN`. `pruned_top` (candidates mode) adds the pruned
+        pass's own top K, computed without gradient over all features: the K features chosen are
+        then exactly those of mode="all" (docs/method.md §5).
         """
         if vanilla is None:
             vanilla = self.vanilla_forward(batch)
@@ -202,7 +205,8 @@ class SCAESuite(nn.Module):
             a, m = f"attn_{layer}", f"mlp_{layer}"
             up_feats[a] = vanilla[a].feats
             out[m] = self._pruned_transcoder(
-                m, batch, vanilla[m], up_feats, mode, n_threshold, n_random, generator
+                m, batch, vanilla[m], up_feats, mode, n_threshold, n_random, generator,
+                pruned_top,
             )
             up_feats[m] = out[m].feats
         return out
@@ -286,7 +290,7 @@ class SCAESuite(nn.Module):
 
     def _pruned_transcoder(
         self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
-        generator,
+        generator, pruned_top=False,
     ) -> DictOutput:
         ae = self.dicts[name]
         if mode == "all":
@@ -298,15 +302,29 @@ class SCAESuite(nn.Module):
         cand_BN = vanilla_out.cand_BN
         if cand_BN is None:
             cand_BN = self.candidates(name, vanilla_out.pre_BF, n_threshold, n_random, generator)
-        pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN)
         n_top = ae.k + n_threshold
+        if pruned_top:
+            # The pruned pass's own top K (over all features, no gradient) joins the candidates,
+            # so that the K chosen below are those the all-features pass chooses: a feature that
+            # fires in the pruned pass only is then trained down instead of never seen.
+            with torch.no_grad():
+                own_BK = self._pruned_pre(name, batch, up_feats, None).topk(ae.k, dim=1).indices
+            cand_BN = torch.cat([cand_BN, own_BK], dim=1)
+        pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN)
         top = pre_BN[:, :n_top]
-        sel_vals_BK, sel_BK = top.topk(ae.k, dim=1, sorted=False)
-        feats = Features(sel_vals_BK.relu(), cand_BN.gather(1, sel_BK))
+        pool_BN, pos_N = top, torch.arange(n_top, device=cand_BN.device)
+        if pruned_top:
+            # one slot per feature: an own-top feature already among the main candidates is out
+            dup_BK = (own_BK[:, :, None] == cand_BN[:, None, :n_top]).any(dim=-1)
+            pool_BN = torch.cat([top, pre_BN[:, -ae.k:].masked_fill(dup_BK, float("-inf"))], 1)
+            n_cand = cand_BN.shape[1]
+            pos_N = torch.cat([pos_N, torch.arange(n_cand - ae.k, n_cand, device=pos_N.device)])
+        sel_vals_BK, sel_BK = pool_BN.topk(ae.k, dim=1, sorted=False)
+        feats = Features(sel_vals_BK.relu(), cand_BN.gather(1, pos_N[sel_BK]))
         penalty = None
         if n_random > 0:
             floor_B1 = top.min(dim=1, keepdim=True).values
-            penalty = (pre_BN[:, n_top:] - floor_B1).relu().sum(1).mean()
+            penalty = (pre_BN[:, n_top : n_top + n_random] - floor_B1).relu().sum(1).mean()
         return DictOutput(feats, ae.decode(feats), None, pre_BN, cand_BN, penalty)
 
     # ----------------------------------------------------------------- files

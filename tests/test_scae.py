@@ -129,6 +129,33 @@ def test_candidates_mode_equals_all_mode_when_candidates_cover_everything():
         torch.testing.assert_close(cand_out[m].recon_BD, all_out[m].recon_BD)
 
 
+def test_pruned_top_candidates_choose_the_features_of_the_all_features_pass():
+    """With pruned_top, the candidates mode picks exactly the all-features pass's top K, even
+    where the pruned top K lies outside the vanilla candidates; a feature in both sets counts
+    once."""
+    suite = random_suite(n_layers=3, F=40, k=3)
+    suite.set_connections(random_connections(suite, C=5))
+    batch = random_batch(n_layers=3, B=16)
+    vanilla = suite.vanilla_forward(batch)
+    all_out = suite.pruned_forward(batch, vanilla, mode="all")
+    plain = suite.pruned_forward(batch, vanilla, mode="candidates", n_threshold=2, n_random=2,
+                                 generator=torch.Generator().manual_seed(0))
+    out = suite.pruned_forward(batch, vanilla, mode="candidates", n_threshold=2, n_random=2,
+                               generator=torch.Generator().manual_seed(0), pruned_top=True)
+    differs = False
+    for m in suite.transcoder_names:
+        F, k = suite.dicts[m].dict_size, suite.dicts[m].k
+        dense = out[m].feats.dense(F)
+        torch.testing.assert_close(dense, all_out[m].feats.dense(F))
+        torch.testing.assert_close(out[m].recon_BD, all_out[m].recon_BD)
+        # the layout: main and random candidates as without pruned_top, then the pruned top K
+        assert out[m].cand_BN.shape[1] == plain[m].cand_BN.shape[1] + k
+        torch.testing.assert_close(out[m].pre_BN[:, -k:].sort(1).values,
+                                   all_out[m].pre_BF.topk(k, dim=1).values.sort(1).values)
+        differs |= not torch.equal(plain[m].feats.dense(F), dense)
+    assert differs  # the case this option exists for occurs in this batch
+
+
 def test_candidates_are_vanilla_top_then_threshold_then_random():
     suite = random_suite(n_layers=1, F=40, k=3)
     suite.set_connections(random_connections(suite, C=4))

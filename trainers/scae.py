@@ -43,6 +43,10 @@ class SCAETrainerConfig(TopKTrainerConfig):
     """Weight of the activation-difference term ||f_vanilla - f_pruned||^2 / ||f_vanilla||^2."""
     n_threshold: int = 32
     """Candidates after the vanilla top K, by vanilla pre-activation."""
+    pruned_top: bool = True
+    """Add the pruned pass's own top K (over all features, no gradient) to the candidates, so the
+    training step's pruned features are exactly those evaluation's all-features pass picks, and
+    features that fire in the pruned pass only get the gradient that turns them down."""
     n_random: int = 0
     """Random other candidates per token, used only by the penalty (0: no penalty)."""
     random_coeff: float = 0.0
@@ -141,7 +145,8 @@ class TrainerSCAESuite(TopKSuiteTrainer):
             fired[n] = van.feats.idx_BK[active_BK]
 
         pruned = self.suite.pruned_forward(batch, vanilla, mode="candidates",
-                                           n_threshold=cfg.n_threshold, n_random=cfg.n_random)
+                                           n_threshold=cfg.n_threshold, n_random=cfg.n_random,
+                                           pruned_top=cfg.pruned_top)
         for n, pr in pruned.items():
             _, y = self.io(n, batch)
             fvu_p = fvu(y, pr.recon_BD, across_ranks=True)
