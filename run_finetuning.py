@@ -41,6 +41,7 @@ CTX_LEN = None  # context length, BOS included (128)
 # Finetuning hyperparameters
 C = None  # connections per transcoder feature (None: the preset's: 32 tiny, 100 gpt2; QUICK 16)
 VARIANT = "active"  # importance averaged over tokens where the feature is active, or "all"
+REFINE = 0  # rounds of recomputing the connections on the finetuned suite and finetuning again
 COEFF = 1.0  # weight of the pruned FVU in the loss
 LOSS = "vanilla+pruned"  # or "pruned"
 ACT_COEFF = 0.0  # weight of the vanilla-vs-pruned activation difference term
@@ -59,6 +60,7 @@ DTYPE = "float32"  # "float32" or "bfloat16" for dictionaries and activations
 #%% Imports
 import argparse
 import copy
+import json
 import logging
 import os
 import sys
@@ -96,6 +98,7 @@ if str(repo_root()) not in sys.path:
     sys.path.insert(0, str(repo_root()))
 
 import torch
+from tqdm.auto import tqdm
 
 from buffer import AllActivationBuffer
 from dictionary_learning.cache import (
@@ -136,7 +139,7 @@ from dictionary_learning.reproducibility import (
 )
 from find_top_connections import collect_activations, random_connections, top_connections
 from trainers.scae import SCAETrainerConfig
-from dictionary_learning.files import atomic_write_json, replace_file
+from dictionary_learning.files import atomic_write, atomic_write_json, replace_file
 from training import TrainConfig, train_scae_suite, wandb_config
 
 logger = logging.getLogger("run_finetuning")
@@ -182,6 +185,9 @@ class PipelineConfig:
     """Tokens held and shuffled by the activation buffer."""
     eval_tokens: int = 2**15
     """Evaluation tokens."""
+    refine: int = 0
+    """Rounds of refinement after finetuning: recompute the top-C connections on the finetuned
+    suite, then finetune again for finetune_steps (each round is cached)."""
     random_baseline: bool = True
     """Also finetune with random connections of the same counts."""
     circuit_prompts: int = 3
@@ -261,6 +267,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
         "connections": CONNECTIONS, "dict_size": DICT_SIZE, "k": K,
         "pretrain_steps": PRETRAIN_STEPS, "finetune_steps": FINETUNE_STEPS,
         "eval_tokens": EVAL_TOKENS, "ctx_len": CTX_LEN, "C": C, "variant": VARIANT,
+        "refine": REFINE,
         "device": DEVICE, "dtype": DTYPE, "export": tuple(EXPORT) or None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -408,9 +415,11 @@ def fetch_connections(spec: str, cache: Path) -> Path:
 
 
 def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, model, cache: Path,
-                    hashes: dict, stages: dict[str, StageRecord]):
-    """cfg.connections if given, else the top-C connections computed (on rank 0) and cached."""
-    if cfg.connections is not None:
+                    hashes: dict, stages: dict[str, StageRecord], stage: str = "connections",
+                    given: bool = True):
+    """cfg.connections if given (and `given`), else the top-C connections of `suite` computed (on
+    rank 0) and cached; recorded in `stages[stage]`."""
+    if given and cfg.connections is not None:
         return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes)
     k = settings_key("connections", cfg, hashes, suite=suite_hash, C=cfg.C, variant=cfg.variant,
                      connection_tokens=cfg.connection_tokens, buffer_tokens=cfg.buffer_tokens)
@@ -422,7 +431,7 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, mode
             acts = collect_activations(suite, buf, cfg.connection_tokens)
             save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
 
-    stages["connections"] = run_stage(path, k, path.is_file, compute, cache.parent / "locks")
+    stages[stage] = run_stage(path, k, path.is_file, compute, cache.parent / "locks")
     return load_connections(path, suite.dict_sizes)
 
 
@@ -454,6 +463,18 @@ def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cac
         replay_metrics(out / "metrics.jsonl", wb, name=loop.run_name, job_type="train",
                        config=wandb_config(cfg.finetune, loop))
     return SCAESuite.from_pretrained(out / "suite", device=cfg.device, dtype=dtype_of(cfg))
+
+
+def refined(cfg: PipelineConfig, tuned: SCAESuite, r: int, model, cache: Path, hashes: dict,
+            stages: dict[str, StageRecord], wb: WandbSettings | None = None):
+    """Refinement round r: the top-C connections of the suite finetuned in round r - 1 (round 0:
+    the main finetuning), then finetune_steps more with them. Returns (suite, connections)."""
+    prev = stages["finetune_top" if r == 1 else f"finetune_refine{r - 1}"].dir
+    tuned_hash = content_hash(Path(prev) / "suite")
+    conns = connections_for(cfg, tuned, tuned_hash, model, cache, hashes, stages,
+                            stage=f"connections_refine{r}", given=False)
+    return finetuned(cfg, tuned, conns, f"refine{r}", model, cache, tuned_hash, hashes, stages,
+                     wb), conns
 
 
 def write_products(cfg: PipelineConfig, tuned: SCAESuite, model, out_dir: Path) -> dict[str, str]:
@@ -514,6 +535,10 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     lap("connections")
     tuned = finetuned(cfg, suite, conns, "top", model, cache, suite_hash, hashes, stages, wb)
     lap("finetune")
+    tuned_conns = conns
+    for r in range(1, cfg.refine + 1):
+        tuned, tuned_conns = refined(cfg, tuned, r, model, cache, hashes, stages, wb)
+        lap(f"refine_{r}")
     rnd = None
     if cfg.random_baseline:
         rnd_conns = random_connections(suite, conns, seed=cfg.seed)
@@ -551,12 +576,15 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         **{name: str(out_dir / name) for name in ("before_finetuning", "finetuned")},
         **({"random_connections": str(out_dir / "random_connections")} if rnd is not None else {}),
         "pretrained_suite": stages["pretrain"].dir if "pretrain" in stages else cfg.suite,
-        "finetune_cache": stages["finetune_top"].dir,
+        "finetune_cache": stages[f"finetune_refine{cfg.refine}" if cfg.refine else
+                                 "finetune_top"].dir,
     }
     # Two runs reproduce each other exactly iff these agree (stage by stage).
     result["digests"] = {"pretrained": suite_digest(suite),
                          "connections": connections_digest(conns),
                          "finetuned": suite_digest(tuned)}
+    if cfg.refine:
+        result["digests"]["refined_connections"] = connections_digest(tuned_conns)
     if rnd is not None:
         result["digests"].update(random_connections=connections_digest(rnd_conns),
                                  finetuned_random=suite_digest(rnd))
@@ -573,6 +601,147 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     atomic_write_json(out_dir / "report.json", result)
     log_evaluation(wb, result, out_dir)
     return result
+
+
+#%% The C trade-off: --sweep-C 8,16,32,64,128
+SWEEP_EVAL_VERSION = 1
+"""Version of a sweep evaluation's cached format (part of its key)."""
+
+
+def sweep_eval(cfg: PipelineConfig, s: SCAESuite, model, cache: Path, hashes: dict) -> dict:
+    """Transcoder FVUs, dead fractions and CE of suite `s` (with its connections) on the evaluation
+    tokens, cached under the digests of its weights and connections."""
+    k = stage_key("sweep_eval", SWEEP_EVAL_VERSION, suite=suite_digest(s),
+                  connections=connections_digest(s.connections), eval_data=hashes["eval_data"],
+                  eval_tokens=cfg.eval_tokens, ctx_len=cfg.ctx_len, dtype=cfg.dtype,
+                  threads=cfg.threads)
+    path = cache / f"sweep-eval-{k}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    rep = report(s, model, contexts(cfg, model.tokenizer, "validation"), n_tokens=cfg.eval_tokens,
+                 splice=False, plots=False, device=cfg.device, dtype=dtype_of(cfg),
+                 progress=False)
+    mlp = {n: m for n, m in rep["modules"].items() if is_transcoder(n)}
+    row = {
+        "mean_fvu_pruned": sum(m["fvu_pruned"] for m in mlp.values()) / len(mlp),
+        "mean_fvu_vanilla": sum(m["fvu_vanilla"] for m in mlp.values()) / len(mlp),
+        "ce_recovered_pruned": rep["ce"]["recovered_pruned"],
+        "ce_pruned": rep["ce"]["pruned"], "ce_vanilla": rep["ce"]["vanilla"],
+        "modules": {n: {k: m[k] for k in ("fvu_vanilla", "fvu_pruned", "dead_frac")}
+                    for n, m in rep["modules"].items()},
+    }
+    atomic_write_json(path, row)
+    return row
+
+
+SWEEPS = {"C": "sweep", "finetune_steps": "sweep_steps"}
+"""The settings a sweep can vary, and the stem of its output files."""
+
+
+def sweep(cfg: PipelineConfig, values: list[int], out_dir: str | os.PathLike, param: str = "C",
+          random: bool = True) -> dict | None:
+    """For each value of `param` (C, or finetune_steps): top-C connections and, with `random`,
+    random connections of the same counts, each evaluated before and after finetuning (mean
+    transcoder FVUs, CE recovered, dead fractions). Every connection set, finetuning and
+    evaluation is cached per value, so a longer list computes only the new values. Writes
+    OUT/<stem>.json, OUT/<stem>.md (the table) and OUT/<stem>.png (stem: SWEEPS[param]); rank 0
+    returns the dict."""
+    if param not in SWEEPS:
+        raise ValueError(f"cannot sweep {param!r}; sweep one of {sorted(SWEEPS)}")
+    if not values or min(values) < 1:
+        raise ValueError(f"sweep of {param} over {values}: give positive values, e.g. 8,16,32")
+    preflight(cfg)
+    out_dir = check_out_dir(out_dir)
+    configure_determinism(cfg.threads, cfg.deterministic)
+    cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
+    model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
+    check_ctx_len(cfg.ctx_len, model_info(model).n_ctx)
+    hashes = input_hashes(cfg)
+    stages: dict[str, StageRecord] = {}
+    suite, suite_hash = pretrained_suite(cfg, model, cache, hashes, stages)
+    tags = ("top", "random") if random else ("top",)
+    rows = []
+    for value in tqdm(sorted(set(values)), desc=f"sweep {param}", disable=not is_main()):
+        v_cfg = replace(cfg, connections=None, **{param: value})
+        conns = connections_for(v_cfg, suite, suite_hash, model, cache, hashes, stages)
+        row: dict = {param: value}
+        for tag in tags:
+            cs = conns if tag == "top" else random_connections(suite, conns, cfg.seed)
+            tuned = finetuned(v_cfg, suite, cs, tag, model, cache, suite_hash, hashes, stages)
+            if is_main():
+                before = copy.deepcopy(suite)
+                before.set_connections(cs)
+                row[tag] = {"before": sweep_eval(v_cfg, before, model, cache, hashes),
+                            "after": sweep_eval(v_cfg, tuned, model, cache, hashes)}
+        row["cached"] = {name: stages[name].cached
+                         for name in ("connections", *(f"finetune_{t}" for t in tags))}
+        rows.append(row)
+    if not is_main():
+        return None
+    result = {"param": param, "rows": rows, "config": asdict(cfg)}
+    stem = SWEEPS[param]
+    atomic_write_json(out_dir / f"{stem}.json", result)
+    atomic_write(out_dir / f"{stem}.md", lambda fh: fh.write((sweep_table(result) + "\n").encode()))
+    save_sweep_plot(result, out_dir / f"{stem}.png")
+    return result
+
+
+def sweep_rows(result: dict) -> tuple[list[str], list[list]]:
+    """The sweep as (columns, rows): a row per value and connection kind."""
+    param = result["param"]
+    cols = [param, "connections", "mean mlp FVU pruned: before", "after",
+            "mean mlp FVU vanilla: before", "after", "CE recovered pruned: before", "after"]
+    rows = []
+    for r in result["rows"]:
+        for tag in ("top", "random"):
+            if tag in r:
+                b, a = r[tag]["before"], r[tag]["after"]
+                rows.append([r[param], tag, b["mean_fvu_pruned"], a["mean_fvu_pruned"],
+                             b["mean_fvu_vanilla"], a["mean_fvu_vanilla"],
+                             b["ce_recovered_pruned"], a["ce_recovered_pruned"]])
+    return cols, rows
+
+
+def sweep_table(result: dict) -> str:
+    """The sweep as a Markdown table."""
+    cols, rows = sweep_rows(result)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for value, tag, *nums in rows:
+        lines.append(f"| {value} | {tag} | " + " | ".join(f"{v:.4f}" for v in nums) + " |")
+    return "\n".join(lines)
+
+
+def save_sweep_plot(result: dict, path: Path) -> None:
+    """Two panels against the swept value (log scale): mean transcoder FVU (pruned, and vanilla
+    after finetuning), and CE recovered by the pruned suite; before and after finetuning."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    param, rows = result["param"], result["rows"]
+    xs = [r[param] for r in rows]
+    fig = Figure(figsize=(10, 3.8))
+    FigureCanvasAgg(fig)
+    for i, (key, label) in enumerate((("mean_fvu_pruned", "mean transcoder FVU"),
+                                      ("ce_recovered_pruned", "CE recovered, pruned suite"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for tag, color in (("top", "C0"), ("random", "C3")):
+            if tag not in rows[0]:
+                continue
+            for when, style in (("before", "o--"), ("after", "o-")):
+                ax.plot(xs, [r[tag][when][key] for r in rows], style, color=color,
+                        label=f"pruned, {tag} connections, {when} finetuning")
+        if key == "mean_fvu_pruned":
+            ax.plot(xs, [r["top"]["after"]["mean_fvu_vanilla"] for r in rows], "s:", color="k",
+                    label="vanilla, after finetuning (top)")
+            ax.set_yscale("log")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("C (connections per transcoder feature)" if param == "C" else
+                      "finetuning steps")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
 
 
 #%% Results: tables, plots, wandb
@@ -652,6 +821,14 @@ def log_evaluation(wb: WandbSettings, result: dict, out_dir: Path) -> None:
 
 
 #%% Main: the script's flags (a notebook never parses any)
+def int_list(text: str) -> list[int]:
+    """"8,16,32" -> [8, 16, 32], for argparse (its error names the flag)."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     """Parse the flags (each defaults to its constant at the top), run, show the results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -672,6 +849,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="also write the finetuned suite in this format to OUT/export/ (repeatable)")
     p.add_argument("--wandb", dest="wandb_mode", choices=["disabled", "offline", "online"],
                    help="wandb mode; overrides $WANDB_MODE, which overrides WANDB_MODE in the file")
+    p.add_argument("--sweep-C", dest="sweep_C", type=int_list, metavar="C1,C2,...",
+                   help="instead of one run: the C trade-off (top-C vs random connections, "
+                        "before and after finetuning) written to OUT/sweep.{json,md,png}")
+    p.add_argument("--sweep-steps", dest="sweep_steps", type=int_list, metavar="S1,S2,...",
+                   help="instead of one run: pruned and vanilla FVU against the finetuning "
+                        "length (top-C connections), to OUT/sweep_steps.{json,md,png}")
+    p.add_argument("--refine", type=int,
+                   help="rounds of recomputing the connections on the finetuned suite and "
+                        "finetuning again (default 0)")
     p.add_argument("--kl-coeff", type=float, dest="kl_coeff",
                    help=f"weight of the end-to-end KL term per token (default {KL_COEFF})")
     p.add_argument("--seed", type=int, help="seed of every stage (default 0)")
@@ -683,8 +869,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     init_distributed()
-    overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "quick", "out")}
-    result = run(make_config(args.preset, args.quick, **overrides), args.out)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("preset", "quick", "out", "sweep_C", "sweep_steps")}
+    cfg = make_config(args.preset, args.quick, **overrides)
+    for param, values in (("C", args.sweep_C), ("finetune_steps", args.sweep_steps)):
+        if values:
+            result = sweep(cfg, values, args.out, param, random=param == "C")
+            if result is not None:
+                print(sweep_table(result))
+                print(f"\n{Path(args.out) / SWEEPS[param]}.json, .md, .png written")
+            return result
+    result = run(cfg, args.out)
     if result is not None:
         show(result, args.out)
     return result
