@@ -53,6 +53,21 @@ class DictOutput(NamedTuple):
     """Random-candidate penalty (candidates mode with n_random > 0), a scalar."""
 
 
+class PrunedTerms(NamedTuple):
+    """The feature-independent parts of one transcoder's pruned pre-activation (3.2)."""
+
+    base_BF: Tensor
+    """(x0 + sum_u b_dec_u) . P w_i for every feature i (before the division by sigma)."""
+    V_FC: Tensor
+    """Virtual weights of the connections."""
+    vals_BA: Tensor
+    """Values of the upstream active features, all upstream dictionaries side by side."""
+    idx_BA: Tensor
+    """Their indices in the global upstream space G."""
+    sigma_B1: Tensor
+    """The MLP-input norm's scale sigma per token."""
+
+
 class SCAESuite(nn.Module):
     """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections."""
 
@@ -250,24 +265,12 @@ class SCAESuite(nn.Module):
             V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
         return V_flat.view(F, C)
 
-    def _pruned_pre(
-        self,
-        name: str,
-        batch,
-        up_feats: dict[str, Features],
-        cand_BN: Tensor | None,
-    ) -> Tensor:
-        """The pruned pre-activations of transcoder `name` (docs/method.md §3), for candidates or
-        all.
-
-        pre_i = [w_i.P x0 + sum_u w_i.P b_dec_u + sum_{(u,j) in conn(i)} f_uj (w_i.P d_uj)] / sigma
-                + b_enc_i
-        """
+    def _pruned_terms(self, name: str, batch, up_feats: dict[str, Features]) -> PrunedTerms:
+        """The parts of transcoder `name`'s pruned pre-activation (docs/method.md (3.2)) that do
+        not depend on which features are computed."""
         comp = self.compiled(name)
-        ae = self.dicts[name]
-        Wc_FD = ae.encoder.weight - ae.encoder.weight.mean(dim=1, keepdim=True)  # rows P w_i
-        V_FC = self.virtual_weights(name)
-
+        Wc_FD = self.dicts[name].encoder.weight
+        Wc_FD = Wc_FD - Wc_FD.mean(dim=1, keepdim=True)  # rows P w_i
         # Upstream features in the global index space, and the embedding + bias term.
         vals_BA = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
         idx_BA = torch.cat(
@@ -278,15 +281,33 @@ class SCAESuite(nn.Module):
         # gradient of the biases (x0 is data).
         b_D = sum(self.dicts[u].b_dec for u in comp.ups)
         base_BF = batch.initial @ Wc_FD.T + Wc_FD @ b_D
-        sigma_B1 = batch.layernorm_scale[name][:, None]
+        return PrunedTerms(base_BF, self.virtual_weights(name), vals_BA, idx_BA,
+                           batch.layernorm_scale[name][:, None])
 
+    def _pruned_pre(
+        self,
+        name: str,
+        batch,
+        up_feats: dict[str, Features],
+        cand_BN: Tensor | None,
+        terms: PrunedTerms | None = None,
+    ) -> Tensor:
+        """The pruned pre-activations of transcoder `name` (docs/method.md §3), for candidates or
+        all.
+
+        pre_i = [w_i.P x0 + sum_u w_i.P b_dec_u + sum_{(u,j) in conn(i)} f_uj (w_i.P d_uj)] / sigma
+                + b_enc_i
+        """
+        comp = self.compiled(name)
+        b_enc_F = self.dicts[name].encoder.bias
+        t = terms if terms is not None else self._pruned_terms(name, batch, up_feats)
         if cand_BN is None:
-            conn_BF = connection_contrib_all(vals_BA, idx_BA, V_FC, comp.J_FC, comp.n_up)
-            return (base_BF + conn_BF) / sigma_B1 + ae.encoder.bias
+            conn_BF = connection_contrib_all(t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up)
+            return (t.base_BF + conn_BF) / t.sigma_B1 + b_enc_F
         conn_BN = connection_contrib_candidates(
-            vals_BA, idx_BA, V_FC, comp.J_FC, cand_BN, comp.n_up
+            t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up
         )
-        return (base_BF.gather(1, cand_BN) + conn_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
+        return (t.base_BF.gather(1, cand_BN) + conn_BN) / t.sigma_B1 + b_enc_F[cand_BN]
 
     def _pruned_transcoder(
         self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
@@ -303,14 +324,16 @@ class SCAESuite(nn.Module):
         if cand_BN is None:
             cand_BN = self.candidates(name, vanilla_out.pre_BF, n_threshold, n_random, generator)
         n_top = ae.k + n_threshold
+        terms = self._pruned_terms(name, batch, up_feats)
         if pruned_top:
             # The pruned pass's own top K (over all features, no gradient) joins the candidates,
             # so that the K chosen below are those the all-features pass chooses: a feature that
             # fires in the pruned pass only is then trained down instead of never seen.
             with torch.no_grad():
-                own_BK = self._pruned_pre(name, batch, up_feats, None).topk(ae.k, dim=1).indices
+                frozen = PrunedTerms(*(t.detach() for t in terms))
+                own_BK = self._pruned_pre(name, batch, up_feats, None, frozen).topk(ae.k, 1).indices
             cand_BN = torch.cat([cand_BN, own_BK], dim=1)
-        pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN)
+        pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN, terms)
         top = pre_BN[:, :n_top]
         pool_BN, pos_N = top, torch.arange(n_top, device=cand_BN.device)
         if pruned_top:
