@@ -238,3 +238,47 @@ def test_auxk_without_relu_reaches_negative_dead_features():
     pre.grad = None
     auxk_loss(d, pre, e, dead, 2, relu=False).backward()
     assert pre.grad.abs().sum() > 0
+
+
+def test_resampling_reinitialises_exactly_the_dead_features():
+    """resample_dead: dead features get a unit decoder column along a token's reconstruction
+    error, an encoder row along that token's centred input (0.2 x the live rows' mean norm), a
+    zero bias, zero Adam moments and a fresh dead counter; live features do not change."""
+    tr = make(F=32, k=3, dead_tokens=64, lr=1e-3)
+    world, g = SparseWorld(), torch.Generator().manual_seed(0)
+    for s in range(3):
+        tr.update(s, world.batch(64, g))
+    d = tr.dicts["mlp_0"]
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[1, 5, 9]] = True
+    tr.tokens_since_fired["mlp_0"].zero_()
+    tr.tokens_since_fired["mlp_0"][dead] = 10**6
+    before = {n: p.detach().clone() for n, p in d.named_parameters()}
+    batch = world.batch(64, g)
+    x, y = tr.io("mlp_0", batch)
+    with torch.no_grad():
+        err = y - d(x)
+    assert tr.resample_dead("mlp_0", batch) == 3
+    live = ~dead
+    torch.testing.assert_close(d.decoder.weight[:, live], before["decoder.weight"][:, live],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(d.encoder.weight[live], before["encoder.weight"][live],
+                               rtol=0, atol=0)
+    assert torch.equal(d.encoder.bias[dead], torch.zeros(3))
+    cols = d.decoder.weight[:, dead].T  # each a unit vector along some token's error
+    torch.testing.assert_close(cols.norm(dim=1), torch.ones(3))
+    cos = cols @ (err / err.norm(dim=1, keepdim=True)).T
+    assert bool((cos.max(dim=1).values > 1 - 1e-5).all())
+    scale = before["encoder.weight"][live].norm(dim=1).mean()
+    torch.testing.assert_close(d.encoder.weight[dead].norm(dim=1), 0.2 * scale * torch.ones(3))
+    state = tr.optimizer.state[d.encoder.weight]
+    assert not state["exp_avg"][dead].any() and state["exp_avg"][live].any()
+    assert not tr.dead_mask("mlp_0").any()
+    assert tr.resample_dead("mlp_0", batch) == 0  # nothing dead: nothing changes
+
+
+def test_resampling_runs_on_its_schedule_until_the_decay():
+    tr = make(F=32, k=3, dead_tokens=64, lr=1e-3, total_steps=20, resample_steps=4)
+    world, g = SparseWorld(), torch.Generator().manual_seed(0)
+    steps = [s for s in range(20) if "mlp_0/resampled" in tr.update(s, world.batch(64, g))]
+    assert steps == [3, 7, 11]  # every 4 steps, before the decay starts at step 16

@@ -64,6 +64,9 @@ class TopKTrainerConfig:
     dead_tokens: int = 10_000_000
     """A feature is dead when it has not fired for more than this many tokens (all ranks
     together)."""
+    resample_steps: int = 0
+    """Every this many steps (0: never), until the lr decay starts, re-initialise each dead
+    feature from a token the dictionary reconstructs badly (docs/method.md §5)."""
     geometric_median_iters: int = 100
     """Weiszfeld iterations for the SAE b_dec initialisation."""
     seed: int = 0
@@ -306,6 +309,10 @@ class TopKSuiteTrainer:
         for n in self.names:
             self.dicts[n].normalize_decoder()
         self._update_dead(batch_size=batch.initial.shape[0], fired_idx=fired)
+        every, decay_from = self.cfg.resample_steps, self.cfg.decay_start * self.cfg.total_steps
+        if every > 0 and (step + 1) % every == 0 and step + 1 < decay_from:
+            for n in self.names:
+                metrics[f"{n}/resampled"] = torch.tensor(float(self.resample_dead(n, batch)))
 
         for n in self.names:
             metrics[f"{n}/dead_frac"] = self.dead_mask(n).float().mean()
@@ -316,6 +323,50 @@ class TopKSuiteTrainer:
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         out["lr_factor"] = self.scheduler.get_last_lr()[0] / self.lrs[self.names[0]]
         return out
+
+    @torch.no_grad()
+    def resample_dead(self, name: str, batch) -> int:
+        """Re-initialise the dead features of dictionary `name` from this batch; returns their
+        number.
+
+        Each dead feature j takes a token t drawn with probability proportional to the squared
+        error ||y_t - yhat_t||^2 of the vanilla reconstruction: its decoder column becomes that
+        error's direction, its encoder row the direction of the token's centred input scaled to
+        0.2 x the mean norm of the live encoder rows, its encoder bias 0. Its Adam moments and its
+        dead counter restart from zero. Every rank draws the same tokens from the same seed only
+        if the batches agree, so under torch.distributed the new weights are rank 0's.
+        """
+        d = self.dicts[name]
+        dead_F = self.dead_mask(name)
+        n_dead = int(dead_F.sum())
+        if n_dead == 0:
+            return 0
+        x, y = self.io(name, batch)
+        err_BD = (y - d(x)).float()
+        weight_B = err_BD.pow(2).sum(1)
+        if float(weight_B.sum()) <= 0:
+            return 0
+        gen = torch.Generator(device=weight_B.device).manual_seed(self.cfg.seed + n_dead)
+        t_Z = torch.multinomial(weight_B, n_dead, replacement=n_dead > weight_B.shape[0],
+                                generator=gen)
+        idx_Z = dead_F.nonzero().squeeze(1)
+        dec_DZ = err_BD[t_Z].T / err_BD[t_Z].norm(dim=1).clamp_min(1e-12)
+        x_ZI = (x.float() - x.float().mean(0))[t_Z]
+        live = ~dead_F
+        scale = float(d.encoder.weight[live].float().norm(dim=1).mean()) if live.any() else 1.0
+        enc_ZI = 0.2 * scale * x_ZI / x_ZI.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d.decoder.weight[:, idx_Z] = dec_DZ.to(d.decoder.weight.dtype)
+        d.encoder.weight[idx_Z] = enc_ZI.to(d.encoder.weight.dtype)
+        d.encoder.bias[idx_Z] = 0
+        broadcast_params(d.parameters())
+        # the features' slices of each parameter: decoder columns, encoder rows and biases
+        for p, dim in ((d.decoder.weight, 1), (d.encoder.weight, 0), (d.encoder.bias, 0)):
+            state = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].index_fill_(dim, idx_Z, 0)
+        self.tokens_since_fired[name][idx_Z] = 0
+        return n_dead
 
     @torch.no_grad()
     def _update_dead(self, batch_size: int, fired_idx: dict[str, Tensor]) -> None:
