@@ -121,7 +121,8 @@ def make_step(which: str, mode: str, suite: SCAESuite, batch, device, dtype):
             tr = TopKSuiteTrainer(dict(suite.dicts.items()), TopKTrainerConfig(total_steps=10),
                                   device, dtype)
         else:
-            cfg = SCAETrainerConfig(total_steps=10, n_threshold=N_THRESHOLD, n_random=N_RANDOM)
+            cfg = SCAETrainerConfig(total_steps=10, n_threshold=N_THRESHOLD, n_random=N_RANDOM,
+                                    pruned_top=False, kl_coeff=0.0)
             tr = TrainerSCAESuite(suite, cfg, device, dtype)
         params = [p for d in suite.dicts.values() for p in d.parameters()]
 

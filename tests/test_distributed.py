@@ -19,8 +19,8 @@ def make_trainer(kind: str, total_steps: int | None = 10):
     suite = random_suite(n_layers=2, d=6, F=16, k=3, seed=0, dtype=torch.float32)
     if kind == "scae":
         suite.set_connections(random_connections(suite, C=5, seed=0))
-        cfg = SCAETrainerConfig(total_steps=total_steps, n_threshold=4, n_random=0, lr=1e-2,
-                                warmup_steps=0, act_coeff=0.5, dead_tokens=8)
+        cfg = SCAETrainerConfig(total_steps=total_steps, kl_coeff=0.0, n_threshold=4, n_random=0,
+                                lr=1e-2, warmup_steps=0, act_coeff=0.5, dead_tokens=8)
         return TrainerSCAESuite(suite, cfg)
     cfg = TopKTrainerConfig(total_steps=total_steps, lr=1e-2, warmup_steps=0, dead_tokens=8)
     tr = TopKSuiteTrainer(dict(suite.dicts.items()), cfg)

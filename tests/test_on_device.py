@@ -281,8 +281,8 @@ def test_short_finetune_on_device_lowers_pruned_fvu():
                               out_batch_size=256, model_batch_size=32, device=DEV, dtype=DT)
     suite = sensible_suite().to(DEV, DT)
     suite.set_connections(top_connections(suite, collect_activations(suite, buf, 1024), C=8))
-    cfg = SCAETrainerConfig(total_steps=30, lr=3e-3, warmup_steps=2, n_threshold=8, n_random=4,
-                            act_coeff=0.1, random_coeff=0.01)
+    cfg = SCAETrainerConfig(total_steps=30, kl_coeff=0.0, lr=3e-3, warmup_steps=2, n_threshold=8,
+                            n_random=4, act_coeff=0.1, random_coeff=0.01)
     tr = TrainerSCAESuite(suite, cfg, device=DEV, dtype=DT)
     batches = [next(buf) for _ in range(6)]
     first = tr.update(0, batches[0])

@@ -232,7 +232,8 @@ class Batches:
 def scae_trainer(seed=0):
     suite = random_suite(n_layers=2, d=6, F=12, k=2, seed=seed, dtype=torch.float32)
     suite.set_connections(random_connections(suite, C=4, seed=seed))
-    cfg = SCAETrainerConfig(n_threshold=3, n_random=2, lr=1e-2)  # steps: from the loop
+    # steps: from the loop
+    cfg = SCAETrainerConfig(n_threshold=3, n_random=2, lr=1e-2, kl_coeff=0.0)
     return TrainerSCAESuite(suite, cfg)
 
 

@@ -46,8 +46,8 @@ def test_finetuning_lowers_pruned_fvu_and_resumes_exactly():
     suite = suite_for(buf)
     acts = collect_activations(suite, buf, 1024)
     suite.set_connections(top_connections(suite, acts, C=8))
-    cfg = SCAETrainerConfig(total_steps=40, lr=3e-3, warmup_steps=2, n_threshold=8, n_random=4,
-                            act_coeff=0.1)
+    cfg = SCAETrainerConfig(total_steps=40, kl_coeff=0.0, lr=3e-3, warmup_steps=2, n_threshold=8,
+                            n_random=4, act_coeff=0.1)
     tr = TrainerSCAESuite(suite, cfg)
     batches = [next(buf) for _ in range(8)]
     first = tr.update(0, batches[0])
@@ -81,7 +81,7 @@ def test_pruned_only_loss_drops_transcoder_vanilla_term():
 
     suite.set_connections(rc(suite, C=4))
     batch = random_batch(2, 6, B=16, dtype=torch.float32)
-    common = dict(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0)
+    common = dict(total_steps=1, n_threshold=2, n_random=0, auxk_alpha=0, kl_coeff=0.0)
     both = TrainerSCAESuite(suite, SCAETrainerConfig(**common))
     losses_both, m, _ = both.losses(batch)
     only = TrainerSCAESuite(suite, SCAETrainerConfig(**common, loss="pruned"))

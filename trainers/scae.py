@@ -52,7 +52,7 @@ class SCAETrainerConfig(TopKTrainerConfig):
     random_coeff: float = 0.0
     """Weight of the random-candidate penalty sum relu(pre_random - min(pre_top)), averaged over
     tokens. Off by default: its raw scale (~10 at the start of finetuning) dwarfs the FVU terms."""
-    kl_coeff: float = 0.0
+    kl_coeff: float = 1.0
     """Weight of the end-to-end term: per token, KL(model's next-token distribution || the one
     read from the rebuilt residual x0 + sum of attention reconstructions + sum of pruned
     transcoder reconstructions, through the model's final norm and unembedding)."""
