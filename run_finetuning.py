@@ -401,7 +401,8 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, mode
                     hashes: dict, stages: dict[str, StageRecord]):
     """cfg.connections if given, else the top-C connections computed (on rank 0) and cached."""
     if cfg.connections is not None:
-        return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes)
+        return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes,
+                                suite.parallel)
     k = settings_key("connections", cfg, hashes, suite=suite_hash, C=cfg.C, variant=cfg.variant,
                      connection_tokens=cfg.connection_tokens, buffer_tokens=cfg.buffer_tokens)
     path = cache / f"connections-{k}.pt"
@@ -413,7 +414,7 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, mode
             save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
 
     stages["connections"] = run_stage(path, k, path.is_file, compute, cache.parent / "locks")
-    return load_connections(path, suite.dict_sizes)
+    return load_connections(path, suite.dict_sizes, suite.parallel)
 
 
 def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path,

@@ -122,6 +122,7 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
         meta = {
             "model_name": cfg.model,
             "model_info": info._asdict(),
+            "architecture": buffer.suite_arch.to_meta(),
             "dtype": cfg.dtype,
             "buffer": {"ctx_len": cfg.ctx_len, "n_tokens": cfg.buffer_tokens,
                        "out_batch_size": cfg.batch_tokens, "model_batch_size": cfg.model_batch_size,

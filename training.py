@@ -269,7 +269,7 @@ def train_scae_suite(
         suite = SCAESuite.from_pretrained(repo_id_in, device=device, dtype=dtype)
     if connections is not None:
         if isinstance(connections, (str, os.PathLike)):
-            connections = load_connections(connections, suite.dict_sizes)
+            connections = load_connections(connections, suite.dict_sizes, suite.parallel)
         suite.set_connections(connections)
     if not suite.has_connections:
         raise ValueError(
@@ -277,7 +277,8 @@ def train_scae_suite(
             "or its exchange-format dict)"
         )
     if hasattr(buffer, "d_model"):
-        suite.check_fits(buffer.n_layers, buffer.d_model, "the buffer's model")
+        suite.check_fits(buffer.n_layers, buffer.d_model, "the buffer's model",
+                         getattr(buffer, "suite_arch", None))
     trainer = TrainerSCAESuite(suite, trainer_cfg, device=device, dtype=dtype)
     train(trainer, buffer, train_cfg)
     out = Path(train_cfg.out_dir) / "suite"

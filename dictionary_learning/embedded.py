@@ -308,6 +308,13 @@ def ensure_embedded_model(force: bool = False) -> Path:
     return final
 
 
+def embedded_model_path(name: str) -> Path | None:
+    """The folder of the embedded model called `name`, built on first use; None for other names."""
+    if name == EMBEDDED_MODEL:
+        return ensure_embedded_model()
+    return None
+
+
 def main() -> None:
     """CLI: build (or load) the embedded model and print its metrics as JSON."""
     import argparse

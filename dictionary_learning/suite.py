@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from dictionary_learning.arch import SuiteArch, centre, check_same
 from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
@@ -23,7 +24,12 @@ from dictionary_learning.connections import (
     validate_connections,
 )
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
-from dictionary_learning.names import is_transcoder, module_names, parse_module_name
+from dictionary_learning.names import (
+    is_transcoder,
+    module_names,
+    parse_module_name,
+    upstream_names,
+)
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
@@ -52,10 +58,16 @@ class DictOutput(NamedTuple):
 
 
 class SCAESuite(nn.Module):
-    """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections."""
+    """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections.
 
-    def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None):
+    `arch` is what the suite's mathematics needs of its model's architecture (parallel blocks,
+    the centring P); the default is GPT-2's (sequential, LayerNorm)."""
+
+    def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None,
+                 arch: SuiteArch | None = None):
         super().__init__()
+        self.arch = arch or SuiteArch()
+        """The model architecture the suite is for (saved in its metadata)."""
         if not dicts:
             raise ValueError(
                 "a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}"
@@ -86,8 +98,10 @@ class SCAESuite(nn.Module):
         if connections is not None:
             self.set_connections(connections)
 
-    def check_fits(self, n_layers: int, d_model: int, what: str = "the model") -> None:
-        """Raise if the suite was made for a model of another width or depth."""
+    def check_fits(self, n_layers: int, d_model: int, what: str = "the model",
+                   arch: SuiteArch | None = None) -> None:
+        """Raise if the suite was made for a model of another width or depth, or (with `arch`,
+        the model's) of another block wiring or norm."""
         if d_model != self.d_model:
             raise ValueError(
                 f"the suite's dictionaries have d_model={self.d_model} but {what} has "
@@ -98,6 +112,22 @@ class SCAESuite(nn.Module):
                 f"the suite has {self.n_layers} layers but {what} has {n_layers}; load the suite "
                 f"that was trained on this model"
             )
+        if arch is not None:
+            check_same(self.arch, arch, what)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the model's blocks are parallel (mlp_L's upstream set has no attn_L)."""
+        return self.arch.parallel
+
+    def upstream_names(self, down: str) -> list[str]:
+        """The dictionaries upstream of transcoder `down` (docs/method.md (1.2))."""
+        return upstream_names(down, self.parallel)
+
+    def centre(self, x: Tensor) -> Tensor:
+        """P x over the last dimension (rows P w_i of an encoder): centring for LayerNorm models,
+        the identity for RMSNorm models (docs/method.md §2)."""
+        return centre(x, self.arch.centred)
 
     # ----------------------------------------------------------------- connections
 
@@ -115,7 +145,7 @@ class SCAESuite(nn.Module):
 
     def set_connections(self, connections: Connections) -> None:
         """Validate and compile connections (exchange format). Every transcoder needs an entry."""
-        validate_connections(connections, self.dict_sizes)
+        validate_connections(connections, self.dict_sizes, self.parallel)
         missing = [m for m in self.transcoder_names if m not in connections]
         if missing:
             raise ValueError(
@@ -124,7 +154,7 @@ class SCAESuite(nn.Module):
             )
         device = self.dicts[self.names[0]].encoder.weight.device
         self._compiled = {
-            m: compile_connections(m, connections[m], self.dict_sizes).to(device)
+            m: compile_connections(m, connections[m], self.dict_sizes, self.parallel).to(device)
             for m in self.transcoder_names
         }
 
@@ -164,7 +194,7 @@ class SCAESuite(nn.Module):
                 )
 
     def vanilla_one(self, name: str, batch) -> DictOutput:
-        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded ln_2)."""
+        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded norm)."""
         ae = self.dicts[name]
         pre_BF = ae.pre_acts(batch.src[name])
         feats = topk_relu(pre_BF, ae.k)
@@ -227,8 +257,7 @@ class SCAESuite(nn.Module):
         """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
         its c-th connection (zero at padding); one sampled product per upstream module."""
         comp = self.compiled(name)
-        W_enc_FD = self.dicts[name].encoder.weight
-        Wc_FD = W_enc_FD - W_enc_FD.mean(dim=1, keepdim=True)  # rows P w_i
+        Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
         F, C = comp.J_FC.shape
         V_parts, pos_parts = [], []
         for j, u in enumerate(comp.ups):
@@ -259,7 +288,14 @@ class SCAESuite(nn.Module):
         """
         comp = self.compiled(name)
         ae = self.dicts[name]
-        Wc_FD = ae.encoder.weight - ae.encoder.weight.mean(dim=1, keepdim=True)  # rows P w_i
+        Wc_FD = self.centre(ae.encoder.weight)  # rows P w_i
+        sigma_B1 = batch.layernorm_scale[name][:, None]
+        base_BF = batch.initial @ Wc_FD.T
+        if not comp.ups:
+            # mlp_0 of parallel blocks reads x0 alone: no upstream dictionary, no connection
+            if cand_BN is None:
+                return base_BF / sigma_B1 + ae.encoder.bias
+            return base_BF.gather(1, cand_BN) / sigma_B1 + ae.encoder.bias[cand_BN]
         V_FC = self.virtual_weights(name)
 
         # Upstream features in the global index space, and the embedding + bias term.
@@ -271,8 +307,7 @@ class SCAESuite(nn.Module):
         # (x0 + sum_u b_dec_u) @ Wc.T, split so that no [B, F] @ [F, D] product is needed for the
         # gradient of the biases (x0 is data).
         b_D = sum(self.dicts[u].b_dec for u in comp.ups)
-        base_BF = batch.initial @ Wc_FD.T + Wc_FD @ b_D
-        sigma_B1 = batch.layernorm_scale[name][:, None]
+        base_BF = base_BF + Wc_FD @ b_D
 
         if cand_BN is None:
             conn_BF = connection_contrib_all(vals_BK, idx_BK, V_FC, comp.J_FC, comp.n_up)
@@ -314,6 +349,7 @@ class SCAESuite(nn.Module):
         conns = self.connections if self.has_connections else None
         meta = {k: v for k, v in (self.meta if meta is None else meta).items()
                 if k not in ("format", "format_version", "dictionaries", "versions")}
+        meta["architecture"] = self.arch.to_meta()
         save_suite(path, dict(self.dicts.items()), meta, conns)
 
     @classmethod
@@ -321,8 +357,10 @@ class SCAESuite(nn.Module):
         cls, path_or_repo_id: str | os.PathLike, device="cpu", dtype=torch.float32,
         connections: Connections | None = None,
     ) -> "SCAESuite":
-        """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id."""
+        """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id.
+        Its architecture is the one its metadata records (GPT-2's when it records none)."""
         files = load_suite(path_or_repo_id, device=device, dtype=dtype)
-        suite = cls(files.dicts, connections if connections is not None else files.connections)
+        suite = cls(files.dicts, connections if connections is not None else files.connections,
+                    arch=SuiteArch.from_meta(files.meta))
         suite.meta = dict(files.meta)
         return suite.to(device=device, dtype=dtype)
