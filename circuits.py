@@ -719,8 +719,8 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
     An independent dense computation (not the graph's edges): x0, then per layer the frozen
     attention on the rebuilt residual, the attention SAE's pre-activations at its frozen active
     set, the transcoder's pruned pre-activations (`SCAESuite._pruned_pre`) at its active set,
-    errors added as they were, and the logits through the frozen ln_f. With zero=None it returns
-    the model's own logits (before any final soft-capping).
+    errors added as they were, and the logits through the frozen final norm. With zero=None it
+    returns the model's own logits (before any final soft-capping).
     """
     dt = graph.adjacency_NN.dtype
     hf = hf_model(model)

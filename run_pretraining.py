@@ -8,7 +8,7 @@ dataclass configs.
 #%% Hyperparameters
 from __future__ import annotations
 
-MODEL = "scae-shakespeare"  # dictionary_learning.embedded.EMBEDDED_MODEL, or a GPT-2 dir / Hub id
+MODEL = "scae-shakespeare"  # an embedded model (or "scae-shakespeare-llama"), a model dir or Hub id
 DICT_SIZE = 512  # F per dictionary (4x d_model=128; at 1024 layer-0 dictionaries keep 20-65% dead)
 K = 16  # active features per token
 BATCH_TOKENS = 1024  # tokens per optimisation step

@@ -391,3 +391,33 @@ def test_unsupported_family_and_missing_module_errors():
         load_model(llama, tokenizer=tiny_tokenizer())
     with pytest.raises(TypeError, match="not a supported family"):
         architecture(torch.nn.Linear(2, 2))
+
+
+def test_embedded_llama_builds_on_first_use_and_is_the_tiny_llama_presets_model(tmp_path,
+                                                                                monkeypatch):
+    """The embedded Llama's own config is a supported Llama (GQA); a miniature of it goes through
+    the same build (tokenizer, packed contexts, training loop) into $SCAE_CACHE on first use of its
+    name, and is reused afterwards."""
+    from dataclasses import replace
+
+    import run_finetuning
+    from dictionary_learning import embedded
+
+    name = embedded.EMBEDDED_LLAMA
+    cfg = embedded.EMBEDDED_CONFIGS[name]
+    arch = architecture(embedded.new_model(cfg, 4096, 0))
+    assert arch.family == "llama"
+    assert run_finetuning.make_config("tiny-llama").model == name
+    assert embedded.embedded_model_path("not-embedded") is None
+    small = replace(cfg, vocab_size=300, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, d_mlp=24,
+                    n_positions=32, train_steps=2, batch_size=2, max_val_contexts=4)
+    monkeypatch.setitem(embedded.EMBEDDED_CONFIGS, name, small)
+    monkeypatch.setenv("SCAE_CACHE", str(tmp_path))
+    model = load_model(name)
+    assert architecture(model).family == "llama" and model_info(model).n_layers == 1
+    assert (tmp_path / name / "metrics.json").is_file()
+    stamp = (tmp_path / name / "metrics.json").stat().st_mtime_ns
+    load_model(name)
+    assert (tmp_path / name / "metrics.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(ValueError, match="unknown embedded model"):
+        embedded.ensure_embedded_model(name="nope")
