@@ -1,9 +1,10 @@
-"""AllActivationBuffer: shuffled per-token activations of every layer of a folded GPT-2
-(docs/method.md §2, §7).
+"""AllActivationBuffer: shuffled per-token activations of every layer of a folded model of a
+supported family (docs/method.md §2, §7; dictionary_learning/arch.py).
 
-One nnsight trace per model batch reads, for every block l, attn_out_l, resid_mid_l (input of the
-folded ln_2, to get sigma_l), mlp_in_l and mlp_out_l, plus x0 = input of block 0; the trace stops
-after the last MLP so the LM head never runs. The BOS position (0) of every context is dropped.
+One nnsight trace per model batch reads, for every block l, attn_out_l, the input of the folded
+MLP-input norm (to get sigma_l), mlp_in_l and mlp_out_l, plus x0 = input of block 0; the trace
+stops after the last block so the LM head never runs. The BOS position (0) of every context is
+dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import Tensor
 # the original fork (and this library before the batch moved to the base layer) imports them here.
 from dictionary_learning.batch import ActivationBatch, trace_activations
 from dictionary_learning.errors import DataExhaustedError
-from dictionary_learning.model import check_gpt2_like, hf_model, model_info, module_names
+from dictionary_learning.arch import architecture
+from dictionary_learning.model import hf_model, model_info, module_names
 from dictionary_learning.validate import check_context, check_ctx_len
 
 __all__ = ["ActivationBatch", "AllActivationBuffer", "DataExhaustedError", "trace_activations"]
@@ -52,7 +54,10 @@ class AllActivationBuffer:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
     ):
-        check_gpt2_like(model)
+        self.arch = architecture(model)
+        """The model's architecture description."""
+        self.suite_arch = self.arch.suite_arch
+        """What a suite trained on this buffer records of it (parallel blocks, centring)."""
         info = model_info(model)
         if out_batch_size < 1 or model_batch_size < 1:
             raise ValueError(
@@ -65,7 +70,8 @@ class AllActivationBuffer:
         self.n_tokens, self.out_batch_size = int(n_tokens), int(out_batch_size)
         self.model_batch_size = int(model_batch_size)
         self.device, self.dtype, self.seed = torch.device(device), dtype, seed
-        self.ln_eps = [float(b.ln_2.eps) for b in hf_model(model).transformer.h]
+        self.ln_eps = [self.arch.norm_eps(b.get_submodule(self.arch.mlp_norm))
+                       for b in self.arch.blocks(hf_model(model))]
         self._model_device = next(hf_model(model).parameters()).device
 
         it = iter(contexts)

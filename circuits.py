@@ -12,9 +12,10 @@ Phases, in the order `build_graph` runs them (docs/circuits.md has the derivatio
    and the target logit plus the top logits at the last position.
 3. Edges, with exact weights: into transcoder features from their connected upstream features and
    the embedding (the pruned pass's own terms, `SCAESuite.virtual_weights`); into attention features
-   through the model's attention with its patterns and ln_1 scales frozen; into logits through ln_f
-   with its scale frozen. Constant terms (biases, b_dec, the BOS position) go on the node, so
-   incoming edges plus constant equal each node's pre-activation (or logit).
+   through the model's attention with its patterns (read from the model) and its norms' scales
+   frozen; into logits through the final norm with its scale frozen. Constant terms (biases, b_dec,
+   the BOS position) go on the node, so incoming edges plus constant equal each node's
+   pre-activation (or logit, before any final soft-capping).
 4. Influence and pruning as in circuit-tracer (`graph.py`): influence on the logits through the
    row-normalised |adjacency|, keep nodes with 80% and edges with 98% of it.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -37,10 +37,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dictionary_learning.arch import Architecture, architecture, centre
 from dictionary_learning.batch import ActivationBatch, trace_activations
 from dictionary_learning.dictionary import Features
 from dictionary_learning.files import atomic_write_json
-from dictionary_learning.model import hf_model
+from dictionary_learning.model import hf_model, model_info
 from dictionary_learning.names import is_transcoder, parse_module_name
 from dictionary_learning.suite import DictOutput, SCAESuite
 
@@ -96,14 +97,14 @@ class AttributionGraph(NamedTuple):
     index_X: Tensor
     """Feature index (features), token id (embeddings, logits), -1 (errors)."""
     activation_X: Tensor
-    """Pre-activation (features), logit (logits), norm of the vector written (errors, embeddings:
-    display only)."""
+    """Pre-activation (features), logit before any final soft-capping (logits), norm of the vector
+    written (errors, embeddings: display only)."""
     constant_X: Tensor
     """The node's constant term (biases, b_dec, the BOS position): value minus incoming edges."""
     adjacency_XX: Tensor
     """A[target, source] = direct effect of the source on the target (activation x weight)."""
     logit_probs: Tensor
-    """Probability of each logit node's token at the last position."""
+    """Probability of each logit node's token at the last position (the model's, soft-capped)."""
     logit_strs: list[str]
     """The logit nodes' tokens as text."""
     info: dict
@@ -138,13 +139,19 @@ class PromptRun(NamedTuple):
     tokens_T: Tensor
     """[T] token ids, BOS first."""
     resid: dict[str, Tensor]
-    """{"attn_<l>": input of block l, "final": input of ln_f}, each [T, D], graph dtype."""
+    """{"attn_<l>": input of block l, "final": input of the final norm}, each [T, D], graph
+    dtype."""
     outputs: dict[str, Tensor]
-    """True output of every module at every position, [T, D]."""
+    """Output of every module at every position, [T, D]: the model's for MLPs, the frozen
+    attention's for attention (below)."""
     batch: ActivationBatch
     """The positions 1..T-1 as the suite's batch (B = T - 1 token rows), graph dtype."""
     vanilla: dict[str, DictOutput]
     pruned: dict[str, DictOutput]
+    frozen: dict[str, "FrozenAttention"]
+    """{"attn_<l>": block l's attention frozen on this run}."""
+    arch: Architecture
+    """The model's architecture description."""
 
 
 def tokenize_prompt(tokenizer, prompt: str | list[int]) -> Tensor:
@@ -162,109 +169,147 @@ def tokenize_prompt(tokenizer, prompt: str | list[int]) -> Tensor:
 
 @torch.no_grad()
 def run_prompt(model, suite: SCAESuite, tokens_T: Tensor, dtype: torch.dtype) -> PromptRun:
-    """One trace of the model, then the suite's vanilla and pruned passes, all in `dtype`."""
+    """One trace of the model and one run for its attention patterns, then the suite's vanilla
+    and pruned passes, all in `dtype`.
+
+    Each attention output is the frozen attention's (`FrozenAttention`) applied to the traced
+    residual in `dtype`: the model's own output up to its rounding (RMSNorm families compute
+    their norms in float32 even in a float64 model), so that every edge into an attention feature
+    is exact in `dtype`. `info["attn_recompute_error"]` of the graph records the difference."""
     hf = hf_model(model)
-    n_ctx = hf.config.n_positions
-    if tokens_T.shape[0] > n_ctx:
+    info = model_info(model)
+    arch = architecture(hf)
+    if tokens_T.shape[0] > info.n_ctx:
         raise ValueError(f"the prompt has {tokens_T.shape[0]} tokens with BOS; the model takes "
-                         f"at most {n_ctx}: shorten it")
-    suite.check_fits(len(hf.transformer.h), hf.config.n_embd)
+                         f"at most {info.n_ctx}: shorten it")
+    suite.check_fits(info.n_layers, info.d_model, "the model", arch.suite_arch)
     device = next(suite.parameters()).device
-    acts = trace_activations(model, tokens_T[None].to(next(hf.parameters()).device))
+    toks_1T = tokens_T[None].to(next(hf.parameters()).device)
+    acts = trace_activations(model, toks_1T)
     acts = {k: v[0].to(device=device, dtype=dtype) for k, v in acts.items()}
-    resid, outputs = {}, {}
+    patterns = [p[0].to(device=device, dtype=dtype) for p in arch.attention_patterns(hf, toks_1T)]
+    resid, outputs, frozen = {}, {}, {}
     r_TD = acts["initial"].clone()
     for layer in range(suite.n_layers):
-        resid[f"attn_{layer}"] = r_TD.clone()
-        outputs[f"attn_{layer}"] = acts[f"attn_{layer}"]
+        name = f"attn_{layer}"
+        resid[name] = r_TD.clone()
+        frozen[name] = frozen_attention(hf, arch, layer, r_TD, patterns[layer])
+        acts[name] = outputs[name] = frozen[name](r_TD)
         outputs[f"mlp_{layer}"] = acts[f"mlp_out_{layer}"]
-        r_TD = r_TD + acts[f"attn_{layer}"] + acts[f"mlp_out_{layer}"]
+        r_TD = r_TD + outputs[name] + acts[f"mlp_out_{layer}"]
     resid["final"] = r_TD
     batch = ActivationBatch.from_trace({k: v[1:] for k, v in acts.items()}, suite.n_layers)
     vanilla = suite.vanilla_forward(batch)
     pruned = suite.pruned_forward(batch, vanilla)
-    return PromptRun(tokens_T, resid, outputs, batch, vanilla, pruned)
+    return PromptRun(tokens_T, resid, outputs, batch, vanilla, pruned, frozen, arch)
 
 
 # ======================================================================= frozen model pieces
 
 
-def layer_norm_scale(x_TD: Tensor, eps: float) -> Tensor:
-    """sigma = sqrt(biased var + eps) per row, [T]."""
-    return (x_TD.var(dim=-1, unbiased=False) + eps).sqrt()
+class FrozenNorm(NamedTuple):
+    """A norm with its scale frozen per position: gain * P x / sigma + beta, linear in x."""
+
+    sigma_T: Tensor
+    """The scale of each position, from the run."""
+    gain_D: Tensor
+    beta_D: Tensor
+    """Zero where the norm has no bias (RMSNorm)."""
+    centred: bool
+    """P is the centring (LayerNorm), else the identity (RMSNorm)."""
+
+    def __call__(self, x_TD: Tensor, pos: Tensor | slice = slice(None)) -> Tensor:
+        return self.gain_D * centre(x_TD, self.centred) / self.sigma_T[pos, None] + self.beta_D
+
+    def linear(self, x_QD: Tensor, pos_Q: Tensor) -> Tensor:
+        """The norm's linear part gain * P x / sigma(pos) (no beta), for vectors written at
+        positions pos_Q."""
+        return self.gain_D * centre(x_QD, self.centred) / self.sigma_T[pos_Q, None]
 
 
-def center(x: Tensor) -> Tensor:
-    """P x: x minus its mean over the model dimension."""
-    return x - x.mean(dim=-1, keepdim=True)
+def frozen_norm(arch: Architecture, norm, x_TD: Tensor) -> FrozenNorm:
+    """`norm` (a module of the model) with its scales frozen at x_TD's rows, in x's dtype."""
+    dt = x_TD.dtype
+    beta = arch.norm_bias(norm)
+    return FrozenNorm(arch.sigma(x_TD, arch.norm_eps(norm)), arch.norm_gain(norm).to(dt),
+                      torch.zeros_like(x_TD[0]) if beta is None else beta.to(dt),
+                      arch.norm.centred)
 
 
 class FrozenAttention(NamedTuple):
-    """One block's attention with its patterns and ln_1 scales frozen from a run."""
+    """One block's attention with its patterns and norm scales frozen from a run.
+
+    attn_out(t) = post(sum_h sum_s A_h[t, s] (norm(r(s)) W_V[h] + b_V[h]) W_O[h] + b_O), with
+    post = identity, or Gemma-2's post-attention norm with its scale frozen."""
 
     pattern_YTT: Tensor
-    """Attention probabilities [Y, T, T] (head, query, key), BOS included."""
-    sigma_T: Tensor
-    """ln_1 scale of each position."""
-    gamma_D: Tensor
-    beta_D: Tensor
+    """Attention probabilities [head, query, key], BOS included (the model's own)."""
+    norm: FrozenNorm
+    """The attention's input norm (ln_1, input_layernorm)."""
     W_V_YDd: Tensor
-    """Value weights per head, x @ W_V[h] (Conv1D layout)."""
+    """Value weights per query head, x @ W_V[h] (key/value heads shared under GQA)."""
     b_V_Yd: Tensor
     W_O_YdD: Tensor
     b_O_D: Tensor
+    post: FrozenNorm | None
+    """The post-attention norm (Gemma-2), else None."""
 
-    def __call__(self, r_TD: Tensor) -> Tensor:
-        """attn_out [T, D] of residual r through the frozen patterns and scales (dense)."""
-        ln_TD = self.gamma_D * center(r_TD) / self.sigma_T[:, None] + self.beta_D
-        v_YTd = torch.einsum("td,hde->hte", ln_TD, self.W_V_YDd) + self.b_V_Yd[:, None]
+    def pre_post(self, r_TD: Tensor) -> Tensor:
+        """The output projection's output [T, D], before any post-norm."""
+        v_YTd = torch.einsum("td,hde->hte", self.norm(r_TD), self.W_V_YDd) + self.b_V_Yd[:, None]
         z_YTd = self.pattern_YTT @ v_YTd
         return torch.einsum("hte,hed->td", z_YTd, self.W_O_YdD) + self.b_O_D
 
+    def __call__(self, r_TD: Tensor) -> Tensor:
+        """attn_out [T, D] of residual r through the frozen patterns and scales (dense)."""
+        o_TD = self.pre_post(r_TD)
+        return o_TD if self.post is None else self.post(o_TD)
 
-def frozen_attention(block, r_TD: Tensor) -> FrozenAttention:
-    """Patterns and ln_1 scales of GPT-2 block `block` on residual r (causal, no padding)."""
-    attn, ln = block.attn, block.ln_1
+    def read(self, w_PD: Tensor, pos_S: Tensor) -> tuple[Tensor, Tensor]:
+        """(u, c) with w . attn_out(t) = u . o(t) + c at target positions pos_S (BOS included), o
+        the output projection's output: through the frozen post-norm, u = P (gain * w) / sigma
+        and c = w . beta; without one, u = w and c = 0."""
+        if self.post is None:
+            return w_PD, w_PD.new_zeros(w_PD.shape[0])
+        u_PD = self.post.linear(w_PD, pos_S)
+        return u_PD, w_PD @ self.post.beta_D
+
+
+def frozen_attention(hf, arch: Architecture, layer: int, r_TD: Tensor, pattern_YTT: Tensor
+                     ) -> FrozenAttention:
+    """Block `layer`'s attention on residual r (BOS included) with the model's patterns and its
+    norms' scales frozen, in r's dtype."""
+    block = arch.block(hf, layer)
     dt = r_TD.dtype
-    T, D = r_TD.shape
-    Y = attn.num_heads
-    dh = D // Y
-    sigma_T = layer_norm_scale(r_TD, ln.eps)
-    gamma_D, beta_D = ln.weight.to(dt), ln.bias.to(dt)
-    x_TD = gamma_D * center(r_TD) / sigma_T[:, None] + beta_D
-    W, b = attn.c_attn.weight.to(dt), attn.c_attn.bias.to(dt)
-    q_YTd, k_YTd = ((x_TD @ W[:, j * D:(j + 1) * D] + b[j * D:(j + 1) * D]).view(T, Y, dh)
-                    .transpose(0, 1) for j in (0, 1))
-    scores_YTT = q_YTd @ k_YTd.transpose(1, 2) / math.sqrt(dh)
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=r_TD.device).tril()
-    pattern_YTT = scores_YTT.masked_fill(~causal_TT, float("-inf")).softmax(-1)
-    W_V_YDd = W[:, 2 * D:].view(D, Y, dh).permute(1, 0, 2)
-    b_V_Yd = b[2 * D:].view(Y, dh)
-    W_O_YdD = attn.c_proj.weight.to(dt).view(Y, dh, D)
-    return FrozenAttention(pattern_YTT, sigma_T, gamma_D, beta_D, W_V_YDd, b_V_Yd, W_O_YdD,
-                           attn.c_proj.bias.to(dt))
+    norm = frozen_norm(arch, block.get_submodule(arch.attn_norm), r_TD)
+    W_V, b_V, W_O, b_O = arch.value_output(hf, layer, dt)
+    fa = FrozenAttention(pattern_YTT, norm, W_V, b_V, W_O, b_O, None)
+    if arch.attn_post_norm is None:
+        return fa
+    post = frozen_norm(arch, block.get_submodule(arch.attn_post_norm), fa.pre_post(r_TD))
+    return fa._replace(post=post)
 
 
 class FrozenUnembed(NamedTuple):
-    """ln_f with its scale frozen, then the unembedding, at the last position."""
+    """The final norm with its scale frozen, then the unembedding, at the last position."""
 
-    sigma: Tensor
-    gamma_D: Tensor
-    beta_D: Tensor
+    norm: FrozenNorm
     W_U_VD: Tensor
     b_U_V: Tensor | None
 
     def __call__(self, r_D: Tensor) -> Tensor:
-        logits_V = (self.gamma_D * center(r_D) / self.sigma + self.beta_D) @ self.W_U_VD.T
+        logits_V = self.norm(r_D[None])[0] @ self.W_U_VD.T
         return logits_V if self.b_U_V is None else logits_V + self.b_U_V
 
 
-def frozen_unembed(hf, r_D: Tensor) -> FrozenUnembed:
+def frozen_unembed(hf, arch: Architecture, r_D: Tensor) -> FrozenUnembed:
+    """The model's final norm (scale frozen at r) and unembedding, in r's dtype. The logits are
+    those before any final soft-capping (Gemma-2's), which is applied after."""
     dt = r_D.dtype
-    ln = hf.transformer.ln_f
-    bias = getattr(hf.lm_head, "bias", None)
-    return FrozenUnembed(layer_norm_scale(r_D[None], ln.eps)[0], ln.weight.to(dt), ln.bias.to(dt),
-                         hf.lm_head.weight.to(dt), None if bias is None else bias.to(dt))
+    head = hf.get_submodule(arch.unembed)
+    bias = getattr(head, "bias", None)
+    return FrozenUnembed(frozen_norm(arch, hf.get_submodule(arch.final_norm), r_D[None]),
+                         head.weight.to(dt), None if bias is None else bias.to(dt))
 
 
 # ================================================================================= 2-3. graph
@@ -281,6 +326,9 @@ def connection_terms(
     (w_i.P x0 + sum_u w_i.P b_dec_u) / sigma + b_enc_i, is `SCAESuite._pruned_pre` (tests check it).
     """
     comp = suite.compiled(name)
+    if not comp.ups:  # parallel blocks' mlp_0: no upstream dictionary
+        empty = sigma_B.new_zeros(*feat_BK.shape, 0)
+        return empty, empty.long()
     V_FC = suite.virtual_weights(name) if V_FC is None else V_FC
     vals_BA = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
     idx_BA = torch.cat([up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets)], dim=1)
@@ -364,9 +412,11 @@ def build_graph(
     emb_nodes = nodes.add(EMBEDDING, torch.full((B,), -1), torch.arange(B), tokens_T[1:],
                           x0_BD.norm(dim=-1))
 
-    unembed = frozen_unembed(hf, run.resid["final"][-1])
+    unembed = frozen_unembed(hf, run.arch, run.resid["final"][-1])
     logits_V = unembed(run.resid["final"][-1])
-    probs_V = logits_V.softmax(-1)
+    # the logit nodes are the logits before any final soft-capping (linear in the residual); the
+    # probabilities are the model's
+    probs_V = run.arch.softcap(hf, logits_V).softmax(-1)
     target_id = _target_id(tok, target, logits_V)
     others = [int(v) for v in probs_V.argsort(descending=True) if int(v) != target_id]
     logit_ids = torch.tensor([target_id] + others[: cfg.n_logits - 1])
@@ -416,31 +466,31 @@ def build_graph(
             src_PC[r, c] = feat_nodes[u][p_P[r], up_PC[r, c] - off]
         r, c = (src_PC >= 0).nonzero(as_tuple=True)
         A_XX[tgt[r], src_PC[r, c]] = terms_PC[r.to(device), c.to(device)]
-        Wc_FD = center(ae.encoder.weight)
+        Wc_FD = suite.centre(ae.encoder.weight)
         x0_PD = x0_BD[p_P.to(device)]
         A_XX[tgt, emb_nodes[p_P]] = (x0_PD * Wc_FD[i_P.to(device)]).sum(-1) / sigma_P
-        b_D = sum(suite.dicts[u].b_dec for u in comp.ups)
+        b_D = sum((suite.dicts[u].b_dec for u in comp.ups), torch.zeros_like(x0_BD[0]))
         const_X[tgt] = (Wc_FD[i_P.to(device)] @ b_D) / sigma_P + ae.encoder.bias[i_P.to(device)]
 
-    # ---- edges into attention features: frozen patterns and ln_1 scales, per head
+    # ---- edges into attention features: frozen patterns and norm scales, per head
     for m_i, name in enumerate(names):
         if is_transcoder(name):
             continue
-        layer = parse_module_name(name)[1]
-        fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
+        fa = run.frozen[name]
         ae = suite.dicts[name]
         sel = feat_nodes[name] >= 0
         p_P, i_P = sel.nonzero(as_tuple=True)
         if p_P.numel() == 0:
             continue
         tgt = feat_nodes[name][p_P, i_P]
-        w_PD = ae.encoder.weight[i_P.to(device)]
+        # what feature i reads of the output projection at its position (through a post-norm)
+        w_PD, post_P = fa.read(ae.encoder.weight[i_P.to(device)], p_P.to(device) + 1)
         # read vectors r[s, h] = W_V[h] W_O[h] w_i: the direction head h reads for feature i
         R_PYD = torch.einsum("hed,sd->she", fa.W_O_YdD, w_PD)
         R_PYD = torch.einsum("hDe,she->shD", fa.W_V_YDd, R_PYD)
         src, spos, vec_XD, b_D = writer_vectors(m_i)
         q_pos = spos.to(device) + 1  # positions with BOS
-        vn_XD = fa.gamma_D * center(vec_XD) / fa.sigma_T[q_pos][:, None]
+        vn_XD = fa.norm.linear(vec_XD, q_pos)
         Y = fa.pattern_YTT.shape[0]
         step = max(1, cfg.chunk_elements // max(1, Y * vn_XD.shape[0]))
         for s in range(0, tgt.shape[0], step):
@@ -449,26 +499,29 @@ def build_graph(
             e_pX = (torch.einsum("shD,qD->shq", R_PYD[sl], vn_XD) * pat_pYX).sum(1)
             rows = tgt[sl][:, None].expand(-1, src.shape[0])
             A_XX[rows.reshape(-1), src.repeat(rows.shape[0])] = e_pX.reshape(-1)
-        # constants: b_enc, b_O, value biases and ln_1's beta (patterns sum to 1), the upstream
+        # constants: b_enc, the post-norm's beta, b_O, value biases and the input norm's beta
+        # (times each pattern row's sum: 1 up to the rounding of a float32 softmax), the upstream
         # b_dec at every prompt position, and the whole residual at the BOS position
         pat_PYT = fa.pattern_YTT[:, p_P.to(device) + 1].permute(1, 0, 2)
-        c_P = ae.encoder.bias[i_P.to(device)] + w_PD @ fa.b_O_D
-        c_P = c_P + torch.einsum("shD,D->s", R_PYD, fa.beta_D)
-        c_P = c_P + torch.einsum("hed,sd,he->s", fa.W_O_YdD, w_PD, fa.b_V_Yd)
-        bn_TD = fa.gamma_D * center(b_D[None]) / fa.sigma_T[:, None]
-        bos_D = fa.gamma_D * center(run.resid[name][0]) / fa.sigma_T[0]
+        rows_PY = pat_PYT.sum(-1)
+        c_P = ae.encoder.bias[i_P.to(device)] + post_P + w_PD @ fa.b_O_D
+        c_P = c_P + torch.einsum("shD,D,sh->s", R_PYD, fa.norm.beta_D, rows_PY)
+        c_P = c_P + torch.einsum("hed,sd,he,sh->s", fa.W_O_YdD, w_PD, fa.b_V_Yd, rows_PY)
+        bn_TD = fa.norm.linear(b_D[None], slice(None))
+        bos_D = fa.norm.linear(run.resid[name][0][None], slice(0, 1))[0]
         bn_TD = torch.cat([bos_D[None], bn_TD[1:]])
         c_P = c_P + torch.einsum("sht,shD,tD->s", pat_PYT, R_PYD, bn_TD)
         const_X[tgt] = c_P
 
-    # ---- edges into logits: ln_f's scale frozen, from every node at the last position
+    # ---- edges into logits: the final norm's scale frozen, from every node at the last position
     src, spos, vec_XD, b_D = writer_vectors(len(names))
     last = spos == B - 1
     src, vec_XD = src[last], vec_XD[last.to(device)]
-    u_VD = unembed.gamma_D * unembed.W_U_VD[logit_ids.to(device)]
-    A_XX[logit_nodes[:, None], src[None, :]] = u_VD @ center(vec_XD).T / unembed.sigma
-    const_X[logit_nodes] = (u_VD @ center(b_D[None])[0]) / unembed.sigma + \
-        unembed.W_U_VD[logit_ids.to(device)] @ unembed.beta_D
+    fn = unembed.norm
+    u_VD = fn.gain_D * unembed.W_U_VD[logit_ids.to(device)]
+    A_XX[logit_nodes[:, None], src[None, :]] = u_VD @ centre(vec_XD, fn.centred).T / fn.sigma_T[0]
+    const_X[logit_nodes] = (u_VD @ centre(b_D, fn.centred)) / fn.sigma_T[0] + \
+        unembed.W_U_VD[logit_ids.to(device)] @ fn.beta_D
     if unembed.b_U_V is not None:
         const_X[logit_nodes] += unembed.b_U_V[logit_ids.to(device)]
     timing["edges_s"] = time.perf_counter() - t0 - timing["run_s"]
@@ -477,9 +530,13 @@ def build_graph(
     has_in = kind_X.to(device) != ERROR
     has_in &= kind_X.to(device) != EMBEDDING
     identity_error = float((A_XX.sum(1) + const_X - act_X)[has_in].abs().max())
+    traced = trace_activations(model, tokens_T[None].to(next(hf.parameters()).device))
+    recompute_error = max(float((traced[n][0].to(device=device, dtype=dt) - run.outputs[n])
+                                .abs().max()) for n in names if not is_transcoder(n))
     info = {
         "n_nodes": X, "n_features": n_feat, "n_edges": int((A_XX != 0).sum()),
-        "identity_error": identity_error, "dtype": str(dt).removeprefix("torch."),
+        "identity_error": identity_error, "attn_recompute_error": recompute_error,
+        "dtype": str(dt).removeprefix("torch."),
         "build_s": round(time.perf_counter() - t0, 3),
         **{k: round(v, 3) for k, v in timing.items()},
     }
@@ -662,8 +719,8 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
     An independent dense computation (not the graph's edges): x0, then per layer the frozen
     attention on the rebuilt residual, the attention SAE's pre-activations at its frozen active
     set, the transcoder's pruned pre-activations (`SCAESuite._pruned_pre`) at its active set,
-    errors added as they were, and the logits through the frozen ln_f. With zero=None it returns
-    the model's own logits.
+    errors added as they were, and the logits through the frozen final norm. With zero=None it
+    returns the model's own logits (before any final soft-capping).
     """
     dt = graph.adjacency_XX.dtype
     hf = hf_model(model)
@@ -696,8 +753,7 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
         if zkind == FEATURE and int(mod[zero]) == m_i:
             active_BF[int(pos[zero]), int(idx[zero])] = False
         if not is_transcoder(name):
-            layer = parse_module_name(name)[1]
-            fa = frozen_attention(hf.transformer.h[layer], run.resid[name])
+            fa = run.frozen[name]
             full_TD = torch.cat([bos_resid[name][None], r_BD])
             pre_BF = ae.pre_acts(fa(full_TD)[1:])
         else:
@@ -710,7 +766,7 @@ def frozen_logits(model, suite: SCAESuite, graph: AttributionGraph, zero: int | 
                                           else run.vanilla[name]).recon_BD
         err_BD = err_BD.masked_fill(zeroed(m_i, ERROR)[:, None].to(err_BD.device), 0.0)
         r_BD = r_BD + ae.decode(up[name]) + err_BD
-    unembed = frozen_unembed(hf, run.resid["final"][-1])
+    unembed = frozen_unembed(hf, run.arch, run.resid["final"][-1])
     logit_ids = graph.index_X[graph.kind_X == LOGIT].to(r_BD.device)
     return unembed(r_BD[-1])[logit_ids]
 

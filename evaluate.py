@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dictionary_learning.arch import architecture
 from dictionary_learning.batch import ActivationBatch, trace_activations
 from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.files import atomic_write
@@ -83,8 +84,8 @@ def final_residual(x0_STD: Tensor, outputs: Iterable[Tensor]) -> Tensor:
 def clean_logits(model, toks_ST: Tensor) -> Tensor:
     """The model's own logits [S, T, V] (contexts are packed: the attention mask is all ones)."""
     hf = hf_model(model)
-    toks_ST = toks_ST.to(hf.lm_head.weight.device)
-    return hf(input_ids=toks_ST, attention_mask=torch.ones_like(toks_ST)).logits
+    toks_ST = toks_ST.to(next(hf.parameters()).device)
+    return hf(input_ids=toks_ST, attention_mask=torch.ones_like(toks_ST), use_cache=False).logits
 
 
 @torch.no_grad()
@@ -93,21 +94,24 @@ def splice_logits(
 ) -> Tensor:
     """Logits [S, T, V] of the real model with module `name`'s output replaced by `recon_fn`.
 
-    attn_<l>: h[l].attn output[0] at positions 1.. becomes recon_fn(that output) (an SAE);
-    mlp_<l>: h[l].mlp output at positions 1.. becomes recon_fn(the mlp input of this run) (a
-    transcoder). recon_fn maps [B, D] to [B, D]. The BOS position keeps its true activation;
-    everything else runs for real (forward hooks, removed afterwards).
+    attn_<l>: attn_out_l (the attention's output, after Gemma-2's post-norm) at positions 1..
+    becomes recon_fn(attn_out_l) (an SAE); mlp_<l>: mlp_out_l (the MLP's output, after Gemma-2's
+    post-norm) at positions 1.. becomes recon_fn(the MLP's input in this run) (a transcoder).
+    recon_fn maps [B, D] to [B, D]. The BOS position keeps its true activation; everything else
+    runs for real (forward hooks, removed afterwards).
     """
     hf = hf_model(model)
+    arch = architecture(hf)
+    n_layers = len(arch.blocks(hf))
     try:
         kind, layer = parse_module_name(name)
     except ValueError:
         layer = None
-    if layer is None or layer >= len(hf.transformer.h):
+    if layer is None or layer >= n_layers:
         raise ValueError(
-            f"cannot splice {name!r}: use 'attn_<l>' or 'mlp_<l>' with l < {len(hf.transformer.h)}."
+            f"cannot splice {name!r}: use 'attn_<l>' or 'mlp_<l>' with l < {n_layers}."
         )
-    block = hf.transformer.h[layer]
+    block = arch.block(hf, layer)
 
     def replace(out_STD: Tensor, x_STD: Tensor) -> Tensor:
         S, T, D = x_STD.shape
@@ -117,22 +121,31 @@ def splice_logits(
         new_STD[:, 1:] = recon_STD.to(device=out_STD.device, dtype=out_STD.dtype)
         return new_STD
 
+    handles = []
     if kind == "attn":
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             new = replace(out, out)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
-        handle = block.attn.register_forward_hook(hook)
+        handles.append(arch.attn_out_module(block).register_forward_hook(hook))
     else:
-        def hook(module, args, output):
-            return replace(output, args[0])
+        mlp_in: list[Tensor] = []
 
-        handle = block.mlp.register_forward_hook(hook)
+        def keep_input(module, args):
+            mlp_in[:] = [args[0]]
+
+        def hook(module, args, output):
+            return replace(output, mlp_in[0])
+
+        # the MLP's input is read first; the output replaced is the MLP's or its post-norm's
+        handles.append(block.get_submodule(arch.mlp).register_forward_pre_hook(keep_input))
+        handles.append(arch.mlp_out_module(block).register_forward_hook(hook))
     try:
         return clean_logits(model, toks_ST)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 # ================================================================================ evaluation
@@ -268,14 +281,14 @@ def evaluate_suite(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     info = model_info(model)
-    suite.check_fits(info.n_layers, info.d_model, "the model")
+    suite.check_fits(info.n_layers, info.d_model, "the model", architecture(model).suite_arch)
     check_finite(flat_state({n: d.state_dict() for n, d in suite.dicts.items()}), "the suite",
                  "Evaluate a finite suite: retrain it or load an earlier copy.")
     suite = suite.to(device=device, dtype=dtype).eval()
     names, pruned_on = suite.names, suite.has_connections
     if not pruned_on:
         logger.info("the suite has no connections: pruned metrics are left out (None)")
-    model_device = hf_model(model).lm_head.weight.device
+    model_device = next(hf_model(model).parameters()).device
 
     fvu_v = {n: FVUAccumulator() for n in names}
     fvu_p = {n: FVUAccumulator() for n in names}
@@ -691,7 +704,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.suite}: the suite's meta has no model_name; pass --model NAME_OR_PATH."
         )
     if args.connections:
-        suite.set_connections(load_connections(args.connections, suite.dict_sizes))
+        suite.set_connections(load_connections(args.connections, suite.dict_sizes,
+                                               suite.parallel))
     model = load_model(model_name, device=args.device, dtype=torch.float32)
     info = model_info(model)
     if args.ctx_len is not None:

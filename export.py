@@ -12,7 +12,8 @@ suite's features and reconstructions (our encoder is relu(W_enc x + b_enc), docs
   (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec), read by `SAE.load_from_disk`. SAELens
   has no TopK transcoder (its "transcoder" is ReLU, "jumprelu_transcoder" thresholded), so the
   transcoders are skipped with that reason: export them with the sparsify format.
-- sparsify: per hookpoint of the Hugging Face model (`h.L.attn`, `h.L.mlp`) a folder with
+- sparsify: per hookpoint of the Hugging Face base model (GPT-2 `h.L.attn`, `h.L.mlp`; other
+  families their own module names, `Architecture.hookpoint`) a folder with
   `cfg.json` and `sae.safetensors` (encoder.weight [F, d_in], encoder.bias, W_dec [F, d_out],
   b_dec), read by `SparseCoder.load_from_disk` and `load_many`. Transcoders have transcode=True
   (no b_dec subtracted); an SAE's encoder bias becomes b_enc + W_enc b_dec, because sparsify
@@ -20,8 +21,11 @@ suite's features and reconstructions (our encoder is relu(W_enc x + b_enc), docs
 - dictionary_learning: per dictionary a folder `<name>` with `ae.pt` + `config.json`
   (AutoEncoderTopK, `dl_format.export_dictionary_learning`), transcoders included (d_in = d_out).
 
-The suite's transcoders read the MLP input with ln_2's affine folded into `mlp.c_fc`
-(`dictionary_learning.model.load_model` folds it): feed them that, not ln_2's output.
+The suite's transcoders read the MLP input with the MLP-input norm's weight (and bias) folded into
+the MLP's input projections (`dictionary_learning.model.load_model` folds it): feed them that, not
+the unfolded norm's output. A Gemma-2 transcoder maps the MLP's input to the post-feedforward
+norm's output, two different modules, which sparsify's one-hookpoint transcoders cannot express:
+it is skipped there with that reason.
 Each export also writes `export.json`: what was written where, and what was skipped and why.
 """
 
@@ -37,6 +41,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
+from dictionary_learning.arch import Architecture, SuiteArch, architecture_of_suite
 from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.dl_format import centered_encoder_bias, export_dictionary_learning
 from dictionary_learning.names import parse_module_name, suite_order
@@ -104,12 +109,15 @@ def sparsify_folder(d: TopKDictionary, out: Path) -> None:
 
 
 def export_one(
-    d: TopKDictionary, name: str, fmt: str, root: Path, model_name: str, ctx_len: int
+    d: TopKDictionary, name: str, fmt: str, root: Path, model_name: str, ctx_len: int,
+    arch: Architecture | None = None,
 ) -> tuple[str, str | None]:
     """Write dictionary `name` under `root` in `fmt`: (its folder name, None), or
-    ("", the reason) when that format cannot hold it."""
+    ("", the reason) when that format cannot hold it. `arch` names the model's modules (default:
+    GPT-2's)."""
     kind, layer = parse_module_name(name)
-    hf_module = f"h.{layer}.{kind}"
+    arch = arch or architecture_of_suite(SuiteArch())
+    hf_module = arch.hookpoint(kind, layer)
     if fmt == "saelens":
         if d.is_transcoder:
             return "", NO_SAELENS_TRANSCODER
@@ -120,10 +128,15 @@ def export_one(
         what = "sparsify's SparseCoder" if fmt == "sparsify" else "AutoEncoderTopK"
         return "", f"d_in={d.d_in} != d_out={d.d_out}: {what} has one width for input and output"
     if fmt == "sparsify":
+        if d.is_transcoder and arch.mlp_post_norm is not None:
+            return "", (f"a {arch.family} transcoder reads {arch.mlp}'s input but reconstructs "
+                        f"{arch.mlp_post_norm}'s output; a sparsify transcoder has one hookpoint "
+                        "for both: use --format dictionary_learning")
         sparsify_folder(d, root / hf_module)
         return hf_module, None
     export_dictionary_learning(d, root / name, layer=layer, lm_name=model_name,
-                               submodule_name=f"transformer.{hf_module}", ctx_len=ctx_len)
+                               submodule_name=f"{arch.layers.split('.')[0]}.{hf_module}",
+                               ctx_len=ctx_len)
     return name, None
 
 
@@ -145,8 +158,11 @@ def export_suite(
     if isinstance(suite, (str, os.PathLike)):
         files = load_suite(suite)
         dicts, meta = files.dicts, files.meta
+        suite_arch = SuiteArch.from_meta(meta)
     else:
         dicts, meta = dict(suite.dicts.items()), dict(getattr(suite, "meta", {}) or {})
+        suite_arch = getattr(suite, "arch", None) or SuiteArch.from_meta(meta)
+    arch = architecture_of_suite(suite_arch)
     model_name = model_name or meta.get("model_name")
     if not model_name:
         raise ValueError(
@@ -159,13 +175,13 @@ def export_suite(
     skipped: dict[str, str] = {}
     with atomic_dir(out, out / "export.json") as tmp:
         for name in suite_order(dicts):
-            folder, why = export_one(dicts[name], name, fmt, tmp, model_name, ctx_len)
+            folder, why = export_one(dicts[name], name, fmt, tmp, model_name, ctx_len, arch)
             if why is None:
                 written[name] = folder
             else:
                 skipped[name] = why
         manifest = {"format": fmt, "model_name": model_name, "ctx_len": ctx_len,
-                    "written": written, "skipped": skipped}
+                    "architecture": suite_arch.to_meta(), "written": written, "skipped": skipped}
         if fmt == "saelens":
             manifest["saelens_version"] = SAELENS_VERSION
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2))

@@ -8,7 +8,8 @@ For every feature of every dictionary, over N held-out tokens:
   vanilla pass for every dictionary, each with a window of per-token activations;
 - a uniform sample of the contexts where it fires, split into quantile groups;
 - an activation histogram (log-spaced bins) and the firing frequency;
-- the top and bottom logit effects of its decoder direction through ln_f and the unembedding;
+- the top and bottom logit effects of its decoder direction through the final norm's gain and the
+  unembedding;
 - for a transcoder feature, its connections: the upstream feature, the virtual weight, the mean
   contribution when both are active, and the fraction of its pre-activation they explain;
 - the downstream features that list it as a connection.
@@ -31,10 +32,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dictionary_learning.batch import ActivationBatch, trace_activations
-from circuits import center, connection_terms, feature_id, process_token
+from circuits import connection_terms, feature_id, process_token
+from dictionary_learning.arch import architecture, centre
 from dictionary_learning.data import batched_contexts, contexts_from
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
-from dictionary_learning.model import hf_model
+from dictionary_learning.model import hf_model, model_info
 from dictionary_learning.safe_load import load_tensor_file
 from dictionary_learning.suite import SCAESuite
 
@@ -270,12 +272,15 @@ def load_pages(path: str | Path) -> FeaturePages:
 
 @torch.no_grad()
 def logit_effects(hf, W_dec_DF: Tensor, n: int, chunk: int = 1024) -> tuple[Tensor, ...]:
-    """Top and bottom n tokens (and values) of W_U (gamma_f * P d_j) for every feature j."""
-    W_U_VD = hf.lm_head.weight.float()
-    gamma_D = hf.transformer.ln_f.weight.float()
+    """Top and bottom n tokens (and values) of W_U (gain_f * P d_j) for every feature j: gain_f
+    and P those of the model's final norm (P the centring for LayerNorm, I for RMSNorm)."""
+    arch = architecture(hf)
+    W_U_VD = hf.get_submodule(arch.unembed).weight.float()
+    gamma_D = arch.norm_gain(hf.get_submodule(arch.final_norm)).float()
     tops, topv, bots, botv = [], [], [], []
     for s in range(0, W_dec_DF.shape[1], chunk):
-        eff_VF = W_U_VD @ (gamma_D[:, None] * center(W_dec_DF[:, s:s + chunk].float().T).T)
+        Pd_FD = centre(W_dec_DF[:, s:s + chunk].float().T, arch.norm.centred)
+        eff_VF = W_U_VD @ (gamma_D[:, None] * Pd_FD.T)
         t = eff_VF.topk(n, dim=0)
         b = eff_VF.topk(n, dim=0, largest=False)
         tops.append(t.indices.T), topv.append(t.values.T), bots.append(b.indices.T)
@@ -317,7 +322,8 @@ def compute_pages(model, suite: SCAESuite, cfg: PageConfig, contexts=None) -> Fe
     (default: cfg.data's validation split)."""
     t0 = time.perf_counter()
     hf = hf_model(model)
-    suite.check_fits(len(hf.transformer.h), hf.config.n_embd)
+    info = model_info(model)
+    suite.check_fits(info.n_layers, info.d_model, "the model", architecture(hf).suite_arch)
     dev = torch.device(cfg.device)
     dt = next(suite.parameters()).dtype
     if contexts is None:

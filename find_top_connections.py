@@ -4,6 +4,9 @@ Importance of upstream feature (u, j) for downstream feature i of mlp_L:
 
     I(i; u, j) = mean over tokens t where i is active of  f_uj(t) (w_i . P d_uj) / sigma_L(t)
 
+(P the centring of LayerNorm models, the identity for RMSNorm models; u runs over the upstream set
+of mlp_L, which has no attn_L when the blocks are parallel: `SCAESuite.upstream_names`)
+
 which factorises as V[i, (u, j)] * A[i, (u, j)] / n_i with the virtual weight V = (P w_i) . d_uj,
 the co-activation sum A = sum_{t: i active} f_uj(t) / sigma_L(t) and n_i the number of tokens where
 i is active. A is accumulated from sparse activations (K per dictionary and token), in blocks of
@@ -29,7 +32,6 @@ from tqdm.auto import tqdm
 from dictionary_learning.connections import (
     Connections,
     save_connections,
-    upstream_names,
     validate_connections,
 )
 from dictionary_learning.suite import SCAESuite
@@ -60,9 +62,13 @@ def collect_activations(suite: SCAESuite, batches: Iterable, n_tokens: int) -> S
 
     Storage is allocated once: per dictionary and token K values (the suite's dtype) and K indices
     (int16 when F fits, else int32), e.g. 4.7 GB for 24 dictionaries with K 32 over 1 M tokens.
+    A buffer's model must fit the suite (depth, width, block wiring and norm).
     """
     if n_tokens <= 0:
         raise ValueError(f"n_tokens={n_tokens} must be positive")
+    if getattr(batches, "suite_arch", None) is not None:
+        suite.check_fits(batches.n_layers, batches.d_model, "the buffer's model",
+                         batches.suite_arch)
     ref = suite.dicts[suite.names[0]].encoder.weight
     vals, idx = {}, {}
     for n in suite.names:
@@ -95,16 +101,17 @@ def collect_activations(suite: SCAESuite, batches: Iterable, n_tokens: int) -> S
 
 def _virtual_weights_block(suite: SCAESuite, down: str, lo: int, hi: int) -> Tensor:
     """V[i, j] = (P w_i) . d_j for downstream features lo..hi and every upstream feature (dense)."""
-    W = suite.dicts[down].encoder.weight[lo:hi]
-    Wc = W - W.mean(dim=1, keepdim=True)
-    return torch.cat([Wc @ suite.dicts[u].decoder.weight for u in upstream_names(down)], dim=1)
+    Wc = suite.centre(suite.dicts[down].encoder.weight[lo:hi])
+    return torch.cat([Wc @ suite.dicts[u].decoder.weight for u in suite.upstream_names(down)]
+                     + [Wc.new_zeros(hi - lo, 0)], dim=1)
 
 
 def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, dtype: torch.dtype):
     """Upstream values divided by sigma, and their global indices, [b, A], for tokens sl."""
     sig_b1 = acts.sigma[down][sl, None].to(dtype)
-    vals, idx, off = [], [], 0
-    for u in upstream_names(down):
+    vals, idx, off = [sig_b1.new_zeros(sig_b1.shape[0], 0)], [], 0
+    idx.append(torch.zeros(sig_b1.shape[0], 0, dtype=torch.long, device=sig_b1.device))
+    for u in suite.upstream_names(down):
         vals.append(acts.vals[u][sl].to(dtype) / sig_b1)
         idx.append(acts.idx[u][sl].long() + off)
         off += suite.dicts[u].dict_size
@@ -129,7 +136,7 @@ def importance_blocks(
     """
     if variant not in ("active", "all"):
         raise ValueError(f"variant must be 'active' or 'all', got {variant!r}")
-    n_up = sum(suite.dicts[u].dict_size for u in upstream_names(down))
+    n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
     F = suite.dicts[down].dict_size
     ref = acts.vals[down]
     dtype = torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
@@ -141,7 +148,7 @@ def importance_blocks(
             up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
             a_G.index_add_(0, up_idx.flatten(), up_vals.flatten())
         a_G /= n_tokens
-    block = max(1, min(F, memory_budget_bytes // (4 * n_up * 3)))
+    block = max(1, min(F, memory_budget_bytes // (4 * max(1, n_up) * 3)))
     for lo in range(0, F, block):
         hi = min(F, lo + block)
         V_fG = _virtual_weights_block(suite, down, lo, hi).to(dtype)
@@ -177,7 +184,7 @@ def _split_global(
 ) -> dict[str, Tensor]:
     """Global upstream indices [F, C] (keep mask) -> exchange format {up: [F, C_up]}, -1 padded."""
     out, off = {}, 0
-    for u in upstream_names(down):
+    for u in suite.upstream_names(down):
         F_u = suite.dicts[u].dict_size
         mine = keep_FC & (top_FC >= off) & (top_FC < off + F_u)
         local = torch.where(mine, top_FC - off, -1)
@@ -214,7 +221,7 @@ def top_connections(
             tops.append(top_fC)
             keeps.append(score_fC > 0)
         conns[down] = _split_global(down, suite, torch.cat(tops), torch.cat(keeps))
-    validate_connections(conns, suite.dict_sizes)
+    validate_connections(conns, suite.dict_sizes, suite.parallel)
     return conns
 
 
@@ -239,7 +246,7 @@ def random_connections(
                 slot = torch.arange(width)[None, :]
                 rows.append(torch.where(slot < counts[lo : lo + block, None], pick, -1))
             out[down][u] = torch.cat(rows) if rows else idx.clone()
-    validate_connections(out, suite.dict_sizes)
+    validate_connections(out, suite.dict_sizes, suite.parallel)
     return out
 
 

@@ -1,7 +1,10 @@
 """The whole SCAE pipeline: model -> pretrained suite -> connections -> finetuning -> evaluation.
 
     python run_finetuning.py                      # PRESET "tiny": the embedded Shakespeare GPT-2
+    python run_finetuning.py --preset tiny-llama  # the embedded Shakespeare Llama (offline too)
     python run_finetuning.py --preset gpt2        # gpt2-small, openwebtext, jacobcd52's suite
+    python run_finetuning.py --preset pythia-70m  # Pythia-70m-deduped, openwebtext (a network)
+    python run_finetuning.py --preset qwen2.5-0.5b  # Qwen2.5-0.5B, openwebtext (a network)
     python run_finetuning.py --quick --out DIR    # tiny budgets, a smoke test
     python run_finetuning.py --quick --wandb offline   # also log the runs to OUT/wandb
     torchrun --standalone --nproc_per_node 2 run_finetuning.py --quick --out DIR
@@ -19,27 +22,28 @@ parsed), the tables render as tables and the plots appear inline (they are saved
 #%% Settings: edit these. As a script, a flag overrides its constant (`--help`).
 from __future__ import annotations
 
-PRESET = "tiny"  # "tiny" (embedded default, runs anywhere) or "gpt2" (needs a network)
+PRESET = "tiny"  # "tiny", "tiny-llama" (embedded, run anywhere); "gpt2", "pythia-70m",
+#                  "qwen2.5-0.5b" (need a network)
 QUICK = False  # True: tiny budgets, every stage in about 25 s on a CPU once the model is built
 OUT = "runs/finetune"  # report.json, tables, plots and wandb/ go here
 
 # Model and data; None: the preset's
-MODEL = None  # a model name ("gpt2"), Hub id or save_pretrained folder (tiny: the embedded one)
+MODEL = None  # a model name ("gpt2"), Hub id or save_pretrained folder (tiny, tiny-llama: embedded)
 DATA = None  # training text: "embedded", a .txt file, a folder of .txt/.md, or a datasets name
 EVAL_DATA = None  # evaluation text; None: the held-out part of DATA
-SUITE = None  # pretrained suite folder or Hub id; None: gpt2's Hub suite, or pretrain one (tiny)
+SUITE = None  # pretrained suite folder or Hub id; None: gpt2's Hub suite, else pretrain one here
 CONNECTIONS = None  # connections file or Google Drive id; None: compute the top-C connections
 
 # Sizes; None: the preset's (tiny / QUICK)
-DICT_SIZE = None  # features per dictionary when pretraining (512 / 256)
-K = None  # active features per token when pretraining (16 / 8)
-PRETRAIN_STEPS = None  # pretraining steps (1000 / 60)
-FINETUNE_STEPS = None  # finetuning steps (400, gpt2 10,000 / 40)
-EVAL_TOKENS = None  # evaluation tokens (32,768, gpt2 131,072 / 2,048)
+DICT_SIZE = None  # features per dictionary when pretraining (512, pythia 8192, qwen 16384 / 256)
+K = None  # active features per token when pretraining (16, pythia/qwen 32 / 8)
+PRETRAIN_STEPS = None  # pretraining steps (1000, pythia/qwen 20,000 / 60)
+FINETUNE_STEPS = None  # finetuning steps (400, gpt2 10,000, pythia/qwen 5,000 / 40)
+EVAL_TOKENS = None  # evaluation tokens (32,768, Hub presets 131,072 / 2,048)
 CTX_LEN = None  # context length, BOS included (128)
 
 # Finetuning hyperparameters
-C = None  # connections per transcoder feature (None: the preset's: 32 tiny, 100 gpt2; QUICK 16)
+C = None  # connections per feature (None: the preset's: tiny 32, gpt2 100, pythia/qwen 64)
 VARIANT = "active"  # importance averaged over tokens where the feature is active, or "all"
 REFINE = 0  # rounds of recomputing the connections on the finetuned suite and finetuning again
 COEFF = 1.0  # weight of the pruned FVU in the loss
@@ -115,7 +119,7 @@ from dictionary_learning.distributed import (
     rank,
     world_size,
 )
-from dictionary_learning.embedded import EMBEDDED_MODEL, ensure_embedded_model
+from dictionary_learning.embedded import EMBEDDED_LLAMA, EMBEDDED_MODEL, embedded_model_path
 from dictionary_learning.logger import (
     WandbSettings,
     replay_metrics,
@@ -150,8 +154,9 @@ class PipelineConfig:
     """Settings of every stage; the presets below fill them in."""
 
     model: str = EMBEDDED_MODEL
-    """Model name or path (load_model): the embedded default, "gpt2", or a save_pretrained
-    folder."""
+    """Model name or path (load_model): an embedded model, a Hub id ("gpt2",
+    "EleutherAI/pythia-70m-deduped"), or a save_pretrained folder, of a supported family
+    (dictionary_learning/arch.py)."""
     data: str = "embedded"
     """Training text: "embedded", a text file or folder, or a `datasets` name (streamed)."""
     eval_data: str = "embedded"
@@ -219,6 +224,14 @@ class PipelineConfig:
     dictionary_learning.reproducibility)."""
 
 
+PRESETS = ("tiny", "tiny-llama", "gpt2", "pythia-70m", "qwen2.5-0.5b")
+"""The presets: two embedded models that run offline, three Hub models."""
+HUB_PRESETS = {"pythia-70m": ("EleutherAI/pythia-70m-deduped", 8192),
+               "qwen2.5-0.5b": ("Qwen/Qwen2.5-0.5B", 16384)}
+"""Presets whose suite is pretrained here: (Hub model, features per dictionary, 16 x d_model and
+about 18 x d_model)."""
+
+
 FINETUNE_FLAGS = ("kl_coeff",)
 """Flags that set a field of PipelineConfig.finetune (SCAETrainerConfig) rather than of the
 pipeline."""
@@ -229,7 +242,8 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
 
     1. PipelineConfig's defaults, with the finetuning constants (COEFF, LOSS, ACT_COEFF,
        KL_COEFF, N_THRESHOLD, N_RANDOM, RANDOM_COEFF, LR) in `finetune`;
-    2. the preset ("gpt2": model, data, suite, C and budgets);
+    2. the preset (PRESETS; "gpt2": model, data, suite, C and budgets; "pythia-70m",
+       "qwen2.5-0.5b": model, data, dictionary sizes, C and budgets; "tiny-llama": the model);
     3. QUICK's budgets (they also set n_threshold=16 and cap C and n_random at 16);
     4. the constants at the top that are not None (MODEL ... DTYPE, EXPORT);
     5. `overrides`, the script's flags (None values are ignored); those named in FINETUNE_FLAGS
@@ -246,6 +260,16 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
     )
     if preset == "tiny":
         cfg = PipelineConfig(finetune=finetune)
+    elif preset == "tiny-llama":
+        cfg = PipelineConfig(model=EMBEDDED_LLAMA, finetune=finetune)
+    elif preset in HUB_PRESETS:
+        model, dict_size = HUB_PRESETS[preset]
+        cfg = PipelineConfig(
+            model=model, data="openwebtext", eval_data="openwebtext", eval_skip_docs=100_000,
+            dict_size=dict_size, k=32, pretrain_steps=20_000, C=64, connection_tokens=2**20,
+            finetune_steps=5_000, batch_tokens=4096, buffer_tokens=2**19, eval_tokens=2**17,
+            finetune=finetune,
+        )
     elif preset == "gpt2":
         cfg = PipelineConfig(
             model="gpt2", data="openwebtext", eval_data="openwebtext", eval_skip_docs=100_000,
@@ -254,7 +278,7 @@ def make_config(preset: str = PRESET, quick: bool = QUICK, **overrides) -> Pipel
             buffer_tokens=2**19, eval_tokens=2**17, finetune=finetune,
         )
     else:
-        raise ValueError(f"unknown preset {preset!r}; use 'tiny' or 'gpt2'")
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
     if quick:
         cfg = replace(
             cfg, dict_size=256, k=8, pretrain_steps=60, C=min(cfg.C, 16), connection_tokens=4096,
@@ -316,7 +340,7 @@ def preflight(cfg: PipelineConfig) -> None:
 
 def input_hashes(cfg: PipelineConfig) -> dict[str, str]:
     """Content hashes of the model and the texts (their names when they come from a hub)."""
-    model = ensure_embedded_model() if cfg.model == EMBEDDED_MODEL else cfg.model
+    model = embedded_model_path(cfg.model) or cfg.model
     data = source_hash(cfg.data)
     eval_data = data if cfg.eval_data == cfg.data else source_hash(cfg.eval_data)
     return {"model": source_hash(model), "data": data, "eval_data": eval_data}
@@ -420,7 +444,8 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, mode
     """cfg.connections if given (and `given`), else the top-C connections of `suite` computed (on
     rank 0) and cached; recorded in `stages[stage]`."""
     if given and cfg.connections is not None:
-        return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes)
+        return load_connections(fetch_connections(cfg.connections, cache), suite.dict_sizes,
+                                suite.parallel)
     k = settings_key("connections", cfg, hashes, suite=suite_hash, C=cfg.C, variant=cfg.variant,
                      connection_tokens=cfg.connection_tokens, buffer_tokens=cfg.buffer_tokens)
     path = cache / f"connections-{k}.pt"
@@ -432,7 +457,7 @@ def connections_for(cfg: PipelineConfig, suite: SCAESuite, suite_hash: str, mode
             save_connections(top_connections(suite, acts, cfg.C, cfg.variant), path)
 
     stages[stage] = run_stage(path, k, path.is_file, compute, cache.parent / "locks")
-    return load_connections(path, suite.dict_sizes)
+    return load_connections(path, suite.dict_sizes, suite.parallel)
 
 
 def finetuned(cfg: PipelineConfig, suite: SCAESuite, conns, tag: str, model, cache: Path,
@@ -832,7 +857,7 @@ def int_list(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict | None:
     """Parse the flags (each defaults to its constant at the top), run, show the results."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=PRESET, choices=["tiny", "gpt2"])
+    p.add_argument("--preset", default=PRESET, choices=PRESETS)
     p.add_argument("--quick", action="store_true", default=QUICK,
                    help="tiny budgets: a smoke test of every stage")
     p.add_argument("--out", default=OUT, help="folder for report.json, plots and wandb/")

@@ -8,7 +8,7 @@ dataclass configs.
 #%% Hyperparameters
 from __future__ import annotations
 
-MODEL = "scae-shakespeare"  # dictionary_learning.embedded.EMBEDDED_MODEL, or a GPT-2 dir / Hub id
+MODEL = "scae-shakespeare"  # an embedded model (or "scae-shakespeare-llama"), a model dir or Hub id
 DICT_SIZE = 512  # F per dictionary (4x d_model=128; at 1024 layer-0 dictionaries keep 20-65% dead)
 K = 16  # active features per token
 BATCH_TOKENS = 1024  # tokens per optimisation step
@@ -122,6 +122,7 @@ def pretrain_suite(cfg: PretrainConfig) -> tuple[dict, dict[str, DictQuality]]:
         meta = {
             "model_name": cfg.model,
             "model_info": info._asdict(),
+            "architecture": buffer.suite_arch.to_meta(),
             "dtype": cfg.dtype,
             "buffer": {"ctx_len": cfg.ctx_len, "n_tokens": cfg.buffer_tokens,
                        "out_batch_size": cfg.batch_tokens, "model_batch_size": cfg.model_batch_size,

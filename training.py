@@ -270,7 +270,7 @@ def train_scae_suite(
         suite = SCAESuite.from_pretrained(repo_id_in, device=device, dtype=dtype)
     if connections is not None:
         if isinstance(connections, (str, os.PathLike)):
-            connections = load_connections(connections, suite.dict_sizes)
+            connections = load_connections(connections, suite.dict_sizes, suite.parallel)
         suite.set_connections(connections)
     if not suite.has_connections:
         raise ValueError(
@@ -278,7 +278,8 @@ def train_scae_suite(
             "or its exchange-format dict)"
         )
     if hasattr(buffer, "d_model"):
-        suite.check_fits(buffer.n_layers, buffer.d_model, "the buffer's model")
+        suite.check_fits(buffer.n_layers, buffer.d_model, "the buffer's model",
+                         getattr(buffer, "suite_arch", None))
     unembed = None
     if getattr(trainer_cfg, "kl_coeff", 0) > 0:
         if not hasattr(buffer, "model"):

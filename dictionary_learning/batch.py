@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dictionary_learning.arch import architecture
 from dictionary_learning.model import hf_model
 
 
@@ -20,13 +21,17 @@ class ActivationBatch(NamedTuple):
     """One batch of B token rows of every layer's activations."""
 
     initial: Tensor
-    """[B, D] x0 = input of block 0 (token + position embedding)."""
+    """[B, D] x0 = input of block 0 (the token embedding; + position embedding for GPT-2,
+    x sqrt(d) for Gemma-2)."""
     src: dict[str, Tensor]
-    """{"attn_<l>": attn_out_l, "mlp_<l>": mlp_in_l (after the folded ln_2)}, each [B, D]."""
+    """{"attn_<l>": attn_out_l, "mlp_<l>": mlp_in_l (the folded MLP-input norm's output)},
+    each [B, D]."""
     tgt: dict[str, Tensor]
-    """{"attn_<l>": attn_out_l, "mlp_<l>": mlp_out_l}, each [B, D]."""
+    """{"attn_<l>": attn_out_l, "mlp_<l>": mlp_out_l}, each [B, D]: what the block adds to the
+    residual stream."""
     layernorm_scale: dict[str, Tensor]
-    """{"mlp_<l>": sigma_l}, each [B]; sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps)."""
+    """{"mlp_<l>": sigma_l}, each [B]: the MLP-input norm's scale at its input (docs/method.md
+    (2.1): sqrt(biased var + eps) for LayerNorm, sqrt(mean square + eps) for RMSNorm)."""
 
     @classmethod
     def from_trace(cls, acts: dict[str, Tensor], n_layers: int) -> "ActivationBatch":
@@ -66,25 +71,33 @@ class ActivationBatch(NamedTuple):
 def trace_activations(
     model, toks_ST: Tensor, ln_eps: list[float] | None = None
 ) -> dict[str, Tensor]:
-    """One nnsight trace of a folded GPT-2: per-position activations of every layer, BOS kept.
+    """One nnsight trace of a folded model: per-position activations of every layer, BOS kept.
 
-    Returns {"initial": x0, "attn_<l>": attn_out_l, "mlp_in_<l>", "mlp_out_<l>"} each [S, T, D],
-    and {"sigma_<l>"} each [S, T] (sigma_l = sqrt(biased var(resid_mid_l) + ln_2.eps), in fp32).
-    The trace stops after the last MLP, so the LM head never runs. `toks_ST` must be on the
-    model's device. This is the one tracing implementation (the buffer and evaluate.py use it).
+    Returns {"initial": x0 (the input of block 0), "attn_<l>": attn_out_l, "mlp_in_<l>",
+    "mlp_out_<l>"} each [S, T, D], and {"sigma_<l>"} each [S, T]: sigma_l of the MLP-input norm's
+    input (docs/method.md (2.1), in fp32). Which modules these are comes from the model's
+    architecture description (attn_out and mlp_out are the vectors added to the residual stream,
+    after Gemma-2's post-norms). The trace stops after the last block, so the LM head never runs.
+    `toks_ST` must be on the model's device. This is the one tracing implementation (the buffer,
+    evaluate.py, circuits.py and feature_pages.py use it).
     """
-    L = len(hf_model(model).transformer.h)
+    hf = hf_model(model)
+    arch = architecture(hf)
+    n_layers = len(arch.blocks(hf))
     if ln_eps is None:
-        ln_eps = [float(b.ln_2.eps) for b in hf_model(model).transformer.h]
+        ln_eps = [arch.norm_eps(b.get_submodule(arch.mlp_norm)) for b in arch.blocks(hf)]
     saved: dict[str, object] = {}
     with model.trace(toks_ST, use_cache=False) as tracer:  # no KV cache to build
-        blocks = model.transformer.h
+        blocks = model.get(arch.layers)
         saved["initial"] = blocks[0].input.save()
-        for l in range(L):
-            saved[f"attn_{l}"] = blocks[l].attn.output[0].save()
-            saved[f"resid_mid_{l}"] = blocks[l].ln_2.input.save()
-            saved[f"mlp_in_{l}"] = blocks[l].mlp.input.save()
-            saved[f"mlp_out_{l}"] = blocks[l].mlp.output.save()
+        for l in range(n_layers):
+            block = blocks[l]
+            # requested in execution order: attention's output, then the MLP's norm and MLP
+            attn_out = block.get(arch.attn_post_norm or arch.attn).output
+            saved[f"attn_{l}"] = (attn_out[0] if isinstance(attn_out, tuple) else attn_out).save()
+            saved[f"resid_mid_{l}"] = block.get(arch.mlp_norm).input.save()
+            saved[f"mlp_in_{l}"] = block.get(arch.mlp).input.save()
+            saved[f"mlp_out_{l}"] = block.get(arch.mlp_post_norm or arch.mlp).output.save()
         tracer.stop()
     out: dict[str, Tensor] = {}
     for k, v in saved.items():
@@ -95,7 +108,7 @@ def trace_activations(
             )
         if k.startswith("resid_mid_"):
             l = int(k.rsplit("_", 1)[1])
-            out[f"sigma_{l}"] = torch.sqrt(v.float().var(dim=-1, unbiased=False) + ln_eps[l])
+            out[f"sigma_{l}"] = arch.sigma(v.float(), ln_eps[l])
         else:
             out[k] = v
     return out

@@ -3,7 +3,8 @@
 Exchange format (docs/formats.md §3, the original fork's): a dict
 {down_name: {up_name: LongTensor[F_down, C_up]}} of indices into up_name's features, -1 padding.
 Names are "attn_<l>" and "mlp_<l>"; only transcoders ("mlp_<l>") have connections, and their
-upstream modules are attn_l for l <= L and mlp_l for l < L.
+upstream modules are attn_l for l <= L and mlp_l for l < L (l < L for both with parallel blocks,
+docs/method.md (1.2)).
 
 `compile_connections` turns one downstream entry into the layout the sparse kernels use: a global
 index space over all upstream dictionaries (in layer order) and J [F, C] with padding = n_up.
@@ -24,10 +25,13 @@ from .safe_load import load_tensor_file
 
 Connections = dict[str, dict[str, Tensor]]
 
-def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None:
+def validate_connections(
+    conns: Connections, dict_sizes: dict[str, int], parallel: bool = False
+) -> None:
     """Check names, upstream order, shapes, dtypes and index ranges; raise naming the culprit.
 
-    dict_sizes: {module name: number of features} of the suite the connections are for.
+    dict_sizes: {module name: number of features} of the suite the connections are for;
+    parallel: whether its model's blocks are parallel (then attn_L is not upstream of mlp_L).
     """
     if not isinstance(conns, dict):
         raise TypeError(
@@ -41,7 +45,7 @@ def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None
                 f"connections name downstream module {down!r}, which the suite does not have "
                 f"(suite modules: {sorted(dict_sizes)}); the file was made for another suite"
             )
-        allowed = upstream_names(down)
+        allowed = upstream_names(down, parallel)
         if not isinstance(ups, dict):
             raise TypeError(
                 f"connections[{down!r}] must be a dict {{up_name: LongTensor}}, "
@@ -52,9 +56,13 @@ def validate_connections(conns: Connections, dict_sizes: dict[str, int]) -> None
             where = f"connections[{down!r}][{up!r}]"
             parse_module_name(up)
             if up not in allowed:
+                rule = ("attn_l and mlp_l for l < L: the blocks are parallel, so mlp_L reads the "
+                        "block's input, not attn_L" if parallel
+                        else "attn_l for l <= L, mlp_l for l < L")
+                span = f"{allowed[0]} .. {allowed[-1]}" if allowed else "none"
                 raise ValueError(
                     f"{where}: {up!r} is not upstream of {down!r}; upstream modules of {down} are "
-                    f"{allowed[0]} .. {allowed[-1]} (attn_l for l <= L, mlp_l for l < L)"
+                    f"{span} ({rule})"
                 )
             if up not in dict_sizes:
                 raise ValueError(f"{where}: the suite has no module {up!r}")
@@ -93,11 +101,11 @@ def save_connections(conns: Connections, path: str | os.PathLike) -> None:
 
 
 def load_connections(
-    path: str | os.PathLike, dict_sizes: dict[str, int] | None = None
+    path: str | os.PathLike, dict_sizes: dict[str, int] | None = None, parallel: bool = False
 ) -> Connections:
     """Read a connections file (torch.save, or the original fork's plain pickle of tensors) without
     running code from it; check its structure and integer dtypes, and validate it against the
-    suite when `dict_sizes` is given."""
+    suite when `dict_sizes` is given (`parallel`: the suite's blocks are parallel)."""
     path = Path(path)
     fix = ("Pass a connections file in the exchange format {down: {up: LongTensor[F_down, C]}}, "
            "e.g. one written by `python find_top_connections.py`.")
@@ -118,7 +126,7 @@ def load_connections(
     conns = {d: {u: t.long() for u, t in ups.items()} for d, ups in conns.items()}
     if dict_sizes is not None:
         try:
-            validate_connections(conns, dict_sizes)
+            validate_connections(conns, dict_sizes, parallel)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{str(path)!r}: {exc}") from None
     return conns
@@ -170,10 +178,11 @@ class CompiledConnections(NamedTuple):
 
 
 def compile_connections(
-    down: str, ups_idx: dict[str, Tensor], dict_sizes: dict[str, int]
+    down: str, ups_idx: dict[str, Tensor], dict_sizes: dict[str, int], parallel: bool = False
 ) -> CompiledConnections:
-    """Global layout for `down` from its exchange-format entry (validated beforehand)."""
-    ups = tuple(upstream_names(down))
+    """Global layout for `down` from its exchange-format entry (validated beforehand), over the
+    upstream set of (1.2) (without attn_L when `parallel`)."""
+    ups = tuple(upstream_names(down, parallel))
     F_down = dict_sizes[down]
     offsets, n_up = [], 0
     for u in ups:

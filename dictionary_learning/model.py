@@ -1,5 +1,6 @@
-"""Loading GPT-2-family models for the suite: fold ln_2 into mlp.c_fc and wrap with nnsight
-(docs/method.md §2)."""
+"""Loading models of the supported families for the suite: fold the MLP-input norm into the
+MLP's input projections and wrap with nnsight (docs/method.md §2; the families are described in
+dictionary_learning/arch.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,27 @@ from typing import NamedTuple
 
 import torch
 
+from .arch import Architecture, architecture
+from .embedded import EMBEDDED_MODEL, embedded_model_path
 from .names import module_names  # noqa: F401  (part of this module's API)
-
-from .embedded import EMBEDDED_MODEL, ensure_embedded_model
 
 logger = logging.getLogger(__name__)
 
 
 class ModelInfo(NamedTuple):
-    """Shape facts of a GPT-2-like model that the suite needs."""
+    """Shape facts of a supported model that the suite needs."""
 
     n_layers: int
     d_model: int
     n_ctx: int
     vocab_size: int
     ln_eps: float
+    """eps of the MLP-input norm."""
     name: str
+    family: str = "gpt2"
+    """The model's family (dictionary_learning/arch.py)."""
+    parallel: bool = False
+    """Whether its blocks are parallel (attention and MLP read the same residual)."""
 
 
 def hf_model(model) -> torch.nn.Module:
@@ -35,67 +41,33 @@ def hf_model(model) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
-_hf = hf_model
+def check_supported(model) -> Architecture:
+    """The model's architecture description; TypeError naming the family list and the module
+    that did not match when it is not a supported causal LM."""
+    return architecture(model)
 
 
-def check_gpt2_like(model) -> None:
-    """Raise TypeError unless the model has transformer.h[l] blocks with attn, ln_2, mlp.c_fc."""
-    hf = _hf(model)
-    blocks = getattr(getattr(hf, "transformer", None), "h", None)
-    ok = blocks is not None and len(blocks) > 0
-    if ok:
-        for b in blocks:
-            has_mlp_c_fc = hasattr(getattr(b, "mlp", None), "c_fc")
-            if not (hasattr(b, "attn") and hasattr(b, "ln_2") and has_mlp_c_fc):
-                ok = False
-                break
-    if not ok:
-        raise TypeError(
-            f"model {type(hf).__name__} is not GPT-2-like: the suite needs transformer.h[l].attn / "
-            "ln_2 / mlp (with mlp.c_fc); pass a GPT-2-family model (e.g. GPT2LMHeadModel)."
-        )
-
-
-@torch.no_grad()
-def fold_ln2(hf_model) -> None:
-    """Fold every block's ln_2 affine into mlp.c_fc in place; outputs are unchanged.
-
-    Conv1D computes x @ W + b with W [d_in, d_out] and LN(x) = gamma * Px/sigma + beta, so
-    W <- gamma[:, None] W and b <- b + beta @ W (original W); then gamma = 1, beta = 0. Folding an
-    already folded model is a no-op. The arithmetic is done in fp32 and cast back.
-    """
-    check_gpt2_like(hf_model)
-    for block in _hf(hf_model).transformer.h:
-        ln, fc = block.ln_2, block.mlp.c_fc
-        W_DH = fc.weight.float()
-        gamma_D = ln.weight.float() if ln.weight is not None else torch.ones(W_DH.shape[0])
-        beta_D = ln.bias.float() if ln.bias is not None else torch.zeros(W_DH.shape[0])
-        if W_DH.shape[0] != gamma_D.shape[0]:
-            raise TypeError(
-                f"mlp.c_fc weight has shape {tuple(W_DH.shape)}, expected [d_model, d_mlp] (GPT-2 "
-                "Conv1D layout); pass a GPT-2-family model."
-            )
-        new_b = fc.bias.float() + beta_D @ W_DH
-        fc.weight.copy_((gamma_D[:, None] * W_DH).to(fc.weight.dtype))
-        fc.bias.copy_(new_b.to(fc.bias.dtype))
-        if ln.weight is not None:
-            ln.weight.fill_(1.0)
-        if ln.bias is not None:
-            ln.bias.zero_()
+def fold_mlp_norm(model) -> None:
+    """Fold every block's MLP-input norm into the MLP's input projections, in place; outputs are
+    unchanged (docs/method.md §2, `Architecture.fold`)."""
+    architecture(model).fold(hf_model(model))
 
 
 def model_info(model) -> ModelInfo:
-    """ModelInfo of an nnsight-wrapped or plain transformers GPT-2-like model."""
-    hf = _hf(model)
-    check_gpt2_like(hf)
+    """ModelInfo of an nnsight-wrapped or plain transformers model of a supported family."""
+    hf = hf_model(model)
+    arch = architecture(hf)
     cfg = hf.config
+    block = arch.block(hf, 0)
     return ModelInfo(
-        n_layers=len(hf.transformer.h),
-        d_model=cfg.n_embd,
-        n_ctx=cfg.n_positions,
-        vocab_size=cfg.vocab_size,
-        ln_eps=float(hf.transformer.h[0].ln_2.eps),
+        n_layers=len(arch.blocks(hf)),
+        d_model=int(cfg.hidden_size),
+        n_ctx=int(getattr(cfg, arch.n_ctx_attr)),
+        vocab_size=int(cfg.vocab_size),
+        ln_eps=arch.norm_eps(block.get_submodule(arch.mlp_norm)),
         name=str(getattr(cfg, "_name_or_path", "") or type(hf).__name__),
+        family=arch.family,
+        parallel=arch.parallel,
     )
 
 
@@ -122,11 +94,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     tokenizer=None,
 ):
-    """Load a GPT-2-family model, fold ln_2, and wrap it as `nnsight.LanguageModel`.
+    """Load a model of a supported family, fold its MLP-input norm, and wrap it as
+    `nnsight.LanguageModel`.
 
-    `name_or_path` is EMBEDDED_MODEL (built locally on first use), a directory saved with
-    save_pretrained, a Hub id such as "gpt2" (needs network or the HF cache), or an already built
-    `PreTrainedModel` (then pass `tokenizer` too; a tokenizer is required by nnsight).
+    `name_or_path` is an embedded model (EMBEDDED_MODEL or EMBEDDED_LLAMA, built locally on first
+    use), a directory saved with save_pretrained, a Hub id such as "gpt2" (needs network or the HF
+    cache), or an already built `PreTrainedModel` (then pass `tokenizer` too; nnsight needs one).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -141,8 +114,8 @@ def load_model(
             )
     elif isinstance(name_or_path, (str, Path)):
         name = str(name_or_path)
-        if name == EMBEDDED_MODEL:
-            src = str(ensure_embedded_model())
+        if (embedded := embedded_model_path(name)) is not None:
+            src = str(embedded)
         elif Path(name).expanduser().is_dir():
             src = str(Path(name).expanduser())
         elif _looks_like_hub_id(name):
@@ -176,9 +149,9 @@ def load_model(
             f"name_or_path is a {type(name_or_path).__name__}; pass a str (path, Hub id or "
             f"{EMBEDDED_MODEL!r}) or a transformers PreTrainedModel."
         )
-    check_gpt2_like(hf)
+    arch = architecture(hf)
     hf = hf.to(device=device, dtype=dtype).eval()
-    fold_ln2(hf)
+    arch.fold(hf)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token='<|endoftext|>'.")
     return _wrap(hf, tokenizer)

@@ -41,11 +41,13 @@ def suite_order(names) -> list[str]:
     return sorted(names, key=order)
 
 
-def upstream_names(down: str) -> list[str]:
-    """The modules upstream of transcoder `down`, in execution order (docs/method.md §1)."""
+def upstream_names(down: str, parallel: bool = False) -> list[str]:
+    """The modules upstream of transcoder `down`, in execution order (docs/method.md (1.2)):
+    attn_0, mlp_0, ..., mlp_{L-1}, attn_L for sequential blocks; without attn_L for parallel ones
+    (GPT-NeoX's parallel residual), whose MLP reads the block's input, not attention's output."""
     kind, L = parse_module_name(down)
     if kind != "mlp":
         raise ValueError(
             f"{down!r} is an attention SAE, a leaf: only 'mlp_<l>' modules have inputs"
         )
-    return module_names(L) + [f"attn_{L}"]
+    return module_names(L) + ([] if parallel else [f"attn_{L}"])

@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from dictionary_learning.arch import SuiteArch, centre, check_same
 from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
@@ -23,7 +24,12 @@ from dictionary_learning.connections import (
     validate_connections,
 )
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
-from dictionary_learning.names import is_transcoder, module_names, parse_module_name
+from dictionary_learning.names import (
+    is_transcoder,
+    module_names,
+    parse_module_name,
+    upstream_names,
+)
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
@@ -58,21 +64,27 @@ class PrunedTerms(NamedTuple):
 
     base_BF: Tensor
     """(x0 + sum_u b_dec_u) . P w_i for every feature i (before the division by sigma)."""
-    V_FC: Tensor
-    """Virtual weights of the connections."""
-    vals_BA: Tensor
+    V_FC: Tensor | None
+    """Virtual weights of the connections (None: the transcoder has no upstream dictionary)."""
+    vals_BA: Tensor | None
     """Values of the upstream active features, all upstream dictionaries side by side."""
-    idx_BA: Tensor
+    idx_BA: Tensor | None
     """Their indices in the global upstream space G."""
     sigma_B1: Tensor
     """The MLP-input norm's scale sigma per token."""
 
 
 class SCAESuite(nn.Module):
-    """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections."""
+    """An attention SAE and a transcoder per layer, plus the transcoders' upstream connections.
 
-    def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None):
+    `arch` is what the suite's mathematics needs of its model's architecture (parallel blocks,
+    the centring P); the default is GPT-2's (sequential, LayerNorm)."""
+
+    def __init__(self, dicts: dict[str, TopKDictionary], connections: Connections | None = None,
+                 arch: SuiteArch | None = None):
         super().__init__()
+        self.arch = arch or SuiteArch()
+        """The model architecture the suite is for (saved in its metadata)."""
         if not dicts:
             raise ValueError(
                 "a suite needs dictionaries: {'attn_0': SAE, 'mlp_0': transcoder, ...}"
@@ -103,8 +115,10 @@ class SCAESuite(nn.Module):
         if connections is not None:
             self.set_connections(connections)
 
-    def check_fits(self, n_layers: int, d_model: int, what: str = "the model") -> None:
-        """Raise if the suite was made for a model of another width or depth."""
+    def check_fits(self, n_layers: int, d_model: int, what: str = "the model",
+                   arch: SuiteArch | None = None) -> None:
+        """Raise if the suite was made for a model of another width or depth, or (with `arch`,
+        the model's) of another block wiring or norm."""
         if d_model != self.d_model:
             raise ValueError(
                 f"the suite's dictionaries have d_model={self.d_model} but {what} has "
@@ -115,6 +129,22 @@ class SCAESuite(nn.Module):
                 f"the suite has {self.n_layers} layers but {what} has {n_layers}; load the suite "
                 f"that was trained on this model"
             )
+        if arch is not None:
+            check_same(self.arch, arch, what)
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the model's blocks are parallel (mlp_L's upstream set has no attn_L)."""
+        return self.arch.parallel
+
+    def upstream_names(self, down: str) -> list[str]:
+        """The dictionaries upstream of transcoder `down` (docs/method.md (1.2))."""
+        return upstream_names(down, self.parallel)
+
+    def centre(self, x: Tensor) -> Tensor:
+        """P x over the last dimension (rows P w_i of an encoder): centring for LayerNorm models,
+        the identity for RMSNorm models (docs/method.md §2)."""
+        return centre(x, self.arch.centred)
 
     # ----------------------------------------------------------------- connections
 
@@ -132,7 +162,7 @@ class SCAESuite(nn.Module):
 
     def set_connections(self, connections: Connections) -> None:
         """Validate and compile connections (exchange format). Every transcoder needs an entry."""
-        validate_connections(connections, self.dict_sizes)
+        validate_connections(connections, self.dict_sizes, self.parallel)
         missing = [m for m in self.transcoder_names if m not in connections]
         if missing:
             raise ValueError(
@@ -141,7 +171,7 @@ class SCAESuite(nn.Module):
             )
         device = self.dicts[self.names[0]].encoder.weight.device
         self._compiled = {
-            m: compile_connections(m, connections[m], self.dict_sizes).to(device)
+            m: compile_connections(m, connections[m], self.dict_sizes, self.parallel).to(device)
             for m in self.transcoder_names
         }
 
@@ -181,7 +211,7 @@ class SCAESuite(nn.Module):
                 )
 
     def vanilla_one(self, name: str, batch) -> DictOutput:
-        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded ln_2)."""
+        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded norm)."""
         ae = self.dicts[name]
         pre_BF = ae.pre_acts(batch.src[name])
         feats = topk_relu(pre_BF, ae.k)
@@ -210,7 +240,7 @@ class SCAESuite(nn.Module):
         the vanilla top K, the next n_threshold and n_random random features (training), or the
         candidates already in `vanilla[m].cand_BN`. `pruned_top` (candidates mode) adds the pruned
         pass's own top K, computed without gradient over all features: the K features chosen are
-        then exactly those of mode="all" (docs/method.md §5).
+        then exactly those of mode="all" (docs/method.md §3).
         """
         if vanilla is None:
             vanilla = self.vanilla_forward(batch)
@@ -248,8 +278,7 @@ class SCAESuite(nn.Module):
         """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
         its c-th connection (zero at padding); one sampled product per upstream module."""
         comp = self.compiled(name)
-        W_enc_FD = self.dicts[name].encoder.weight
-        Wc_FD = W_enc_FD - W_enc_FD.mean(dim=1, keepdim=True)  # rows P w_i
+        Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
         F, C = comp.J_FC.shape
         V_parts, pos_parts = [], []
         for j, u in enumerate(comp.ups):
@@ -269,8 +298,12 @@ class SCAESuite(nn.Module):
         """The parts of transcoder `name`'s pruned pre-activation (docs/method.md (3.2)) that do
         not depend on which features are computed."""
         comp = self.compiled(name)
-        Wc_FD = self.dicts[name].encoder.weight
-        Wc_FD = Wc_FD - Wc_FD.mean(dim=1, keepdim=True)  # rows P w_i
+        Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
+        sigma_B1 = batch.layernorm_scale[name][:, None]
+        base_BF = batch.initial @ Wc_FD.T
+        if not comp.ups:
+            # mlp_0 of parallel blocks reads x0 alone: no upstream dictionary, no connection
+            return PrunedTerms(base_BF, None, None, None, sigma_B1)
         # Upstream features in the global index space, and the embedding + bias term.
         vals_BA = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
         idx_BA = torch.cat(
@@ -280,9 +313,8 @@ class SCAESuite(nn.Module):
         # (x0 + sum_u b_dec_u) @ Wc.T, split so that no [B, F] @ [F, D] product is needed for the
         # gradient of the biases (x0 is data).
         b_D = sum(self.dicts[u].b_dec for u in comp.ups)
-        base_BF = batch.initial @ Wc_FD.T + Wc_FD @ b_D
-        return PrunedTerms(base_BF, self.virtual_weights(name), vals_BA, idx_BA,
-                           batch.layernorm_scale[name][:, None])
+        base_BF = base_BF + Wc_FD @ b_D
+        return PrunedTerms(base_BF, self.virtual_weights(name), vals_BA, idx_BA, sigma_B1)
 
     def _pruned_pre(
         self,
@@ -301,6 +333,9 @@ class SCAESuite(nn.Module):
         comp = self.compiled(name)
         b_enc_F = self.dicts[name].encoder.bias
         t = terms if terms is not None else self._pruned_terms(name, batch, up_feats)
+        if t.V_FC is None:  # no upstream dictionary (see _pruned_terms)
+            base_BN = t.base_BF if cand_BN is None else t.base_BF.gather(1, cand_BN)
+            return base_BN / t.sigma_B1 + (b_enc_F if cand_BN is None else b_enc_F[cand_BN])
         if cand_BN is None:
             conn_BF = connection_contrib_all(t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up)
             return (t.base_BF + conn_BF) / t.sigma_B1 + b_enc_F
@@ -330,7 +365,7 @@ class SCAESuite(nn.Module):
             # so that the K chosen below are those the all-features pass chooses: a feature that
             # fires in the pruned pass only is then trained down instead of never seen.
             with torch.no_grad():
-                frozen = PrunedTerms(*(t.detach() for t in terms))
+                frozen = PrunedTerms(*(t.detach() if t is not None else None for t in terms))
                 own_BK = self._pruned_pre(name, batch, up_feats, None, frozen).topk(ae.k, 1).indices
             cand_BN = torch.cat([cand_BN, own_BK], dim=1)
         pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN, terms)
@@ -357,6 +392,7 @@ class SCAESuite(nn.Module):
         conns = self.connections if self.has_connections else None
         meta = {k: v for k, v in (self.meta if meta is None else meta).items()
                 if k not in ("format", "format_version", "dictionaries", "versions")}
+        meta["architecture"] = self.arch.to_meta()
         save_suite(path, dict(self.dicts.items()), meta, conns)
 
     @classmethod
@@ -364,8 +400,10 @@ class SCAESuite(nn.Module):
         cls, path_or_repo_id: str | os.PathLike, device="cpu", dtype=torch.float32,
         connections: Connections | None = None,
     ) -> "SCAESuite":
-        """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id."""
+        """Load a suite folder (ours, or the original SCAE fork's Hub layout), local or a Hub id.
+        Its architecture is the one its metadata records (GPT-2's when it records none)."""
         files = load_suite(path_or_repo_id, device=device, dtype=dtype)
-        suite = cls(files.dicts, connections if connections is not None else files.connections)
+        suite = cls(files.dicts, connections if connections is not None else files.connections,
+                    arch=SuiteArch.from_meta(files.meta))
         suite.meta = dict(files.meta)
         return suite.to(device=device, dtype=dtype)

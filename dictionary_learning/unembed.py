@@ -1,4 +1,5 @@
-"""The model's head as a module of its own: final norm, then unembedding (docs/method.md §5).
+"""The model's head as a module of its own: final norm, unembedding and (Gemma-2) the final
+soft-capping (docs/method.md §5).
 
 Evaluation turns rebuilt residuals into logits with it, and the finetuning trainer's KL term
 (`SCAETrainerConfig.kl_coeff`) does so in every step, without running the model.
@@ -11,30 +12,36 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from dictionary_learning.arch import architecture
 from dictionary_learning.model import hf_model
 
 
 class Unembed(nn.Module):
-    """logits = lm_head(final_norm(r)) for residual rows r [..., D] -> [..., V]."""
+    """logits = cap(lm_head(final_norm(r))) for residual rows r [..., D] -> [..., V], with
+    cap(z) = c tanh(z / c) when the model soft-caps its logits (else the identity)."""
 
-    def __init__(self, final_norm: nn.Module, lm_head: nn.Module):
+    def __init__(self, final_norm: nn.Module, lm_head: nn.Module, softcap: float | None = None):
         super().__init__()
-        self.final_norm, self.lm_head = final_norm, lm_head
+        self.final_norm, self.lm_head, self.softcap = final_norm, lm_head, softcap
 
     @classmethod
     def from_model(cls, model, frozen_copy: bool = False) -> "Unembed":
-        """The head of an nnsight-wrapped or plain transformers model. `frozen_copy`: deep copies
-        with requires_grad False (a trainer's target: gradients never reach the model, and moving
-        the copy to the trainer's device or dtype leaves the model as it is)."""
+        """The head of an nnsight-wrapped or plain transformers model, found through its
+        architecture description. `frozen_copy`: deep copies with requires_grad False (a
+        trainer's target: gradients never reach the model, and moving the copy to the trainer's
+        device or dtype leaves the model as it is)."""
         hf = hf_model(model)
-        head = cls(hf.transformer.ln_f, hf.lm_head)
+        arch = architecture(hf)
+        cap = getattr(hf.config, arch.softcap_attr, None) if arch.softcap_attr else None
+        head = cls(hf.get_submodule(arch.final_norm), hf.get_submodule(arch.unembed), cap)
         if frozen_copy:
             head = copy.deepcopy(head).requires_grad_(False)
         return head
 
     def forward(self, r_BD: Tensor) -> Tensor:
         w = self.lm_head.weight
-        return self.lm_head(self.final_norm(r_BD.to(device=w.device, dtype=w.dtype)))
+        logits = self.lm_head(self.final_norm(r_BD.to(device=w.device, dtype=w.dtype)))
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     @property
     def vocab_size(self) -> int:
@@ -43,5 +50,5 @@ class Unembed(nn.Module):
 
 @torch.no_grad()
 def unembed(model, r_final_STD: Tensor) -> Tensor:
-    """logits = lm_head(final_norm(r_final)) with the model's own head, [..., V]."""
+    """logits with the model's own head (`Unembed`), [..., V]."""
     return Unembed.from_model(model)(r_final_STD)

@@ -63,23 +63,19 @@ def random_batch(n_layers=2, d=6, B=5, seed=1, dtype=torch.float64) -> Batch:
 
 def full_connections(suite: SCAESuite) -> dict:
     F = suite.dict_sizes
-    from dictionary_learning.connections import upstream_names
-
     return {
-        m: {u: torch.arange(F[u]).expand(F[m], F[u]).clone() for u in upstream_names(m)}
+        m: {u: torch.arange(F[u]).expand(F[m], F[u]).clone() for u in suite.upstream_names(m)}
         for m in suite.transcoder_names
     }
 
 
 def random_connections(suite: SCAESuite, C: int, seed=0, pad_frac=0.3) -> dict:
     """Up to C connections per feature spread over the upstream modules, with -1 padding."""
-    from dictionary_learning.connections import upstream_names
-
     g = torch.Generator().manual_seed(seed)
     F = suite.dict_sizes
     out = {}
     for m in suite.transcoder_names:
-        ups = upstream_names(m)
+        ups = suite.upstream_names(m)
         out[m] = {}
         for u in ups:
             c = max(1, C // len(ups))

@@ -170,7 +170,7 @@ def test_errors(model):
         AllActivationBuffer(model, iter([]), n_tokens=60, out_batch_size=10)
     with pytest.raises(ValueError, match=r"ctx_len 20 exceeds the model's n_positions=16.*<= 16"):
         AllActivationBuffer(model, iter(random_contexts(2, 20)), n_tokens=60, out_batch_size=10)
-    with pytest.raises(TypeError, match="not GPT-2-like"):
+    with pytest.raises(TypeError, match="not a supported family"):
         AllActivationBuffer(
             torch.nn.Linear(2, 2), iter(random_contexts(2, 8)), n_tokens=60, out_batch_size=10
         )

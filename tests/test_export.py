@@ -162,3 +162,27 @@ def test_export_errors(suite_dir, tmp_path):
     res = export.export_suite(type("S", (), {"dicts": wide, "meta": {"model_name": "m"}})(),
                               tmp_path / "w", "sparsify")
     assert res.written == {} and "d_in=16 != d_out=32" in res.skipped["mlp_0"]
+
+
+@pytest.mark.parametrize("family, attn, mlp, prefix", [
+    ("gpt_neox", "attention", "mlp", "gpt_neox"),
+    ("llama", "self_attn", "mlp", "model"),
+    ("gemma2", "post_attention_layernorm", None, "model"),
+])
+def test_other_families_name_their_own_modules(suite_dir, tmp_path, family, attn, mlp, prefix):
+    """A suite records its model's family; the exports name that family's modules. Gemma-2's
+    transcoders (MLP input -> post-feedforward norm output) have no sparsify hookpoint."""
+    path, dicts = suite_dir
+    save_suite(tmp_path / "s", dicts, {"model_name": "m", "architecture": {
+        "family": family, "parallel": family == "gpt_neox", "centred": family == "gpt_neox"}})
+    res = export.export_suite(tmp_path / "s", tmp_path / "sp", "sparsify")
+    assert res.written["attn_1"].name == f"layers.1.{attn}"
+    if mlp is None:
+        assert set(res.skipped) == {"mlp_0", "mlp_1"}
+        assert "post_feedforward_layernorm" in res.skipped["mlp_1"]
+    else:
+        assert res.written["mlp_1"].name == f"layers.1.{mlp}" and not res.skipped
+    res = export.export_suite(tmp_path / "s", tmp_path / "dl", "dictionary_learning")
+    cfg = json.loads((res.written["mlp_1"] / "config.json").read_text())
+    mlp_out = mlp or "post_feedforward_layernorm"
+    assert cfg["trainer"]["submodule_name"] == f"{prefix}.layers.1.{mlp_out}"

@@ -9,17 +9,22 @@ import feature_pages as FP
 from dictionary_learning.batch import trace_activations
 from circuits import connection_terms, feature_id
 from dictionary_learning.graph_format import check_feature
-from tests.helpers import random_contexts, tiny_gpt2
+from dictionary_learning.arch import architecture
+from dictionary_learning.model import hf_model
+from tests.helpers import random_contexts, tiny_model
 from tests.scae_fixtures import random_connections, random_suite
 from dictionary_learning.batch import ActivationBatch
 
 N_CTX, CTX_LEN = 12, 17
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model, tok = tiny_gpt2(n_layer=2, d_model=32, n_head=4)
+@pytest.fixture(scope="module", params=["gpt2", "neox_parallel", "gemma2"])
+def setup(request):
+    """GPT-2; parallel blocks (mlp_0 has no upstream dictionary); RMSNorm with 1 + w and
+    post-norms."""
+    model, tok = tiny_model(request.param, n_layer=2, d_model=32)
     suite = random_suite(n_layers=2, d=32, F=40, k=5, seed=0, dtype=torch.float32)
+    suite.arch = architecture(model).suite_arch
     suite.set_connections(random_connections(suite, C=12))
     ctxs = random_contexts(N_CTX, CTX_LEN, seed=3)
     cfg = FP.PageConfig(n_tokens=10**6, ctx_len=CTX_LEN, batch_contexts=5, n_top=4, n_sample=8,
@@ -108,8 +113,8 @@ def test_connection_statistics(setup):
         # the pruned pre-activation = connection terms + embedding/bias base: both sides summed
         ae = suite.dicts[m]
         comp = suite.compiled(m)
-        Wc = ae.encoder.weight - ae.encoder.weight.mean(1, keepdim=True)
-        b_D = sum(suite.dicts[u].b_dec for u in comp.ups)
+        Wc = suite.centre(ae.encoder.weight)
+        b_D = sum((suite.dicts[u].b_dec for u in comp.ups), torch.zeros(32))
         base_BF = (batch.initial @ Wc.T + Wc @ b_D) / batch.layernorm_scale[m][:, None] \
             + ae.encoder.bias
         base_sum = torch.zeros(F, dtype=torch.float64).index_add_(
@@ -146,3 +151,21 @@ def test_feature_file_and_downstream(setup, tmp_path):
         pages.feature_file("mlp_1", 40)
     with pytest.raises(FileNotFoundError, match="feature_pages.py"):
         FP.load_pages(tmp_path / "nope.pt")
+
+
+def test_logit_effects_are_the_unembedding_of_the_final_norms_gain(setup):
+    """W_U (gain_f * P d_j), with the final norm's gain (1 + w for Gemma-2) and P the centring for
+    LayerNorm models only, written out per family here."""
+    model, suite, *_ = setup
+    hf = hf_model(model)
+    family = architecture(model).family
+    final = {"gpt2": hf.get_submodule("transformer.ln_f") if family == "gpt2" else None,
+             "gpt_neox": getattr(getattr(hf, "gpt_neox", None), "final_layer_norm", None),
+             "gemma2": getattr(getattr(hf, "model", None), "norm", None)}[family]
+    gain = final.weight + 1 if family == "gemma2" else final.weight
+    W_dec = suite.dicts["mlp_1"].decoder.weight.detach()
+    d_FD = W_dec.T - W_dec.T.mean(1, keepdim=True) if family != "gemma2" else W_dec.T
+    eff_VF = hf.lm_head.weight @ (gain[:, None] * d_FD.T)
+    top, topv, bot, botv = FP.logit_effects(hf, W_dec, 5)
+    torch.testing.assert_close(topv, eff_VF.topk(5, dim=0).values.T.detach())
+    torch.testing.assert_close(botv, eff_VF.topk(5, dim=0, largest=False).values.T.detach())

@@ -5,8 +5,8 @@ import torch
 
 from dictionary_learning.model import (
     ModelInfo,
-    check_gpt2_like,
-    fold_ln2,
+    check_supported,
+    fold_mlp_norm,
     hf_model,
     load_model,
     model_info,
@@ -21,14 +21,14 @@ def test_fold_preserves_logits_and_sets_identity():
     assert not torch.allclose(hf.transformer.h[0].ln_2.weight, torch.ones(32))
     with torch.no_grad():
         before = hf(toks).logits
-        fold_ln2(hf)
+        fold_mlp_norm(hf)
         after = hf(toks).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     for b in hf.transformer.h:
         assert torch.equal(b.ln_2.weight, torch.ones_like(b.ln_2.weight))
         assert torch.equal(b.ln_2.bias, torch.zeros_like(b.ln_2.bias))
     state = copy.deepcopy(hf.state_dict())
-    fold_ln2(hf)  # idempotent
+    fold_mlp_norm(hf)  # idempotent
     for k, v in hf.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -78,10 +78,10 @@ def test_non_gpt2_error():
             super().__init__()
             self.lin = torch.nn.Linear(2, 2)
 
-    with pytest.raises(TypeError, match="not GPT-2-like"):
-        check_gpt2_like(Fake())
-    with pytest.raises(TypeError, match="not GPT-2-like"):
-        fold_ln2(Fake())
+    with pytest.raises(TypeError, match="Fake .* is not a supported family"):
+        check_supported(Fake())
+    with pytest.raises(TypeError, match="Fake .* is not a supported family"):
+        fold_mlp_norm(Fake())
 
 
 def test_model_without_tokenizer_error():

@@ -19,7 +19,7 @@ from buffer import AllActivationBuffer
 from dictionary_learning.connections import load_connections, save_connections
 from dictionary_learning.data import token_contexts
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
-from dictionary_learning.model import check_gpt2_like
+from dictionary_learning.model import check_supported
 from tests.helpers import random_contexts, tiny_gpt2, tiny_tokenizer
 from tests.scae_fixtures import random_batch, random_connections, random_suite
 from dictionary_learning.suite import SCAESuite
@@ -194,14 +194,15 @@ def test_data_runs_out_during_training():
             next(buf)
 
 
-def test_model_that_is_not_gpt2_like():
+def test_model_of_no_supported_family():
     class NotGPT2(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
 
-    with pytest.raises(TypeError, match=r"not GPT-2-like.*transformer\.h"):
-        check_gpt2_like(NotGPT2())
+    with pytest.raises(TypeError, match=r"NotGPT2 .* is not a supported family; supported: "
+                                        r"gpt2 \(GPT2LMHeadModel\), gpt_neox"):
+        check_supported(NotGPT2())
 
 
 # ------------------------------------------------------------------ faults

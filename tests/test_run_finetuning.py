@@ -3,9 +3,10 @@ a saved GPT-2-shaped model, a suite in the original SCAE fork's layout, and loca
 
 import json
 
+import pytest
 import torch
 
-from tests.helpers import random_texts, tiny_hf_gpt2, tiny_tokenizer
+from tests.helpers import random_texts, tiny_hf_gpt2, tiny_hf_model, tiny_tokenizer
 
 D, F, K, N_LAYERS = 32, 64, 4, 2
 
@@ -85,3 +86,50 @@ def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
     rep2 = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(rep2["stages"]) == computed and all(r["cached"] for r in rep2["stages"].values())
     assert rep2["modules"] == rep["modules"]
+
+
+@pytest.mark.parametrize("preset, family, arch", [
+    ("pythia-70m", "neox_parallel", {"family": "gpt_neox", "parallel": True, "centred": True}),
+    ("qwen2.5-0.5b", "qwen2", {"family": "qwen2", "parallel": False, "centred": False}),
+])
+def test_hub_family_presets_code_path_with_a_local_model(tmp_path, monkeypatch, preset, family,
+                                                         arch):
+    """The pythia-70m and qwen2.5-0.5b presets end to end (pretraining included) on a locally saved
+    tiny model of the same family: the suite records the family, parallel blocks' connections
+    leave attn_L out of mlp_L's upstream set, and finetuning lowers the pruned FVU."""
+    monkeypatch.setenv("SCAE_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / f"{family}-local"
+    tiny_hf_model(family, n_layer=N_LAYERS, d_model=D, n_ctx=32).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "train.txt").write_text("\n".join(random_texts(800, seed=1, min_len=20,
+                                                               max_len=60)))
+    (tmp_path / "eval.txt").write_text("\n".join(random_texts(100, seed=2, min_len=20,
+                                                              max_len=60)))
+
+    import run_finetuning
+    from dictionary_learning.suite import SCAESuite
+
+    cfg = run_finetuning.make_config(preset)
+    assert cfg.model == run_finetuning.HUB_PRESETS[preset][0] and cfg.data == "openwebtext"
+    # smaller budgets through the file's constants, as a user would set them
+    monkeypatch.setattr(run_finetuning, "PRETRAIN_STEPS", 12)
+    monkeypatch.setattr(run_finetuning, "EVAL_TOKENS", 512)
+    out = tmp_path / "out"
+    run_finetuning.main(["--preset", preset, "--quick", "--out", str(out),
+                         "--model", str(model_dir), "--data", str(tmp_path / "train.txt"),
+                         "--eval-data", str(tmp_path / "eval.txt"), "--ctx-len", "32",
+                         "--steps", "6"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["config"]["model"] == str(model_dir) and rep["config"]["dict_size"] == 256
+    assert rep["config"]["pretrain_steps"] == 12
+    assert {"pretrain", "connections", "finetune_top", "finetune_random"} == set(rep["stages"])
+    suite = SCAESuite.from_pretrained(rep["artifacts"]["suite"])
+    assert suite.arch.to_meta() == arch
+    conns = suite.connections
+    assert ("attn_1" in conns["mlp_1"]) is not arch["parallel"]
+    assert conns["mlp_0"] == {} if arch["parallel"] else set(conns["mlp_0"]) == {"attn_0"}
+    mlp = [n for n in rep["modules"] if n.startswith("mlp_")]
+    before = sum(rep["before_finetuning"]["modules"][n]["fvu_pruned"] for n in mlp)
+    assert sum(rep["modules"][n]["fvu_pruned"] for n in mlp) < before
+    index = json.loads((out / "circuits" / "graph-metadata.json").read_text())
+    assert len(index["graphs"]) == 2
