@@ -288,11 +288,15 @@ def test_connection_search_and_finetuning_respect_the_upstream_sets(family, mode
     rnd = random_connections(suite, conns, seed=1)
     assert {m: set(u) for m, u in rnd.items()} == {m: set(u) for m, u in conns.items()}
     suite.set_connections(conns)
+    from dictionary_learning.unembed import Unembed
+
+    # the default loss, KL term included: each family's own head (final norm, soft-capping)
     tr = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=2, n_threshold=4, n_random=2,
-                                                   random_coeff=0.1, warmup_steps=1))
+                                                   random_coeff=0.1, warmup_steps=1),
+                          unembed=Unembed.from_model(model, frozen_copy=True))
     batch = next(AllActivationBuffer(model, iter(list(toks)), n_tokens=n, out_batch_size=n))
     logs = tr.update(0, batch)
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert "kl" in logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
 
 
 # ------------------------------------------------------------------ evaluation
