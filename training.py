@@ -285,10 +285,10 @@ def train_scae_suite(
         if not hasattr(buffer, "model"):
             raise ValueError(
                 "kl_coeff > 0 needs the model's head: use an AllActivationBuffer (it holds the "
-                "model), or build TrainerSCAESuite yourself with unembed=Unembed.from_model(model, "
-                "frozen_copy=True)"
+                "model), set kl_coeff=0, or build TrainerSCAESuite yourself with "
+                "unembed=Unembed.from_model(model)"
             )
-        unembed = Unembed.from_model(buffer.model, frozen_copy=True)
+        unembed = Unembed.from_model(buffer.model)
     trainer = TrainerSCAESuite(suite, trainer_cfg, device=device, dtype=dtype, unembed=unembed)
     train(trainer, buffer, train_cfg)
     out = Path(train_cfg.out_dir) / "suite"

@@ -59,7 +59,7 @@ def main() -> None:
     suite.set_connections(rf.connections_for(cfg, suite, suite_hash, model, cache, hashes, {}))
     buf = rf.make_buffer(cfg, model, cfg.seed + 1)
     batches = [next(buf) for _ in range(args.steps + args.warmup)]
-    head = Unembed.from_model(model, frozen_copy=True)
+    head = Unembed.from_model(model)
     rows = []
     for options in OPTION_SETS:
         tcfg = replace(cfg.finetune, total_steps=len(batches), **options)

@@ -293,7 +293,7 @@ def test_connection_search_and_finetuning_respect_the_upstream_sets(family, mode
     # the default loss, KL term included: each family's own head (final norm, soft-capping)
     tr = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=2, n_threshold=4, n_random=2,
                                                    random_coeff=0.1, warmup_steps=1),
-                          unembed=Unembed.from_model(model, frozen_copy=True))
+                          unembed=Unembed.from_model(model))
     batch = next(AllActivationBuffer(model, iter(list(toks)), n_tokens=n, out_batch_size=n))
     logs = tr.update(0, batch)
     assert "kl" in logs and all(torch.isfinite(torch.tensor(v)) for v in logs.values())

@@ -53,7 +53,7 @@ def kl_trainer(buf, kl_chunk, kl_coeff=1.0, connections=None):
     suite.set_connections(connections)
     cfg = SCAETrainerConfig(total_steps=10, lr=1e-3, warmup_steps=1, n_threshold=8,
                             kl_coeff=kl_coeff, kl_chunk=kl_chunk)
-    return TrainerSCAESuite(suite, cfg, unembed=Unembed.from_model(buf.model, frozen_copy=True))
+    return TrainerSCAESuite(suite, cfg, unembed=Unembed.from_model(buf.model))
 
 
 def test_kl_term_equals_plain_reference_in_value_and_gradient():

@@ -6,6 +6,7 @@ dictionary_learning/suite.py; this module holds only the trainer and its config.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,8 +89,8 @@ class TrainerSCAESuite(TopKSuiteTrainer):
 
     def __init__(self, suite: SCAESuite, cfg: SCAETrainerConfig, device="cpu", dtype=torch.float32,
                  unembed: Unembed | None = None):
-        """`unembed`: the model's head (`Unembed.from_model(model, frozen_copy=True)`), needed
-        when cfg.kl_coeff > 0."""
+        """`unembed`: the model's head (`Unembed.from_model(model)`; the trainer keeps a frozen
+        copy), needed when cfg.kl_coeff > 0."""
         if not suite.has_connections:
             raise ValueError(
                 "TrainerSCAESuite needs a suite with connections: suite.set_connections(...) "
@@ -101,13 +102,14 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         if cfg.kl_coeff > 0 and unembed is None:
             raise ValueError(
                 f"SCAETrainerConfig.kl_coeff={cfg.kl_coeff} needs the model's head: pass "
-                "unembed=Unembed.from_model(model, frozen_copy=True) (train_scae_suite does this "
-                "from the buffer's model)"
+                "unembed=Unembed.from_model(model) (train_scae_suite does this from the buffer's "
+                "model), or set kl_coeff=0"
             )
         self.suite = suite.to(device=device, dtype=dtype)
-        # The head is a fixed target: fp32 whatever the dictionaries' dtype, never trained.
-        self.unembed = (unembed.to(device=device, dtype=torch.float32).requires_grad_(False)
-                        if unembed is not None else None)
+        # The head is a fixed target, in fp32 whatever the dictionaries' dtype, never trained: a
+        # copy, so that moving it leaves the model as it is.
+        self.unembed = (copy.deepcopy(unembed).to(device=device, dtype=torch.float32)
+                        .requires_grad_(False) if unembed is not None else None)
         super().__init__(dict(suite.dicts.items()), cfg, device, dtype)
         self.initialized = True  # finetuning starts from trained dictionaries
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank())
