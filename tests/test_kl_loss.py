@@ -68,7 +68,8 @@ def test_kl_term_equals_plain_reference_in_value_and_gradient():
 
     tr.suite.zero_grad(set_to_none=True)
     van = tr.suite.vanilla_forward(batch)
-    pr = tr.suite.pruned_forward(batch, van, mode="candidates", n_threshold=8)
+    pr = tr.suite.pruned_forward(batch, van, mode="candidates", n_threshold=8,
+                                 pruned_top=tr.cfg.pruned_top)
     r_BD = batch.initial + sum(pr[n].recon_BD if n in pr else van[n].recon_BD for n in tr.names)
     r_true_BD = batch.initial + sum(batch.tgt.values())
     with torch.no_grad():
