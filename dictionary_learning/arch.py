@@ -250,7 +250,9 @@ class Architecture:
                             f"layer {layer}: {self.mlp_norm} has a bias but {self.mlp}.{name} "
                             "has none to fold it into"
                         )
-                    proj.bias.copy_((proj.bias.float() + W_HD @ beta_D).to(proj.bias.dtype))
+                    # beta W as a row vector times W [D, H]: bit-identical to the GPT-2-only
+                    # folding of earlier versions, so the embedded model's digests stay the same
+                    proj.bias.copy_((proj.bias.float() + beta_D @ W_HD.T).to(proj.bias.dtype))
                 new_W = W_HD * gain_D[None, :]
                 proj.weight.copy_((new_W.T if self.conv1d else new_W).to(proj.weight.dtype))
             norm.weight.fill_(0.0 if self.norm is Norm.RMSNORM_1P else 1.0)

@@ -37,9 +37,9 @@ PLAIN = {
 }
 PLAIN["mistral"] = PLAIN["qwen2"] = PLAIN["llama"]
 
-# Absolute tolerances in fp32 (docs/identities.md §10): Gemma-2's post-norms rescale every
-# block output to norm ~sqrt(d) (x up to 2 with its random gains), the others are ~1.
-ATOL = {f: 1e-5 for f in FAMILIES} | {"gemma2": 5e-5}
+# Absolute tolerances in fp32, the same for every family (docs/identities.md §10); the errors
+# measured are about 1e-6.
+ATOL = {f: 1e-5 for f in FAMILIES}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -416,6 +416,11 @@ def test_embedded_llama_builds_on_first_use_and_is_the_tiny_llama_presets_model(
     small = replace(cfg, vocab_size=300, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, d_mlp=24,
                     n_positions=32, train_steps=2, batch_size=2, max_val_contexts=4)
     monkeypatch.setitem(embedded.EMBEDDED_CONFIGS, name, small)
+    # the validation plays and two training plays: the same code on less text
+    plays = embedded.play_paths()
+    keep = list(embedded.VALIDATION_PLAYS) + [p for p in plays if p not in
+                                              embedded.VALIDATION_PLAYS][:2]
+    monkeypatch.setattr(embedded, "play_paths", lambda: {p: plays[p] for p in keep})
     monkeypatch.setenv("SCAE_CACHE", str(tmp_path))
     model = load_model(name)
     assert architecture(model).family == "llama" and model_info(model).n_layers == 1

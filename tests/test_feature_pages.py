@@ -93,8 +93,9 @@ def test_batching_does_not_change_pages(setup):
     for n in suite.names:
         a, b = pages.state["dicts"][n], other.state["dicts"][n]
         assert torch.equal(a["count"], b["count"])
-        assert torch.equal(a["top_vanilla"]["value"].sort(1).values,
-                           b["top_vanilla"]["value"].sort(1).values)
+        # the model's own float32 bits may depend on the batch size (GPT-NeoX's do)
+        torch.testing.assert_close(a["top_vanilla"]["value"].sort(1).values,
+                                   b["top_vanilla"]["value"].sort(1).values)
 
 
 def test_connection_statistics(setup):
