@@ -675,6 +675,11 @@ def sweep(cfg: PipelineConfig, values: list[int], out_dir: str | os.PathLike, pa
         raise ValueError(f"cannot sweep {param!r}; sweep one of {sorted(SWEEPS)}")
     if not values or min(values) < 1:
         raise ValueError(f"sweep of {param} over {values}: give positive values, e.g. 8,16,32")
+    if cfg.connections is not None:
+        raise ValueError(
+            f"a sweep computes the top-C connections of every value, but connections "
+            f"{cfg.connections!r} were given: drop --connections / CONNECTIONS"
+        )
     preflight(cfg)
     out_dir = check_out_dir(out_dir)
     configure_determinism(cfg.threads, cfg.deterministic)
@@ -687,7 +692,7 @@ def sweep(cfg: PipelineConfig, values: list[int], out_dir: str | os.PathLike, pa
     tags = ("top", "random") if random else ("top",)
     rows = []
     for value in tqdm(sorted(set(values)), desc=f"sweep {param}", disable=not is_main()):
-        v_cfg = replace(cfg, connections=None, **{param: value})
+        v_cfg = replace(cfg, **{param: value})
         conns = connections_for(v_cfg, suite, suite_hash, model, cache, hashes, stages)
         row: dict = {param: value}
         for tag in tags:

@@ -55,6 +55,8 @@ def test_sweep_rows_match_the_pipeline_and_new_Cs_compute_only_themselves(quiet)
 
     with pytest.raises(ValueError, match="give positive values"):
         run_finetuning.sweep(tiny_cfg(root), [0, 8], out)
+    with pytest.raises(ValueError, match="drop --connections"):
+        run_finetuning.sweep(tiny_cfg(root, connections="conns.pt"), [8], out)
     with pytest.raises(ValueError, match="cannot sweep 'k'"):
         run_finetuning.sweep(tiny_cfg(root), [8], out, param="k")
 
