@@ -291,7 +291,8 @@ def test_evaluate_dictionaries_equals_plain_formulas_on_the_concatenation():
     for n, d in dicts.items():
         x = torch.cat([b.src[n] for b in batches])
         y = torch.cat([b.tgt[n] for b in batches]).double()
-        recon, feats = d(x, output_features=True)
+        with torch.no_grad():
+            recon, feats = d(x, output_features=True)
         fvu_ref = float((y - recon.double()).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
         active = feats.vals_BK > 0
         hit_F = torch.zeros(d.dict_size, dtype=torch.bool)
