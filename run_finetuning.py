@@ -527,6 +527,17 @@ def write_products(cfg: PipelineConfig, tuned: SCAESuite, model, out_dir: Path) 
             "circuits": str(out_dir / "circuits"), "viewer": str(index)}
 
 
+def start(cfg: PipelineConfig):
+    """What every pipeline entry point sets up first: threads and determinism, the stage cache,
+    the model (its context length checked) and the content hashes of the inputs. Returns
+    (cache folder, model, hashes)."""
+    configure_determinism(cfg.threads, cfg.deterministic)
+    cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
+    model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
+    check_ctx_len(cfg.ctx_len, model_info(model).n_ctx)
+    return cache, model, input_hashes(cfg)
+
+
 def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     """Run every stage; rank 0 returns the report (also written to out_dir/report.json).
 
@@ -545,13 +556,9 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
         timings[stage] = round(now - clock, 2)
         clock = now
 
-    configure_determinism(cfg.threads, cfg.deterministic)
-    cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
     wb = WandbSettings(cfg.wandb_mode, group=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
                        dir=str(out_dir))
-    model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
-    check_ctx_len(cfg.ctx_len, model_info(model).n_ctx)
-    hashes = input_hashes(cfg)
+    cache, model, hashes = start(cfg)
     stages: dict[str, StageRecord] = {}
     lap("model")
     suite, suite_hash = pretrained_suite(cfg, model, cache, hashes, stages, wb)
@@ -682,11 +689,7 @@ def sweep(cfg: PipelineConfig, values: list[int], out_dir: str | os.PathLike, pa
         )
     preflight(cfg)
     out_dir = check_out_dir(out_dir)
-    configure_determinism(cfg.threads, cfg.deterministic)
-    cache = check_out_dir(check_cache_root() / "pipeline", "SCAE_CACHE")
-    model = load_model(cfg.model, device=cfg.device, dtype=torch.float32)
-    check_ctx_len(cfg.ctx_len, model_info(model).n_ctx)
-    hashes = input_hashes(cfg)
+    cache, model, hashes = start(cfg)
     stages: dict[str, StageRecord] = {}
     suite, suite_hash = pretrained_suite(cfg, model, cache, hashes, stages)
     tags = ("top", "random") if random else ("top",)

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_finetuning as rf  # noqa: E402
 from dictionary_learning.unembed import Unembed  # noqa: E402
-from dictionary_learning.validate import check_cache_root  # noqa: E402
 from trainers.scae import TrainerSCAESuite  # noqa: E402
 
 OPTION_SETS = [
@@ -51,10 +50,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = rf.make_config("tiny", False, device=args.device)
-    rf.configure_determinism(cfg.threads, cfg.deterministic)
-    cache = check_cache_root() / "pipeline"
-    model = rf.load_model(cfg.model, device=cfg.device)
-    hashes = rf.input_hashes(cfg)
+    cache, model, hashes = rf.start(cfg)
     suite, suite_hash = rf.pretrained_suite(cfg, model, cache, hashes, {})
     suite.set_connections(rf.connections_for(cfg, suite, suite_hash, model, cache, hashes, {}))
     buf = rf.make_buffer(cfg, model, cfg.seed + 1)

@@ -92,6 +92,11 @@ class SuiteArch:
                 f"{'LayerNorm' if self.centred else 'RMSNorm'})")
 
 
+def apply_softcap(logits: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(logits / cap), or the logits unchanged when cap is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
@@ -273,17 +278,13 @@ class Architecture:
             x_STD = x_STD * torch.tensor(E.shape[1] ** 0.5).to(E.dtype)
         return x_STD
 
+    def softcap_value(self, hf: nn.Module) -> float | None:
+        """The final logit soft-cap of this model, None where the family has none."""
+        return getattr(hf.config, self.softcap_attr, None) if self.softcap_attr else None
+
     def softcap(self, hf: nn.Module, logits: Tensor) -> Tensor:
         """The final logit soft-capping cap * tanh(logits / cap) where the family has one."""
-        cap = getattr(hf.config, self.softcap_attr, None) if self.softcap_attr else None
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    @torch.no_grad()
-    def logits(self, hf: nn.Module, r_final: Tensor) -> Tensor:
-        """The model's logits from its final residual: unembed(final_norm(r)), soft-capped."""
-        head = _get(hf, self.unembed)
-        r = r_final.to(device=head.weight.device, dtype=head.weight.dtype)
-        return self.softcap(hf, head(_get(hf, self.final_norm)(r)))
+        return apply_softcap(logits, self.softcap_value(hf))
 
     # ----------------------------------------------------------------------------- attention
 

@@ -333,15 +333,13 @@ class SCAESuite(nn.Module):
         comp = self.compiled(name)
         b_enc_F = self.dicts[name].encoder.bias
         t = terms if terms is not None else self._pruned_terms(name, batch, up_feats)
-        if t.V_FC is None:  # no upstream dictionary (see _pruned_terms)
-            base_BN = t.base_BF if cand_BN is None else t.base_BF.gather(1, cand_BN)
-            return base_BN / t.sigma_B1 + (b_enc_F if cand_BN is None else b_enc_F[cand_BN])
+        connected = t.V_FC is not None  # else no upstream dictionary (see _pruned_terms)
         if cand_BN is None:
-            conn_BF = connection_contrib_all(t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up)
+            conn_BF = (connection_contrib_all(t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up)
+                       if connected else 0.0)
             return (t.base_BF + conn_BF) / t.sigma_B1 + b_enc_F
-        conn_BN = connection_contrib_candidates(
-            t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up
-        )
+        conn_BN = (connection_contrib_candidates(
+            t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up) if connected else 0.0)
         return (t.base_BF.gather(1, cand_BN) + conn_BN) / t.sigma_B1 + b_enc_F[cand_BN]
 
     def _pruned_transcoder(

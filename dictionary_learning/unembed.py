@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from dictionary_learning.arch import architecture
+from dictionary_learning.arch import apply_softcap, architecture
 from dictionary_learning.model import hf_model
 
 
@@ -32,8 +32,8 @@ class Unembed(nn.Module):
         device or dtype leaves the model as it is)."""
         hf = hf_model(model)
         arch = architecture(hf)
-        cap = getattr(hf.config, arch.softcap_attr, None) if arch.softcap_attr else None
-        head = cls(hf.get_submodule(arch.final_norm), hf.get_submodule(arch.unembed), cap)
+        head = cls(hf.get_submodule(arch.final_norm), hf.get_submodule(arch.unembed),
+                   arch.softcap_value(hf))
         if frozen_copy:
             head = copy.deepcopy(head).requires_grad_(False)
         return head
@@ -41,7 +41,7 @@ class Unembed(nn.Module):
     def forward(self, r_BD: Tensor) -> Tensor:
         w = self.lm_head.weight
         logits = self.lm_head(self.final_norm(r_BD.to(device=w.device, dtype=w.dtype)))
-        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+        return apply_softcap(logits, self.softcap)
 
     @property
     def vocab_size(self) -> int:
