@@ -67,6 +67,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -502,6 +503,19 @@ def refined(cfg: PipelineConfig, tuned: SCAESuite, r: int, model, cache: Path, h
                      wb), conns
 
 
+def training_curves(stages: dict[str, StageRecord], out_dir: Path) -> dict[str, str]:
+    """Copies of each training stage's curves.png (loss, FVU and dead fraction against step),
+    named after the stage: the cached stages keep theirs in the cache, out of the user's sight."""
+    copied = {}
+    for name, rec in stages.items():
+        png = Path(rec.dir) / "curves.png"
+        if png.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, out_dir / f"{name}.png")
+            copied[name] = str(out_dir / f"{name}.png")
+    return copied
+
+
 def write_products(cfg: PipelineConfig, tuned: SCAESuite, model, out_dir: Path) -> dict[str, str]:
     """OUT/suite (the finetuned suite, loadable by SCAESuite.from_pretrained, evaluate.py and
     circuits.py), its feature pages, and OUT/circuits (graphs of validation prompts + viewer)."""
@@ -605,6 +619,7 @@ def run(cfg: PipelineConfig, out_dir: str | os.PathLike) -> dict | None:
     lap("circuits")
     result["artifacts"] = {
         **artifacts, "report": str(out_dir / "report.json"),
+        "training_curves": training_curves(stages, out_dir / "training_curves"),
         **{name: str(out_dir / name) for name in ("before_finetuning", "finetuned")},
         **({"random_connections": str(out_dir / "random_connections")} if rnd is not None else {}),
         "pretrained_suite": stages["pretrain"].dir if "pretrain" in stages else cfg.suite,

@@ -224,7 +224,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:
-    """Plot loss and every `<name>/fvu` against step; written atomically. None if no rows.
+    """Plot loss, every `<name>/fvu` and every `<name>/dead_frac` (the trainer's dead window)
+    against step; written atomically. None if no rows.
 
     Drawn on a bare `Figure` (no pyplot), so the global matplotlib backend -- a notebook's inline
     backend included -- is never touched.
@@ -235,18 +236,24 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> 
     from matplotlib.figure import Figure
 
     fvu_keys = sorted({k for r in rows for k in r if k.endswith("/fvu")})
-    fig = Figure(figsize=(11, 4))
-    ax0, ax1 = fig.subplots(1, 2)
+    dead_keys = sorted({k for r in rows for k in r if k.endswith("/dead_frac")})
+    fig = Figure(figsize=(16 if dead_keys else 11, 4))
+    axes = fig.subplots(1, 3 if dead_keys else 2)
     pts = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
     if pts:
-        ax0.plot(*zip(*pts))
-    ax0.set(xlabel="step", ylabel="loss", title="loss", yscale="log")
-    for k in fvu_keys:
-        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        if pts:
-            ax1.plot(*zip(*pts), label=k.removesuffix("/fvu"))
-    ax1.set(xlabel="step", ylabel="FVU", title="FVU per dictionary", yscale="log")
-    if fvu_keys:
-        ax1.legend(fontsize=7, ncol=2)
+        axes[0].plot(*zip(*pts))
+    axes[0].set(xlabel="step", ylabel="loss", title="loss", yscale="log")
+    panels = [(axes[1], fvu_keys, "/fvu", "FVU", "FVU per dictionary", "log")]
+    if dead_keys:
+        panels.append((axes[2], dead_keys, "/dead_frac", "fraction of features",
+                       "dead (not fired within the dead window)", "linear"))
+    for ax, keys, suffix, ylabel, title, yscale in panels:
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=k.removesuffix(suffix))
+        ax.set(xlabel="step", ylabel=ylabel, title=title, yscale=yscale)
+        if keys:
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return atomic_write(out_png, lambda fh: fig.savefig(fh, format="png", dpi=100))

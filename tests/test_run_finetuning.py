@@ -67,6 +67,11 @@ def test_gpt2_preset_code_path_with_local_stand_ins(tmp_path, monkeypatch):
 
     from dictionary_learning.suite import SCAESuite
 
+    # each training stage's curves (loss, FVU, dead fraction) are copied next to the report
+    assert set(art["training_curves"]) == {"finetune_top", "finetune_random"}
+    for png in art["training_curves"].values():
+        assert Path(png).parent == tmp_path / "out" / "training_curves"
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out_suite = SCAESuite.from_pretrained(art["suite"])
     assert out_suite.has_connections and Path(out_suite.meta["model_name"]) == model_dir
     assert Path(art["viewer"]) == tmp_path / "out" / "circuits" / "index.html"
