@@ -19,8 +19,15 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
-# Elements per temporary gather buffer; bounds the memory of the chunked kernels.
+# Elements per temporary buffer of the chunked kernels; bounds their memory.
 CHUNK_ELEMENTS = 1 << 22
+# The candidate kernel's chunks hold at most CANDIDATE_MAX_TOKENS tokens. Its work per token is
+# element-wise gathers, which gain nothing from long chunks, while the chunk's temporaries are
+# most of the pruned step's memory on small suites: the default suite's whole chunk of 606 tokens
+# gave its training step 7x the vanilla step's memory (benchmarks/RESULTS.md). Wide suites
+# (F 12288: ~113 tokens per CHUNK_ELEMENTS) are below the cap and chunk as before; shorter chunks
+# than theirs measured ~10% slower (more, smaller kernel calls).
+CANDIDATE_MAX_TOKENS = 128
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,8 +86,11 @@ def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     return all(torch.allclose(a.double(), b.double(), rtol=1e-2, atol=1e-2) for a, b in pairs)
 
 
-def _chunks(n: int, per_item: int) -> tuple[range, int]:
+def _chunks(n: int, per_item: int, max_step: int | None = None) -> tuple[range, int]:
+    """Starts and length of chunks of n items, each chunk holding about CHUNK_ELEMENTS elements
+    at per_item elements per item, and at most max_step items."""
     step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    step = min(step, max_step) if max_step is not None else step
     return range(0, n, step), step
 
 
@@ -191,7 +201,7 @@ class _CandidateContrib(torch.autograd.Function):
         B, N = cand_BN.shape
         C = J_FC.shape[1]
         out_BN = V_FC.new_empty(B, N)
-        starts, step = _chunks(B, max(N * C, n_up))
+        starts, step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
         for s in starts:
             sl = slice(s, s + step)
             table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
@@ -209,7 +219,7 @@ class _CandidateContrib(torch.autograd.Function):
         C = J_FC.shape[1]
         g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
         g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
-        starts, step = _chunks(B, max(N * C, n_up))
+        starts, step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
         for s in starts:
             sl = slice(s, s + step)
             cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]

@@ -192,7 +192,11 @@ def test_gradients_reach_every_dictionary_upstream_of_the_pruned_loss():
             assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}.{pname}"
 
 
-def test_fused_candidate_kernel_gradients_match_plain_reference():
+# tokens per chunk: 1, 3, all 9 (by the element budget), 2 (by the candidate kernel's cap)
+@pytest.mark.parametrize("chunk, max_tokens", [(7, 128), (100, 128), (1 << 22, 128), (1 << 22, 2)])
+def test_fused_candidate_kernel_gradients_match_plain_reference(chunk, max_tokens, monkeypatch):
+    monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(sparse_ops, "CANDIDATE_MAX_TOKENS", max_tokens)
     torch.manual_seed(0)
     B, K, n_up, F, C, N = 9, 4, 25, 11, 5, 6
     vals = torch.randn(B, K, dtype=torch.float64, requires_grad=True)
