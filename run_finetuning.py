@@ -67,7 +67,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -510,9 +509,8 @@ def training_curves(stages: dict[str, StageRecord], out_dir: Path) -> dict[str, 
     for name, rec in stages.items():
         png = Path(rec.dir) / "curves.png"
         if png.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(png, out_dir / f"{name}.png")
-            copied[name] = str(out_dir / f"{name}.png")
+            data = png.read_bytes()
+            copied[name] = str(atomic_write(out_dir / f"{name}.png", lambda fh: fh.write(data)))
     return copied
 
 

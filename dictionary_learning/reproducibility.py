@@ -4,6 +4,9 @@ Two runs of the pipeline at the same settings give bitwise-identical artifacts o
 use the same number of intra-op threads: torch splits a CPU reduction over all elements of a
 tensor of 2^16 elements or more (e.g. the FVU of a [1024, 128] batch) into one chunk per thread,
 so it rounds differently with 1 and 2 threads. `configure_determinism` therefore fixes that number.
+Library code also avoids kernels that add in a varying order on a multi-threaded CPU: the backward
+of advanced indexing with repeated indices (`x[idx]`, i.e. `index_put_` with accumulation) is one;
+`index_select`, `gather` and `index_add_` add in a fixed order.
 
 On CUDA, some kernels the pipeline uses add in a scheduling-dependent order (`index_add_`,
 `scatter_add_`, the backward of `gather` and `index_select`): their results can change in the last

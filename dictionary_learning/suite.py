@@ -340,7 +340,11 @@ class SCAESuite(nn.Module):
             return (t.base_BF + conn_BF) / t.sigma_B1 + b_enc_F
         conn_BN = (connection_contrib_candidates(
             t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up) if connected else 0.0)
-        return (t.base_BF.gather(1, cand_BN) + conn_BN) / t.sigma_B1 + b_enc_F[cand_BN]
+        # index_select, not b_enc_F[cand_BN]: the backward of advanced indexing accumulates
+        # repeated indices with index_put_, which on a multi-threaded CPU adds in a varying order
+        # (runs differ in the last bits); index_select's backward (index_add_) does not.
+        b_enc_BN = b_enc_F.index_select(0, cand_BN.flatten()).view_as(cand_BN)
+        return (t.base_BF.gather(1, cand_BN) + conn_BN) / t.sigma_B1 + b_enc_BN
 
     def _pruned_transcoder(
         self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,

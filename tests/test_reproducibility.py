@@ -129,6 +129,32 @@ def test_thread_count_changes_the_bits():
     assert differs > 0
 
 
+def test_finetuning_step_is_bitwise_repeatable_at_full_batch_sizes():
+    """The quick pipeline's batches are too small for torch to split its scatter kernels over
+    threads; at the default run's sizes it does. The backward of advanced indexing with repeated
+    indices (index_put_ with accumulate) then adds in a varying order on a 2-thread CPU: the
+    encoder-bias gather of the candidates was such a gather, and the same step's gradients
+    differed from call to call (8 distinct of 8)."""
+    from tests.scae_fixtures import random_batch, random_connections, random_suite
+    from trainers.scae import SCAETrainerConfig, TrainerSCAESuite
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        suite = random_suite(n_layers=2, d=32, F=256, k=8, dtype=torch.float32)
+        suite.set_connections(random_connections(suite, C=16))
+        batch = random_batch(n_layers=2, d=32, B=4096, dtype=torch.float32)
+        tr = TrainerSCAESuite(suite, SCAETrainerConfig(total_steps=1, kl_coeff=0.0, n_threshold=16))
+        digests = set()
+        for _ in range(6):
+            losses, _, _ = tr.losses(batch)
+            grads = torch.autograd.grad(sum(losses.values()), tr.parameters())
+            digests.add(tensor_digest({str(i): g for i, g in enumerate(grads)}))
+    finally:
+        torch.set_num_threads(before)
+    assert len(digests) == 1
+
+
 def test_configure_determinism_checks_threads():
     with pytest.raises(ValueError, match="threads"):
         configure_determinism(threads=0)
