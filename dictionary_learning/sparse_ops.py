@@ -24,9 +24,9 @@ CHUNK_ELEMENTS = 1 << 22
 # The candidate kernel's chunks hold at most CANDIDATE_MAX_TOKENS tokens. Its work per token is
 # element-wise gathers, which gain nothing from long chunks, while the chunk's temporaries are
 # most of the pruned step's memory on small suites: the default suite's whole chunk of 606 tokens
-# gave its training step 7x the vanilla step's memory (benchmarks/RESULTS.md). Wide suites
-# (F 12288: ~113 tokens per CHUNK_ELEMENTS) are below the cap and chunk as before; shorter chunks
-# than theirs measured ~10% slower (more, smaller kernel calls).
+# gave its training step 7x the vanilla step's memory (benchmarks/RESULTS.md). Wide suites chunk
+# at 113-180 tokens per CHUNK_ELEMENTS (F 12288), at or near the cap; chunks of ~7 tokens there
+# measured ~10% slower (more, smaller kernel calls).
 CANDIDATE_MAX_TOKENS = 128
 
 
