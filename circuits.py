@@ -152,6 +152,8 @@ class PromptRun(NamedTuple):
     """{"attn_<l>": block l's attention frozen on this run}."""
     arch: Architecture
     """The model's architecture description."""
+    attn_recompute_error: float
+    """Largest |model's attention output - the frozen attention's| over layers and positions."""
 
 
 def tokenize_prompt(tokenizer, prompt: str | list[int]) -> Tensor:
@@ -175,7 +177,7 @@ def run_prompt(model, suite: SCAESuite, tokens_T: Tensor, dtype: torch.dtype) ->
     Each attention output is the frozen attention's (`FrozenAttention`) applied to the traced
     residual in `dtype`: the model's own output up to its rounding (RMSNorm families compute
     their norms in float32 even in a float64 model), so that every edge into an attention feature
-    is exact in `dtype`. `info["attn_recompute_error"]` of the graph records the difference."""
+    is exact in `dtype`; `attn_recompute_error` records the largest difference."""
     hf = hf_model(model)
     info = model_info(model)
     arch = architecture(hf)
@@ -189,19 +191,23 @@ def run_prompt(model, suite: SCAESuite, tokens_T: Tensor, dtype: torch.dtype) ->
     acts = {k: v[0].to(device=device, dtype=dtype) for k, v in acts.items()}
     patterns = [p[0].to(device=device, dtype=dtype) for p in arch.attention_patterns(hf, toks_1T)]
     resid, outputs, frozen = {}, {}, {}
+    recompute_error = 0.0
     r_TD = acts["initial"].clone()
     for layer in range(suite.n_layers):
         name = f"attn_{layer}"
         resid[name] = r_TD.clone()
         frozen[name] = frozen_attention(hf, arch, layer, r_TD, patterns[layer])
-        acts[name] = outputs[name] = frozen[name](r_TD)
+        out_TD = frozen[name](r_TD)
+        recompute_error = max(recompute_error, float((acts[name] - out_TD).abs().max()))
+        acts[name] = outputs[name] = out_TD
         outputs[f"mlp_{layer}"] = acts[f"mlp_out_{layer}"]
         r_TD = r_TD + outputs[name] + acts[f"mlp_out_{layer}"]
     resid["final"] = r_TD
     batch = ActivationBatch.from_trace({k: v[1:] for k, v in acts.items()}, suite.n_layers)
     vanilla = suite.vanilla_forward(batch)
     pruned = suite.pruned_forward(batch, vanilla)
-    return PromptRun(tokens_T, resid, outputs, batch, vanilla, pruned, frozen, arch)
+    return PromptRun(tokens_T, resid, outputs, batch, vanilla, pruned, frozen, arch,
+                     recompute_error)
 
 
 # ======================================================================= frozen model pieces
@@ -530,12 +536,9 @@ def build_graph(
     has_in = kind_X.to(device) != ERROR
     has_in &= kind_X.to(device) != EMBEDDING
     identity_error = float((A_XX.sum(1) + const_X - act_X)[has_in].abs().max())
-    traced = trace_activations(model, tokens_T[None].to(next(hf.parameters()).device))
-    recompute_error = max(float((traced[n][0].to(device=device, dtype=dt) - run.outputs[n])
-                                .abs().max()) for n in names if not is_transcoder(n))
     info = {
         "n_nodes": X, "n_features": n_feat, "n_edges": int((A_XX != 0).sum()),
-        "identity_error": identity_error, "attn_recompute_error": recompute_error,
+        "identity_error": identity_error, "attn_recompute_error": run.attn_recompute_error,
         "dtype": str(dt).removeprefix("torch."),
         "build_s": round(time.perf_counter() - t0, 3),
         **{k: round(v, 3) for k, v in timing.items()},

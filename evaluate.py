@@ -281,7 +281,7 @@ def evaluate_suite(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     info = model_info(model)
-    suite.check_fits(info.n_layers, info.d_model, "the model", architecture(model).suite_arch)
+    suite.check_model(model)
     check_finite(flat_state({n: d.state_dict() for n, d in suite.dicts.items()}), "the suite",
                  "Evaluate a finite suite: retrain it or load an earlier copy.")
     suite = suite.to(device=device, dtype=dtype).eval()

@@ -135,7 +135,7 @@ def export_one(
         sparsify_folder(d, root / hf_module)
         return hf_module, None
     export_dictionary_learning(d, root / name, layer=layer, lm_name=model_name,
-                               submodule_name=f"{arch.layers.split('.')[0]}.{hf_module}",
+                               submodule_name=f"{arch.base_model}.{hf_module}",
                                ctx_len=ctx_len)
     return name, None
 

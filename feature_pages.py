@@ -36,7 +36,7 @@ from circuits import connection_terms, feature_id, process_token
 from dictionary_learning.arch import architecture, centre
 from dictionary_learning.data import batched_contexts, contexts_from
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
-from dictionary_learning.model import hf_model, model_info
+from dictionary_learning.model import hf_model
 from dictionary_learning.safe_load import load_tensor_file
 from dictionary_learning.suite import SCAESuite
 
@@ -322,8 +322,7 @@ def compute_pages(model, suite: SCAESuite, cfg: PageConfig, contexts=None) -> Fe
     (default: cfg.data's validation split)."""
     t0 = time.perf_counter()
     hf = hf_model(model)
-    info = model_info(model)
-    suite.check_fits(info.n_layers, info.d_model, "the model", architecture(hf).suite_arch)
+    suite.check_model(model)
     dev = torch.device(cfg.device)
     dt = next(suite.parameters()).dtype
     if contexts is None:

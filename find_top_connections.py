@@ -109,8 +109,8 @@ def _virtual_weights_block(suite: SCAESuite, down: str, lo: int, hi: int) -> Ten
 def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, dtype: torch.dtype):
     """Upstream values divided by sigma, and their global indices, [b, A], for tokens sl."""
     sig_b1 = acts.sigma[down][sl, None].to(dtype)
-    vals, idx, off = [sig_b1.new_zeros(sig_b1.shape[0], 0)], [], 0
-    idx.append(torch.zeros(sig_b1.shape[0], 0, dtype=torch.long, device=sig_b1.device))
+    # zero-width starts: parallel blocks' mlp_0 has no upstream dictionary
+    vals, idx, off = [sig_b1[:, :0]], [sig_b1[:, :0].long()], 0
     for u in suite.upstream_names(down):
         vals.append(acts.vals[u][sl].to(dtype) / sig_b1)
         idx.append(acts.idx[u][sl].long() + off)

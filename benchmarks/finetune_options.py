@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_finetuning as rf  # noqa: E402
 from dictionary_learning.unembed import Unembed  # noqa: E402
+from benchmarks.pruned_forward import sync  # noqa: E402
 from trainers.scae import TrainerSCAESuite  # noqa: E402
 
 OPTION_SETS = [
@@ -56,26 +57,25 @@ def main() -> None:
     buf = rf.make_buffer(cfg, model, cfg.seed + 1)
     batches = [next(buf) for _ in range(args.steps + args.warmup)]
     head = Unembed.from_model(model)
+    device = torch.device(cfg.device)
     rows = []
     for options in OPTION_SETS:
         tcfg = replace(cfg.finetune, total_steps=len(batches), **options)
         trainer = TrainerSCAESuite(copy.deepcopy(suite), tcfg, device=cfg.device,
                                    unembed=head if tcfg.kl_coeff > 0 else None)
-        if torch.device(cfg.device).type == "cuda":
+        if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = []
         for step, batch in enumerate(batches):
-            if torch.device(cfg.device).type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t = time.perf_counter()
             trainer.update(step, batch)
-            if torch.device(cfg.device).type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.device(cfg.device).type ==
-                "cuda" else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
         row = {"options": options, "step_s": statistics.median(times), "peak_mb": round(peak, 1),
                "steps": len(times), "tokens": cfg.batch_tokens, "device": str(cfg.device)}
         row["ratio"] = row["step_s"] / rows[0]["step_s"] if rows else 1.0

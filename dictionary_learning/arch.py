@@ -101,6 +101,12 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
+def hf_model(model) -> nn.Module:
+    """The underlying transformers model of an nnsight model (or the model itself if plain)."""
+    inner = model.__dict__.get("_module") if hasattr(model, "__dict__") else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Module paths and block arithmetic of one model family (the transformers causal LM).
@@ -168,17 +174,32 @@ class Architecture:
     def block(self, hf: nn.Module, layer: int) -> nn.Module:
         return self.blocks(hf)[layer]
 
+    @property
+    def attn_out(self) -> str:
+        """Path, in a block, of the module whose output is attn_out_l (the vector added to the
+        residual stream): the attention, or its post-norm (Gemma-2)."""
+        return self.attn_post_norm or self.attn
+
+    @property
+    def mlp_out(self) -> str:
+        """Path, in a block, of the module whose output is mlp_out_l: the MLP, or its
+        post-norm (Gemma-2)."""
+        return self.mlp_post_norm or self.mlp
+
     def attn_out_module(self, block: nn.Module) -> nn.Module:
-        """The module whose output is attn_out_l, the vector added to the residual stream."""
-        return _get(block, self.attn_post_norm or self.attn)
+        return _get(block, self.attn_out)
 
     def mlp_out_module(self, block: nn.Module) -> nn.Module:
-        """The module whose output is mlp_out_l, the vector added to the residual stream."""
-        return _get(block, self.mlp_post_norm or self.mlp)
+        return _get(block, self.mlp_out)
 
     @property
     def suite_arch(self) -> SuiteArch:
         return SuiteArch(self.family, self.parallel, self.norm.centred)
+
+    @property
+    def base_model(self) -> str:
+        """The base model's attribute of the causal LM (`transformer`, `model`, `gpt_neox`)."""
+        return self.layers.split(".", 1)[0]
 
     @property
     def block_layers(self) -> str:
@@ -188,8 +209,7 @@ class Architecture:
     def hookpoint(self, kind: str, layer: int) -> str:
         """Path, inside the base model, of the module whose output dictionary `<kind>_<layer>`
         reconstructs (sparsify's hookpoint names)."""
-        inner = (self.attn_post_norm or self.attn) if kind == "attn" else (
-            self.mlp_post_norm or self.mlp)
+        inner = self.attn_out if kind == "attn" else self.mlp_out
         return f"{self.block_layers}.{layer}.{inner}"
 
     # ----------------------------------------------------------------------------- norms
@@ -214,14 +234,6 @@ class Architecture:
     def sigma(self, x: Tensor, eps: float) -> Tensor:
         """sigma of the family's norm at each row of x (docs/method.md (2.1))."""
         return norm_scale(x, self.norm.centred, eps)
-
-    def apply_norm(self, norm: nn.Module, x: Tensor, sigma: Tensor | None = None) -> Tensor:
-        """gain * P x / sigma + beta, with sigma frozen when given (per row), else computed."""
-        eps = self.norm_eps(norm)
-        sigma = self.sigma(x, eps) if sigma is None else sigma
-        out = self.norm_gain(norm).to(x.dtype) * centre(x, self.norm.centred) / sigma[..., None]
-        beta = self.norm_bias(norm)
-        return out if beta is None else out + beta.to(x.dtype)
 
     @torch.no_grad()
     def fold(self, hf: nn.Module) -> None:
@@ -410,15 +422,10 @@ def supported() -> str:
     return ", ".join(f"{a.family} ({a.example})" for a in ARCHITECTURES.values())
 
 
-def _hf(model) -> nn.Module:
-    inner = model.__dict__.get("_module") if hasattr(model, "__dict__") else None
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def architecture(model) -> Architecture:
     """The description of `model` (a transformers causal LM, plain or nnsight-wrapped), with its
     parallel flag read from the config; TypeError naming what did not match otherwise."""
-    hf = _hf(model)
+    hf = hf_model(model)
     cfg = getattr(hf, "config", None)
     model_type = getattr(cfg, "model_type", None)
     arch = next((a for a in ARCHITECTURES.values() if model_type in a.model_types), None)
@@ -482,5 +489,5 @@ def check_same(suite_arch: SuiteArch, model_arch: SuiteArch, what: str = "the mo
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "Norm", "SuiteArch", "architecture", "architecture_of_suite",
-    "centre", "check_same", "norm_scale", "supported",
+    "centre", "check_same", "hf_model", "norm_scale", "supported",
 ]

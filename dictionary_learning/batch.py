@@ -93,11 +93,11 @@ def trace_activations(
         for l in range(n_layers):
             block = blocks[l]
             # requested in execution order: attention's output, then the MLP's norm and MLP
-            attn_out = block.get(arch.attn_post_norm or arch.attn).output
+            attn_out = block.get(arch.attn_out).output
             saved[f"attn_{l}"] = (attn_out[0] if isinstance(attn_out, tuple) else attn_out).save()
             saved[f"resid_mid_{l}"] = block.get(arch.mlp_norm).input.save()
             saved[f"mlp_in_{l}"] = block.get(arch.mlp).input.save()
-            saved[f"mlp_out_{l}"] = block.get(arch.mlp_post_norm or arch.mlp).output.save()
+            saved[f"mlp_out_{l}"] = block.get(arch.mlp_out).output.save()
         tracer.stop()
     out: dict[str, Tensor] = {}
     for k, v in saved.items():

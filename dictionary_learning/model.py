@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .arch import Architecture, architecture
+from .arch import Architecture, architecture, hf_model
 from .embedded import EMBEDDED_MODEL, embedded_model_path
 from .names import module_names  # noqa: F401  (part of this module's API)
 
@@ -33,12 +33,6 @@ class ModelInfo(NamedTuple):
     """The model's family (dictionary_learning/arch.py)."""
     parallel: bool = False
     """Whether its blocks are parallel (attention and MLP read the same residual)."""
-
-
-def hf_model(model) -> torch.nn.Module:
-    """The underlying transformers model of an nnsight model (or the model itself if plain)."""
-    inner = model.__dict__.get("_module") if hasattr(model, "__dict__") else None
-    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def check_supported(model) -> Architecture:

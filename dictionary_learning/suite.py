@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dictionary_learning.arch import SuiteArch, centre, check_same
+from dictionary_learning.arch import SuiteArch, architecture, centre, check_same
 from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
@@ -24,6 +24,7 @@ from dictionary_learning.connections import (
     validate_connections,
 )
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
+from dictionary_learning.model import model_info
 from dictionary_learning.names import (
     is_transcoder,
     module_names,
@@ -131,6 +132,12 @@ class SCAESuite(nn.Module):
             )
         if arch is not None:
             check_same(self.arch, arch, what)
+
+    def check_model(self, model, what: str = "the model") -> None:
+        """`check_fits` against a model (plain or nnsight-wrapped) of a supported family: depth,
+        width, block wiring and norm."""
+        info = model_info(model)
+        self.check_fits(info.n_layers, info.d_model, what, architecture(model).suite_arch)
 
     @property
     def parallel(self) -> bool:

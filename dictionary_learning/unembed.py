@@ -7,8 +7,6 @@ Evaluation turns rebuilt residuals into logits with it, and the finetuning train
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -25,18 +23,13 @@ class Unembed(nn.Module):
         self.final_norm, self.lm_head, self.softcap = final_norm, lm_head, softcap
 
     @classmethod
-    def from_model(cls, model, frozen_copy: bool = False) -> "Unembed":
+    def from_model(cls, model) -> "Unembed":
         """The head of an nnsight-wrapped or plain transformers model, found through its
-        architecture description. `frozen_copy`: deep copies with requires_grad False (a
-        trainer's target: gradients never reach the model, and moving the copy to the trainer's
-        device or dtype leaves the model as it is)."""
+        architecture description (its modules, not copies: a trainer keeps its own frozen copy)."""
         hf = hf_model(model)
         arch = architecture(hf)
-        head = cls(hf.get_submodule(arch.final_norm), hf.get_submodule(arch.unembed),
+        return cls(hf.get_submodule(arch.final_norm), hf.get_submodule(arch.unembed),
                    arch.softcap_value(hf))
-        if frozen_copy:
-            head = copy.deepcopy(head).requires_grad_(False)
-        return head
 
     def forward(self, r_BD: Tensor) -> Tensor:
         w = self.lm_head.weight
