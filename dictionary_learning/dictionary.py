@@ -48,9 +48,11 @@ def sparse_decode(feats: Features, W_dec_DF: Tensor, b_dec_D: Tensor) -> Tensor:
     in fp32 so the sum accumulates in fp32.
     """
     acc = accumulation_dtype(W_dec_DF.dtype)
+    # The table must be a contiguous [F, D] copy: embedding_bag reads the strided view W_dec.T
+    # (each row F elements apart) 13x slower, forward and backward, on CPU (RESULTS.md, issue 17).
     out_BD = F_.embedding_bag(
         feats.idx_BK,
-        W_dec_DF.T.to(acc),
+        W_dec_DF.T.to(acc).contiguous(),
         per_sample_weights=feats.vals_BK.to(acc),
         mode="sum",
     )

@@ -32,9 +32,9 @@ from dictionary_learning.names import (
     upstream_names,
 )
 from dictionary_learning.sparse_ops import (
-    connection_contrib_all,
-    connection_contrib_candidates,
+    connection_contrib,
     csr_virtual_weights,
+    dot_at_candidates,
 )
 from dictionary_learning.suite_io import load_suite, save_suite
 from dictionary_learning.validate import check_candidates
@@ -63,8 +63,12 @@ class DictOutput(NamedTuple):
 class PrunedTerms(NamedTuple):
     """The feature-independent parts of one transcoder's pruned pre-activation (3.2)."""
 
-    base_BF: Tensor
-    """(x0 + sum_u b_dec_u) . P w_i for every feature i (before the division by sigma)."""
+    x0_BD: Tensor
+    """The embedding x0 of each token."""
+    Wc_FD: Tensor
+    """The encoder rows P w_i."""
+    bias_F: Tensor
+    """(sum_u b_dec_u) . P w_i (zero without upstream dictionaries)."""
     V_FC: Tensor | None
     """Virtual weights of the connections (None: the transcoder has no upstream dictionary)."""
     vals_BA: Tensor | None
@@ -307,21 +311,21 @@ class SCAESuite(nn.Module):
         comp = self.compiled(name)
         Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
         sigma_B1 = batch.layernorm_scale[name][:, None]
-        base_BF = batch.initial @ Wc_FD.T
         if not comp.ups:
             # mlp_0 of parallel blocks reads x0 alone: no upstream dictionary, no connection
-            return PrunedTerms(base_BF, None, None, None, sigma_B1)
-        # Upstream features in the global index space, and the embedding + bias term.
+            bias_F = Wc_FD.new_zeros(Wc_FD.shape[0])
+            return PrunedTerms(batch.initial, Wc_FD, bias_F, None, None, None, sigma_B1)
+        # Upstream features in the global index space.
         vals_BA = torch.cat([up_feats[u].vals_BK for u in comp.ups], dim=1)
         idx_BA = torch.cat(
             [up_feats[u].idx_BK + off for u, off in zip(comp.ups, comp.offsets, strict=True)],
             dim=1,
         )
-        # (x0 + sum_u b_dec_u) @ Wc.T, split so that no [B, F] @ [F, D] product is needed for the
-        # gradient of the biases (x0 is data).
-        b_D = sum(self.dicts[u].b_dec for u in comp.ups)
-        base_BF = base_BF + Wc_FD @ b_D
-        return PrunedTerms(base_BF, self.virtual_weights(name), vals_BA, idx_BA, sigma_B1)
+        # (x0 + sum_u b_dec_u) . P w_i is computed as x0 . P w_i + bias_F, so that the gradient
+        # of the biases needs no [B, F] @ [F, D] product (x0 is data).
+        bias_F = Wc_FD @ sum(self.dicts[u].b_dec for u in comp.ups)
+        return PrunedTerms(batch.initial, Wc_FD, bias_F, self.virtual_weights(name), vals_BA,
+                           idx_BA, sigma_B1)
 
     def _pruned_pre(
         self,
@@ -342,16 +346,19 @@ class SCAESuite(nn.Module):
         t = terms if terms is not None else self._pruned_terms(name, batch, up_feats)
         connected = t.V_FC is not None  # else no upstream dictionary (see _pruned_terms)
         if cand_BN is None:
-            conn_BF = (connection_contrib_all(t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up)
-                       if connected else 0.0)
-            return (t.base_BF + conn_BF) / t.sigma_B1 + b_enc_F
-        conn_BN = (connection_contrib_candidates(
-            t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up) if connected else 0.0)
-        # index_select, not b_enc_F[cand_BN]: the backward of advanced indexing accumulates
+            base_BF = torch.addmm(t.bias_F, t.x0_BD, t.Wc_FD.T)
+            if connected:
+                base_BF = base_BF + connection_contrib(t.vals_BA, t.idx_BA, t.V_FC, comp.lists)
+            return torch.addcdiv(b_enc_F, base_BF, t.sigma_B1)
+        # At the candidates only: x0 . P w_i as a sampled product (no dense [B, F] product).
+        # index_select, not bias_F[cand_BN]: the backward of advanced indexing accumulates
         # repeated indices with index_put_, which on a multi-threaded CPU adds in a varying order
         # (runs differ in the last bits); index_select's backward (index_add_) does not.
-        b_enc_BN = b_enc_F.index_select(0, cand_BN.flatten()).view_as(cand_BN)
-        return (t.base_BF.gather(1, cand_BN) + conn_BN) / t.sigma_B1 + b_enc_BN
+        at = lambda v_F: v_F.index_select(0, cand_BN.flatten()).view_as(cand_BN)  # noqa: E731
+        base_BN = dot_at_candidates(t.x0_BD, t.Wc_FD, cand_BN) + at(t.bias_F)
+        if connected:
+            base_BN = base_BN + connection_contrib(t.vals_BA, t.idx_BA, t.V_FC, comp.lists, cand_BN)
+        return torch.addcdiv(at(b_enc_F), base_BN, t.sigma_B1)
 
     def _pruned_transcoder(
         self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
