@@ -21,7 +21,11 @@ import torch
 from torch import Tensor
 
 # Elements per temporary buffer of the chunked kernels; bounds their memory.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
+# `dot_at_candidates` computes the dense product when the features are at most this many times
+# the candidates: a GEMM does ~20x more multiply-adds per second than the sampled kernel on the
+# CPU of benchmarks/RESULTS.md, and the sampled kernel also sorts the candidates.
+SAMPLED_MIN_RATIO = 16
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,10 +175,16 @@ def csr_virtual_weights(
 
 
 def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
-    """out[b, n] = W[cand[b, n]] . x[b], [B, N]: the rows of x @ W.T at each token's candidates,
-    without the dense [B, F] product (the sampled kernel of `csr_virtual_weights` over the
-    pattern of the candidates; candidates may repeat)."""
+    """out[b, n] = W[cand[b, n]] . x[b], [B, N]: the entries of x @ W.T at each token's
+    candidates (which may repeat).
+
+    Where the candidates are a small part of the features (F > SAMPLED_MIN_RATIO N), without the
+    dense [B, F] product: the sampled kernel of `csr_virtual_weights` over the candidates'
+    pattern. Otherwise the dense product is the cheaper.
+    """
     B, N = cand_BN.shape
+    if W_FD.shape[0] <= SAMPLED_MIN_RATIO * N:
+        return (x_BD @ W_FD.T).gather(1, cand_BN)
     dev = cand_BN.device
     col = cand_BN.flatten()
     crow = torch.arange(0, B * N + 1, N, device=dev)

@@ -177,6 +177,24 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
     torch.testing.assert_close(pen, expected)
 
 
+@pytest.mark.parametrize("F", [400, 40])  # the draws sampler, and the random scores (small F)
+def test_random_candidates_are_a_uniform_subset_outside_the_top(F):
+    from dictionary_learning.suite import random_others
+
+    B, M, n = 10000, 10, 5
+    g = torch.Generator().manual_seed(0)
+    top = torch.stack([torch.randperm(F, generator=g)[:M] for _ in range(B)])
+    got = random_others(top, F, n, g)
+    assert got.shape == (B, n)
+    both = torch.cat([top, got], 1).sort(1).values
+    assert (both[:, 1:] != both[:, :-1]).all(), "random candidates repeat or meet the top set"
+    # each feature outside a row's top is equally likely: counts against the expected count
+    hits = torch.bincount(got.flatten(), minlength=F).double()
+    chances = B - torch.bincount(top.flatten(), minlength=F).double()
+    expected = chances * n / (F - M)
+    assert ((hits - expected).abs() < 5 * expected.sqrt() + 1).all()
+
+
 def test_gradients_reach_every_dictionary_upstream_of_the_pruned_loss():
     suite = random_suite(n_layers=2, F=12, k=3)
     suite.set_connections(random_connections(suite, C=6, pad_frac=0.0))
@@ -219,9 +237,10 @@ def test_connection_kernel_and_gradients_match_plain_reference(chunk, monkeypatc
             torch.testing.assert_close(a, b, msg=what)
 
 
-def test_dot_at_candidates_matches_dense_product_and_gradients():
+@pytest.mark.parametrize("F", [17, 400])  # the dense product, the sampled kernel
+def test_dot_at_candidates_matches_dense_product_and_gradients(F):
     torch.manual_seed(0)
-    B, D, F, N = 13, 7, 17, 5
+    B, D, N = 13, 7, 5
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     W = torch.randn(F, D, dtype=torch.float64, requires_grad=True)
     cand = torch.stack([torch.randperm(F)[:N] for _ in range(B)])
