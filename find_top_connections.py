@@ -99,11 +99,25 @@ def collect_activations(suite: SCAESuite, batches: Iterable, n_tokens: int) -> S
     return SparseActivations(vals, idx, sigma)
 
 
-def _virtual_weights_block(suite: SCAESuite, down: str, lo: int, hi: int) -> Tensor:
-    """V[i, j] = (P w_i) . d_j for downstream features lo..hi and every upstream feature (dense)."""
+def _virtual_weights_block(
+    suite: SCAESuite, down: str, lo: int, hi: int, dtype: torch.dtype
+) -> Tensor:
+    """V[i, j] = (P w_i) . d_j for downstream features lo..hi and every upstream feature (dense).
+
+    Each upstream dictionary's product is written straight into its columns of the block (a
+    column slice of a row-major matrix is a valid GEMM output), not concatenated afterwards."""
     Wc = suite.centre(suite.dicts[down].encoder.weight[lo:hi])
-    return torch.cat([Wc @ suite.dicts[u].decoder.weight for u in suite.upstream_names(down)]
-                     + [Wc.new_zeros(hi - lo, 0)], dim=1)
+    ups = suite.upstream_names(down)
+    V_fG = Wc.new_empty(hi - lo, sum(suite.dicts[u].dict_size for u in ups), dtype=dtype)
+    off = 0
+    for u in ups:
+        F_u, dec = suite.dicts[u].dict_size, suite.dicts[u].decoder.weight
+        if Wc.dtype == dtype:
+            torch.mm(Wc, dec, out=V_fG[:, off : off + F_u])
+        else:  # half-precision suites: the product in their dtype, the block in fp32
+            V_fG[:, off : off + F_u] = Wc @ dec
+        off += F_u
+    return V_fG
 
 
 def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, dtype: torch.dtype):
@@ -149,13 +163,16 @@ def importance_blocks(
             a_G.index_add_(0, up_idx.flatten(), up_vals.flatten())
         a_G /= n_tokens
     block = max(1, min(F, memory_budget_bytes // (4 * max(1, n_up) * 3)))
+    # one co-activation buffer for all blocks (zeroed per block, never handed out)
+    A_buf = torch.empty(0 if variant == "all" else block * n_up, dtype=dtype, device=ref.device)
     for lo in range(0, F, block):
         hi = min(F, lo + block)
-        V_fG = _virtual_weights_block(suite, down, lo, hi).to(dtype)
+        # V_fG is this block's own tensor: the products below are in place on it
+        V_fG = _virtual_weights_block(suite, down, lo, hi, dtype)
         if variant == "all":
-            yield lo, hi, V_fG * a_G
+            yield lo, hi, V_fG.mul_(a_G)
             continue
-        A_fG = torch.zeros(hi - lo, n_up, dtype=dtype, device=V_fG.device)
+        A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
         count_f = torch.zeros(hi - lo, dtype=dtype, device=V_fG.device)
         for sl in batches:
             d_idx = acts.idx[down][sl].long()
@@ -169,7 +186,7 @@ def importance_blocks(
             A_fG.view(-1).index_add_(
                 0, (i[:, None] * n_up + up_idx[t]).flatten(), up_vals[t].flatten()
             )
-        yield lo, hi, V_fG * A_fG / count_f.clamp_min(1)[:, None]
+        yield lo, hi, V_fG.mul_(A_fG).div_(count_f.clamp_min(1)[:, None])
 
 
 def importance(
@@ -217,7 +234,7 @@ def top_connections(
         )
         for _, _, imp_fG in blocks:
             c = min(C, imp_fG.shape[1])
-            score_fC, top_fC = imp_fG.abs().topk(c, dim=1)
+            score_fC, top_fC = imp_fG.abs_().topk(c, dim=1)
             tops.append(top_fC)
             keeps.append(score_fC > 0)
         conns[down] = _split_global(down, suite, torch.cat(tops), torch.cat(keeps))
