@@ -133,7 +133,8 @@ row["missing_packages"] = missing
 row["missing_optional"] = absent(("datasets", "einops", "matplotlib", "wandb"))
 import dictionary_learning.sparse_ops as so
 for dt in (torch.float32, torch.float64):
-    row[f"csr_{str(dt).split('.')[-1]}"] = so.kernel_available("csr", device.type, dt)
+    for k in ("csr", "embedding_bag"):
+        row[f"{k}_{str(dt).split('.')[-1]}"] = so.kernel_available(k, device.type, dt)
 print(json.dumps(row))
 sys.exit(1 if missing else 0)
 EOF

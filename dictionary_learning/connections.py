@@ -22,7 +22,6 @@ from torch import Tensor
 from .files import atomic_torch_save
 from .names import parse_module_name, upstream_names
 from .safe_load import load_tensor_file
-from .sparse_ops import ConnectionLists, connection_lists
 
 Connections = dict[str, dict[str, Tensor]]
 
@@ -159,28 +158,22 @@ class CompiledConnections(NamedTuple):
     """Per upstream module: flat positions in J_FC of the slots that point into it."""
     cols: tuple[Tensor, ...]
     """Per upstream module: the local upstream feature index of those slots."""
-    crow: tuple[Tensor, ...]
+    crow: tuple[Tensor, ...] = ()
     """Per upstream module: CSR row pointers [F + 1] of the [F, F_u] pattern whose column indices
     are `cols` (rows ascend with `pos`, columns ascend within a row since J_FC is sorted)."""
-    tcrow: tuple[Tensor, ...]
+    tcrow: tuple[Tensor, ...] = ()
     """Per upstream module: CSR row pointers [F_u + 1] of the transposed pattern [F_u, F]."""
-    tcol: tuple[Tensor, ...]
+    tcol: tuple[Tensor, ...] = ()
     """Per upstream module: column (downstream feature) indices of the transposed pattern."""
-    tperm: tuple[Tensor, ...]
+    tperm: tuple[Tensor, ...] = ()
     """Per upstream module: order of the module's slots in the transposed pattern
     (tvalues = values[tperm])."""
-    lists: ConnectionLists
-    """The slots of J_FC grouped by upstream feature, for the connection kernel."""
 
     def to(self, device) -> "CompiledConnections":
         mv = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
-        lists = self.lists._replace(
-            ptr_G=self.lists.ptr_G.to(device), slot_E=self.lists.slot_E.to(device),
-            down_E=self.lists.down_E.to(device),
-        )
         return self._replace(
             J_FC=self.J_FC.to(device), pos=mv(self.pos), cols=mv(self.cols), crow=mv(self.crow),
-            tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm), lists=lists,
+            tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm),
         )
 
 
@@ -219,7 +212,7 @@ def compile_connections(
         tcrow.append(_pointers(c, F_u))
     return CompiledConnections(
         ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols),
-        tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm), connection_lists(J_FC, n_up),
+        tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm),
     )
 
 

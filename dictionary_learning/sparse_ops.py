@@ -5,23 +5,29 @@ The pruned pre-activation of downstream feature i sums, over its connections c,
     f_up[b, J[i, c]] * V[i, c],        V[i, c] = (P w_i) . d_{J[i, c]}
 
 where J [F, C] holds global upstream indices (all upstream dictionaries side by side; the value
-`n_up` marks padding) and V are the "virtual weights". Nothing here builds a dense F x F matrix or
-a [B, N, C] tensor: the connection kernel pushes each active upstream feature along its list of
-connections, so its work is the number of connections reached, not candidates x C. It works in
-token chunks and recomputes in backward, so its memory does not grow with the batch.
+`n_up` marks padding) and V are the "virtual weights". Nothing here builds a dense F x F matrix, a
+[B, K, C, A] tensor or, in the all-features mode, a [B, F, C] tensor. The fused kernels work in
+token chunks and recompute in backward, so their memory does not grow with the batch.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F_
 from torch import Tensor
 
 # Elements per temporary buffer of the chunked kernels; bounds their memory.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 22
+# The candidate kernel's chunks hold at most CANDIDATE_MAX_TOKENS tokens. Its work per token is
+# element-wise gathers, which gain nothing from long chunks, while the chunk's temporaries are
+# most of the pruned step's memory on small suites: the default suite's whole chunk of 606 tokens
+# gave its training step 7x the vanilla step's memory (benchmarks/RESULTS.md). Wide suites chunk
+# at 113-180 tokens per CHUNK_ELEMENTS (F 12288), at or near the cap; chunks of ~7 tokens there
+# measured ~10% slower (more, smaller kernel calls).
+CANDIDATE_MAX_TOKENS = 128
 # `dot_at_candidates` computes the dense product when the features are at most this many times
 # the candidates: a GEMM does ~20x more multiply-adds per second than the sampled kernel on the
 # CPU of benchmarks/RESULTS.md, and the sampled kernel also sorts the candidates.
@@ -29,22 +35,23 @@ SAMPLED_MIN_RATIO = 16
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision inputs (sums of many products), else unchanged."""
+    """fp32 for half-precision inputs (embedding_bag sums in its weights' dtype), else unchanged."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 @functools.cache
 def kernel_available(kernel: str, device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch's `kernel` ("csr": sampled_addmm and CSR @ dense, forward and backward) runs
-    correctly for this device type and dtype. Probed once on a tiny input against the plain
-    reference; False selects the gather fallback (with a warning), so an unsupported backend or
-    dtype costs speed, not a crash."""
-    if kernel != "csr":
-        raise ValueError(f"unknown kernel {kernel!r}; use 'csr'")
+    """Whether torch's `kernel` ("csr": sampled_addmm and CSR @ dense, forward and backward;
+    "embedding_bag": embedding_bag with per-sample weights) runs correctly for this device type
+    and dtype. Probed once on a tiny input against the plain reference; False selects the
+    fallback (gather kernels, with a warning), so an unsupported backend or dtype costs speed,
+    not a crash."""
+    if kernel not in ("csr", "embedding_bag"):
+        raise ValueError(f"unknown kernel {kernel!r}; use 'csr' or 'embedding_bag'")
     try:
         # grad mode on even when the first caller runs under no_grad or inference_mode
         with torch.inference_mode(False), torch.enable_grad():
-            ok = _probe_csr(torch.device(device_type), dtype)
+            ok = _probe(kernel, torch.device(device_type), dtype)
     except (RuntimeError, NotImplementedError, TypeError) as e:
         ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     else:
@@ -57,29 +64,37 @@ def kernel_available(kernel: str, device_type: str, dtype: torch.dtype) -> bool:
     return ok
 
 
-def _probe_csr(device: torch.device, dtype: torch.dtype) -> bool:
+def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(0)
     W = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device, dtype)
     dec = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device, dtype)
-    rows = torch.tensor([0, 0, 2, 2, 2], device=device)
-    cols = torch.tensor([1, 4, 0, 1, 3], device=device)
-    crow = torch.tensor([0, 2, 2, 5], device=device)
-    tperm = torch.argsort(cols, stable=True)
-    tcrow = torch.tensor([0, 1, 3, 3, 4, 5], device=device)
-    W.requires_grad_(True)
-    dec.requires_grad_(True)
-    got = _CSRVirtualWeights.apply(W, dec, crow, cols, tcrow, rows[tperm], tperm)
-    want = sampled_dot_plain(W, dec.T, rows, cols)
-    g_got = torch.autograd.grad(got.sum(), (W, dec))
-    g_want = torch.autograd.grad(want.sum(), (W, dec))
-    pairs = [(got, want), *zip(g_got, g_want, strict=True)]
+    if kernel == "csr":
+        rows = torch.tensor([0, 0, 2, 2, 2], device=device)
+        cols = torch.tensor([1, 4, 0, 1, 3], device=device)
+        crow = torch.tensor([0, 2, 2, 5], device=device)
+        tperm = torch.argsort(cols, stable=True)
+        tcrow = torch.tensor([0, 1, 3, 3, 4, 5], device=device)
+        W.requires_grad_(True)
+        dec.requires_grad_(True)
+        got = _CSRVirtualWeights.apply(W, dec, crow, cols, tcrow, rows[tperm], tperm)
+        want = sampled_dot_plain(W, dec.T, rows, cols)
+        g_got = torch.autograd.grad(got.sum(), (W, dec))
+        g_want = torch.autograd.grad(want.sum(), (W, dec))
+        pairs = [(got, want), *zip(g_got, g_want, strict=True)]
+    else:
+        J = torch.tensor([[0, 2], [1, 5], [5, 5]], device=device)
+        table = torch.cat([dec.T, dec.new_zeros(1, 4)])  # [6, 4], last row = padding
+        got = F_.embedding_bag(J, table, per_sample_weights=W[:, :2].contiguous(), mode="sum")
+        want = (table[J] * W[:, :2, None]).sum(1)
+        pairs = [(got, want)]
     return all(torch.allclose(a.double(), b.double(), rtol=1e-2, atol=1e-2) for a, b in pairs)
 
 
-def _chunks(n: int, per_item: int) -> tuple[range, int]:
+def _chunks(n: int, per_item: int, max_step: int | None = None) -> tuple[range, int]:
     """Starts and length of chunks of n items, each chunk holding about CHUNK_ELEMENTS elements
-    at per_item elements per item."""
+    at per_item elements per item, and at most max_step items."""
     step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    step = min(step, max_step) if max_step is not None else step
     return range(0, n, step), step
 
 
@@ -195,150 +210,96 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tperm // N, tperm).view(B, N)
 
 
-def dot_at_candidates_plain(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
-    return (W_FD[cand_BN] * x_BD[:, None, :]).sum(-1)
-
-
-class ConnectionLists(NamedTuple):
-    """The connections of one transcoder as lists per upstream feature (the transposed J):
-    upstream feature g reaches the slots slot_E[ptr_G[g] : ptr_G[g + 1]] of J_FC.flatten(),
-    whose downstream features are down_E (= slot // C). The padding index n_up has an empty list."""
-
-    ptr_G: Tensor
-    """[n_up + 2] start of each upstream feature's list."""
-    slot_E: Tensor
-    """[nnz] flat slot (i * C + c) in J_FC / V_FC, grouped by upstream feature."""
-    down_E: Tensor
-    """[nnz] downstream feature i of each slot."""
-    n_features: int
-    """F, the number of downstream features."""
-
-
-def connection_lists(J_FC: Tensor, n_up: int) -> ConnectionLists:
-    """The transposed lists of J_FC [F, C] (global upstream indices, n_up = padding)."""
-    F, C = J_FC.shape
-    flat = J_FC.flatten()
-    slots = (flat < n_up).nonzero().squeeze(1)
-    up = flat[slots]
-    order = torch.argsort(up, stable=True)
-    ptr = torch.zeros(n_up + 2, dtype=torch.int64, device=J_FC.device)
-    ptr[1:] = torch.bincount(up, minlength=n_up + 1).cumsum(0)
-    slot_E = slots[order]
-    return ConnectionLists(ptr, slot_E, slot_E // max(C, 1), F)
-
-
 def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
     """Dense upstream activations [B, n_up + 1]; the last column is the zero padding slot."""
     table_BG = vals_BA.new_zeros(vals_BA.shape[0], n_up + 1)
     return table_BG.scatter(1, idx_BA, vals_BA)
 
 
-class _Entries(NamedTuple):
-    """The connection entries a chunk of tokens reaches from its active upstream features."""
-
-    owner_E: Tensor
-    """Flat (token, active) position in the chunk's [b, A] inputs."""
-    slot_E: Tensor
-    """Flat slot in V_FC."""
-    key_E: Tensor
-    """Flat (token, downstream feature) position in the chunk's [b, F] output."""
-
-
-def _entries(idx_bA: Tensor, lists: ConnectionLists, n_E: int) -> _Entries:
-    b, A = idx_bA.shape
-    first_X = lists.ptr_G[idx_bA.flatten()]
-    len_X = lists.ptr_G[idx_bA.flatten() + 1] - first_X
-    owner_E = torch.repeat_interleave(
-        torch.arange(b * A, device=idx_bA.device), len_X, output_size=n_E
-    )
-    # position of each entry in the lists: its list's start plus its rank within the list
-    shift_X = first_X - (len_X.cumsum(0) - len_X)
-    pos_E = torch.arange(n_E, device=idx_bA.device) + shift_X.index_select(0, owner_E)
-    slot_E = lists.slot_E.index_select(0, pos_E)
-    key_E = (owner_E // A) * lists.n_features + lists.down_E.index_select(0, pos_E)
-    return _Entries(owner_E, slot_E, key_E)
-
-
-def _token_chunks(idx_BA: Tensor, lists: ConnectionLists) -> list[tuple[int, int, int]]:
-    """(start, end, entries) of token chunks of about CHUNK_ELEMENTS elements each: a chunk's
-    [b, F] output plus its entries (at least one token a chunk)."""
-    len_BA = lists.ptr_G[idx_BA + 1] - lists.ptr_G[idx_BA]
-    n_B = len_BA.sum(1).cpu()
-    cost = (n_B + lists.n_features).cumsum(0).tolist()
-    entries = n_B.cumsum(0).tolist()
-    chunks, start, done, done_E = [], 0, 0, 0
-    for t, c in enumerate(cost):
-        if t > start and c - done > CHUNK_ELEMENTS:
-            chunks.append((start, t, entries[t - 1] - done_E))
-            start, done, done_E = t, cost[t - 1], entries[t - 1]
-    if cost:
-        chunks.append((start, len(cost), entries[-1] - done_E))
-    return chunks
-
-
-class _ConnectionContrib(torch.autograd.Function):
-    """out[b, i] = sum over the active upstream features a of token b, and over the slots c with
-    J[i, c] = idx[b, a], of vals[b, a] * V[i, c]; at the candidates cand[b, n] if given, else for
-    every i. Computed from the upstream side (each active feature pushes along its connection
-    list), in token chunks, recomputing the entries in backward."""
+class _CandidateContrib(torch.autograd.Function):
+    """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens."""
 
     @staticmethod
-    def forward(ctx, vals_BA, idx_BA, V_FC, lists: ConnectionLists, cand_BN):
-        ctx.save_for_backward(vals_BA, idx_BA, V_FC, cand_BN)
-        ctx.lists = lists
-        B, F = vals_BA.shape[0], lists.n_features
-        V_X = V_FC.flatten()
-        out = V_FC.new_empty(B, F if cand_BN is None else cand_BN.shape[1])
-        for s, e, n_E in _token_chunks(idx_BA, lists):
-            ent = _entries(idx_BA[s:e], lists, n_E)
-            w_E = vals_BA[s:e].flatten().index_select(0, ent.owner_E) * V_X.index_select(
-                0, ent.slot_E
-            )
-            acc_bF = V_FC.new_zeros((e - s) * F).index_add_(0, ent.key_E, w_E).view(e - s, F)
-            out[s:e] = acc_bF if cand_BN is None else acc_bF.gather(1, cand_BN[s:e])
-        return out
+    def forward(ctx, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int):
+        ctx.save_for_backward(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
+        ctx.n_up = n_up
+        B, N = cand_BN.shape
+        C = J_FC.shape[1]
+        out_BN = V_FC.new_empty(B, N)
+        starts, step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
+        for s in starts:
+            sl = slice(s, s + step)
+            table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
+            cand_bN = cand_BN[sl]
+            J_bNC = J_FC[cand_bN]
+            up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
+            out_BN[sl] = (up_bNC * V_FC[cand_bN]).sum(-1)
+        return out_BN
 
     @staticmethod
-    def backward(ctx, g_out):
-        vals_BA, idx_BA, V_FC, cand_BN = ctx.saved_tensors
-        lists = ctx.lists
-        F = lists.n_features
-        V_X = V_FC.flatten()
+    def backward(ctx, g_BN):
+        vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
+        n_up = ctx.n_up
+        B, N = cand_BN.shape
+        C = J_FC.shape[1]
         g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
-        g_V_X = torch.zeros_like(V_X) if ctx.needs_input_grad[2] else None
-        for s, e, n_E in _token_chunks(idx_BA, lists):
-            ent = _entries(idx_BA[s:e], lists, n_E)
-            g_bF = g_out[s:e]
-            if cand_BN is not None:  # candidates may repeat (pruned_top): accumulate
-                g_bF = g_out.new_zeros(e - s, F).scatter_add_(1, cand_BN[s:e], g_bF)
-            g_E = g_bF.flatten().index_select(0, ent.key_E)
-            if g_V_X is not None:
-                v_E = vals_BA[s:e].flatten().index_select(0, ent.owner_E)
-                g_V_X.index_add_(0, ent.slot_E, v_E * g_E)
+        g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
+        starts, step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
+        for s in starts:
+            sl = slice(s, s + step)
+            cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
+            J_bNC = J_FC[cand_bN]
+            if g_V_FC is not None:
+                table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
+                up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
+                g_V_FC.index_add_(0, cand_bN.flatten(), (g_bN1 * up_bNC).flatten(0, 1))
             if g_vals_BA is not None:
-                g_vals_BA[s:e].view(-1).index_add_(
-                    0, ent.owner_E, V_X.index_select(0, ent.slot_E) * g_E
-                )
-        g_V_FC = g_V_X.view_as(V_FC) if g_V_X is not None else None
-        return g_vals_BA, None, g_V_FC, None, None
+                g_table_bG = vals_BA.new_zeros(cand_bN.shape[0], n_up + 1)
+                g_table_bG.scatter_add_(1, J_bNC.flatten(1), (g_bN1 * V_FC[cand_bN]).flatten(1))
+                g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
+        return g_vals_BA, None, g_V_FC, None, None, None
 
 
-def connection_contrib(
-    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, lists: ConnectionLists,
-    cand_BN: Tensor | None = None,
+def connection_contrib_candidates(
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
 ) -> Tensor:
-    """Connection term of a transcoder's pruned pre-activations: [B, N] at the candidates cand_BN,
-    or [B, F] for every downstream feature when cand_BN is None.
+    """Connection term for the candidate features of each token, [B, N].
 
     vals_BA/idx_BA: every upstream dictionary's active features side by side, [B, A], idx in the
-    global upstream index space [0, n_up). The work is one multiply-add per connection reached
-    from an active upstream feature (about B A F C / n_up), not B N C or B F C: no [B, N, C] or
-    dense upstream table is formed. Half-precision inputs are computed in fp32 (the sums over
-    connections, and the gradient sums over tokens) and the result cast back.
+    global upstream index space [0, n_up). J_FC uses n_up as padding. Half-precision inputs are
+    computed in fp32 (the sums over connections, and the gradient sums over tokens) and the result
+    cast back.
     """
     acc = accumulation_dtype(V_FC.dtype)
-    out = _ConnectionContrib.apply(vals_BA.to(acc), idx_BA, V_FC.to(acc), lists, cand_BN)
-    return out.to(V_FC.dtype)
+    out_BN = _CandidateContrib.apply(vals_BA.to(acc), idx_BA, V_FC.to(acc), J_FC, cand_BN, n_up)
+    return out_BN.to(V_FC.dtype)
+
+
+def connection_contrib_all(
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, n_up: int
+) -> Tensor:
+    """Connection term for every downstream feature, [B, F], via embedding_bag over token chunks.
+
+    Each downstream feature is one bag (its connections, weighted by V) over the table of upstream
+    activations transposed to [n_up + 1, tokens]: no [B, F, C] tensor is formed.
+    """
+    B = vals_BA.shape[0]
+    F = J_FC.shape[0]
+    acc = accumulation_dtype(V_FC.dtype)
+    if J_FC.shape[1] == 0:
+        return V_FC.new_zeros(B, F) + 0 * vals_BA.sum()
+    if not kernel_available("embedding_bag", V_FC.device.type, acc):
+        all_BF = torch.arange(F, device=J_FC.device).expand(B, F)
+        return connection_contrib_candidates(vals_BA, idx_BA, V_FC, J_FC, all_BF, n_up)
+    out = []
+    starts, step = _chunks(B, n_up + F)
+    for s in starts:
+        table_Gb = upstream_table(vals_BA[s : s + step], idx_BA[s : s + step], n_up).T.to(acc)
+        out_Fb = F_.embedding_bag(
+            J_FC, table_Gb.contiguous(), per_sample_weights=V_FC.to(acc), mode="sum"
+        )
+        out.append(out_Fb.T)
+    return torch.cat(out).to(V_FC.dtype)
 
 
 def connection_contrib_plain(

@@ -32,7 +32,8 @@ from dictionary_learning.names import (
     upstream_names,
 )
 from dictionary_learning.sparse_ops import (
-    connection_contrib,
+    connection_contrib_all,
+    connection_contrib_candidates,
     csr_virtual_weights,
     dot_at_candidates,
 )
@@ -377,7 +378,9 @@ class SCAESuite(nn.Module):
         if cand_BN is None:
             base_BF = torch.addmm(t.bias_F, t.x0_BD, t.Wc_FD.T)
             if connected:
-                base_BF = base_BF + connection_contrib(t.vals_BA, t.idx_BA, t.V_FC, comp.lists)
+                base_BF = base_BF + connection_contrib_all(
+                    t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up
+                )
             return torch.addcdiv(b_enc_F, base_BF, t.sigma_B1)
         # At the candidates only: x0 . P w_i as a sampled product (no dense [B, F] product).
         # index_select, not bias_F[cand_BN]: the backward of advanced indexing accumulates
@@ -386,7 +389,9 @@ class SCAESuite(nn.Module):
         at = lambda v_F: v_F.index_select(0, cand_BN.flatten()).view_as(cand_BN)  # noqa: E731
         base_BN = dot_at_candidates(t.x0_BD, t.Wc_FD, cand_BN) + at(t.bias_F)
         if connected:
-            base_BN = base_BN + connection_contrib(t.vals_BA, t.idx_BA, t.V_FC, comp.lists, cand_BN)
+            base_BN = base_BN + connection_contrib_candidates(
+                t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up
+            )
         return torch.addcdiv(at(b_enc_F), base_BN, t.sigma_B1)
 
     def _pruned_transcoder(

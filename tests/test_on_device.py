@@ -41,7 +41,7 @@ def as_reference(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_kernels_and_gradients_match_plain_reference(fallback, monkeypatch):
-    if fallback:  # the gather fallback used where torch's CSR kernels are missing
+    if fallback:  # the gather fallbacks used where torch's CSR / embedding_bag kernels are missing
         monkeypatch.setattr(sparse_ops, "kernel_available", lambda *a: False)
     monkeypatch.setattr(sparse_ops, "SAMPLED_MIN_RATIO", 0)  # the sampled base term, not dense
     g = torch.Generator().manual_seed(0)
@@ -71,9 +71,8 @@ def test_kernels_and_gradients_match_plain_reference(fallback, monkeypatch):
             V_P = sparse_ops.sampled_dot_plain(W, dec.T, rows, cols)
         V_FC = torch.zeros(F, C, dtype=V_P.dtype, device=V_P.device).index_put((rows, slots), V_P)
         if kernels:
-            lists = sparse_ops.connection_lists(J, n_up)
-            conn_BN = sparse_ops.connection_contrib(vals, idx, V_FC, lists, cand)
-            conn_BF = sparse_ops.connection_contrib(vals, idx, V_FC, lists)
+            conn_BN = sparse_ops.connection_contrib_candidates(vals, idx, V_FC, J, cand, n_up)
+            conn_BF = sparse_ops.connection_contrib_all(vals, idx, V_FC, J, n_up)
             base_BN = sparse_ops.dot_at_candidates(dec[:, :B].T, W, cand)
         else:
             conn_BN = sparse_ops.connection_contrib_plain(vals, idx, V_FC, J, cand, n_up)
@@ -101,6 +100,7 @@ def test_kernel_probe_accepts_this_device():
     slower)."""
     if DEV.type in ("cpu", "cuda"):
         assert sparse_ops.kernel_available("csr", DEV.type, torch.float32)
+        assert sparse_ops.kernel_available("embedding_bag", DEV.type, torch.float32)
 
 
 # ------------------------------------------------------------------ the pruned pass

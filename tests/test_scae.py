@@ -210,31 +210,29 @@ def test_gradients_reach_every_dictionary_upstream_of_the_pruned_loss():
             assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}.{pname}"
 
 
-# elements per chunk: 7 (one token a chunk: a token's F outputs alone exceed it), 40 (2-3 tokens,
-# by their entries), and all 9 tokens in one chunk
-@pytest.mark.parametrize("chunk", [7, 40, 1 << 22])
-def test_connection_kernel_and_gradients_match_plain_reference(chunk, monkeypatch):
+# tokens per chunk: 1, 3, all 9 (by the element budget), 2 (by the candidate kernel's cap)
+@pytest.mark.parametrize("chunk, max_tokens", [(7, 128), (100, 128), (1 << 22, 128), (1 << 22, 2)])
+def test_fused_candidate_kernel_gradients_match_plain_reference(chunk, max_tokens, monkeypatch):
     monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(sparse_ops, "CANDIDATE_MAX_TOKENS", max_tokens)
     torch.manual_seed(0)
     B, K, n_up, F, C, N = 9, 4, 25, 11, 5, 6
     vals = torch.randn(B, K, dtype=torch.float64, requires_grad=True)
     idx = torch.stack([torch.randperm(n_up)[:K] for _ in range(B)])
-    J = torch.randint(0, n_up + 1, (F, C)).sort(1).values
+    J = torch.randint(0, n_up + 1, (F, C))
     V = torch.randn(F, C, dtype=torch.float64, requires_grad=True)
-    lists = sparse_ops.connection_lists(J, n_up)
     cand = torch.stack([torch.randperm(F)[:N] for _ in range(B)])
-    # candidates may repeat a feature (pruned_top's own top K): gradients must accumulate
-    cands = {"distinct": cand, "repeated": torch.cat([cand, cand[:, :2]], 1),
-             "all": torch.arange(F).expand(B, F)}
-    for what, c in cands.items():
-        g = torch.randn(c.shape, dtype=torch.float64)
-        fused = sparse_ops.connection_contrib(vals, idx, V, lists, None if what == "all" else c)
-        gf = torch.autograd.grad(fused, (vals, V), g)
-        plain = sparse_ops.connection_contrib_plain(vals, idx, V, J, c, n_up)
-        gp = torch.autograd.grad(plain, (vals, V), g)
-        torch.testing.assert_close(fused, plain, msg=what)
-        for a, b in zip(gf, gp):
-            torch.testing.assert_close(a, b, msg=what)
+    g = torch.randn(B, N, dtype=torch.float64)
+    fused = sparse_ops.connection_contrib_candidates(vals, idx, V, J, cand, n_up)
+    gf = torch.autograd.grad(fused, (vals, V), g)
+    plain = sparse_ops.connection_contrib_plain(vals, idx, V, J, cand, n_up)
+    gp = torch.autograd.grad(plain, (vals, V), g)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(gf, gp):
+        torch.testing.assert_close(a, b)
+    all_ = sparse_ops.connection_contrib_all(vals, idx, V, J, n_up)
+    torch.testing.assert_close(all_, sparse_ops.connection_contrib_plain(
+        vals, idx, V, J, torch.arange(F).expand(B, F), n_up))
 
 
 @pytest.mark.parametrize("F", [17, 400])  # the dense product, the sampled kernel
@@ -251,18 +249,6 @@ def test_dot_at_candidates_matches_dense_product_and_gradients(F):
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, (x, W), g), torch.autograd.grad(want, (x, W), g)):
         torch.testing.assert_close(a, b)
-
-
-def test_connection_lists_invert_J():
-    torch.manual_seed(0)
-    n_up, F, C = 25, 11, 5
-    J = torch.randint(0, n_up + 1, (F, C)).sort(1).values
-    lists = sparse_ops.connection_lists(J, n_up)
-    assert lists.ptr_G.shape == (n_up + 2,) and lists.ptr_G[-1] == lists.ptr_G[-2]  # padding
-    for g in range(n_up):
-        slots = lists.slot_E[lists.ptr_G[g] : lists.ptr_G[g + 1]]
-        assert sorted(slots.tolist()) == (J.flatten() == g).nonzero().squeeze(1).tolist()
-    assert torch.equal(lists.down_E, lists.slot_E // C)
 
 
 def test_sampled_dot_gradients():

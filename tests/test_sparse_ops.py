@@ -79,8 +79,7 @@ def test_kernel_probe_selects_fallback_with_a_warning(monkeypatch):
     sparse_ops.kernel_available.cache_clear()
     with torch.no_grad():
         assert sparse_ops.kernel_available("csr", "cpu", torch.float64)
-    with pytest.raises(ValueError, match="unknown kernel"):
-        sparse_ops.kernel_available("embedding_bag", "cpu", torch.float64)
+        assert sparse_ops.kernel_available("embedding_bag", "cpu", torch.float64)
 
     def broken(*args):
         raise RuntimeError("not implemented for this dtype")
