@@ -382,7 +382,7 @@ class SCAESuite(nn.Module):
                     t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up
                 )
             return torch.addcdiv(b_enc_F, base_BF, t.sigma_B1)
-        # At the candidates only: x0 . P w_i as a sampled product (no dense [B, F] product).
+        # At the candidates only: x0 . P w_i by `dot_at_candidates` (sampled where N << F).
         # index_select, not bias_F[cand_BN]: the backward of advanced indexing accumulates
         # repeated indices with index_put_, which on a multi-threaded CPU adds in a varying order
         # (runs differ in the last bits); index_select's backward (index_add_) does not.
