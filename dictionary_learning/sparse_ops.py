@@ -216,6 +216,12 @@ def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
     return table_BG.scatter(1, idx_BA, vals_BA)
 
 
+def _rows(T_FC: Tensor, cand_bN: Tensor) -> Tensor:
+    """T[cand] as [b, N, C] by index_select (on CPU several times faster than advanced indexing
+    for these row gathers)."""
+    return T_FC.index_select(0, cand_bN.flatten()).view(*cand_bN.shape, T_FC.shape[1])
+
+
 class _CandidateContrib(torch.autograd.Function):
     """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens."""
 
@@ -231,9 +237,9 @@ class _CandidateContrib(torch.autograd.Function):
             sl = slice(s, s + step)
             table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
             cand_bN = cand_BN[sl]
-            J_bNC = J_FC[cand_bN]
+            J_bNC = _rows(J_FC, cand_bN)
             up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
-            out_BN[sl] = (up_bNC * V_FC[cand_bN]).sum(-1)
+            out_BN[sl] = (up_bNC * _rows(V_FC, cand_bN)).sum(-1)
         return out_BN
 
     @staticmethod
@@ -248,14 +254,15 @@ class _CandidateContrib(torch.autograd.Function):
         for s in starts:
             sl = slice(s, s + step)
             cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
-            J_bNC = J_FC[cand_bN]
+            J_bNC = _rows(J_FC, cand_bN)
             if g_V_FC is not None:
                 table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
                 up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
                 g_V_FC.index_add_(0, cand_bN.flatten(), (g_bN1 * up_bNC).flatten(0, 1))
             if g_vals_BA is not None:
                 g_table_bG = vals_BA.new_zeros(cand_bN.shape[0], n_up + 1)
-                g_table_bG.scatter_add_(1, J_bNC.flatten(1), (g_bN1 * V_FC[cand_bN]).flatten(1))
+                g_up_bNC = g_bN1 * _rows(V_FC, cand_bN)
+                g_table_bG.scatter_add_(1, J_bNC.flatten(1), g_up_bNC.flatten(1))
                 g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
         return g_vals_BA, None, g_V_FC, None, None, None
 
