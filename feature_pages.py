@@ -38,6 +38,7 @@ from dictionary_learning.data import batched_contexts, contexts_from
 from dictionary_learning.files import atomic_torch_save, atomic_write_json
 from dictionary_learning.model import hf_model
 from dictionary_learning.safe_load import load_tensor_file
+from dictionary_learning.sparse_ops import csr_pointers
 from dictionary_learning.suite import SCAESuite
 
 logger = logging.getLogger("feature_pages")
@@ -310,9 +311,8 @@ def downstream_index(suite: SCAESuite) -> dict[str, dict[str, Tensor]]:
             up = mod = idx = torch.zeros(0, dtype=torch.long)
             V = torch.zeros(0)
         order = up.argsort(stable=True)
-        ptr = torch.zeros(F + 1, dtype=torch.long)
-        ptr[1:] = torch.bincount(up, minlength=F).cumsum(0)
-        out[n] = {"ptr": ptr, "module": mod[order], "index": idx[order], "V": V[order].float()}
+        out[n] = {"ptr": csr_pointers(up, F), "module": mod[order], "index": idx[order],
+                  "V": V[order].float()}
     return out
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from .files import atomic_torch_save
 from .names import parse_module_name, upstream_names
 from .safe_load import load_tensor_file
+from .sparse_ops import csr_pointers
 
 Connections = dict[str, dict[str, Tensor]]
 
@@ -205,22 +206,15 @@ def compile_connections(
         rows = p // max(C, 1)
         pos.append(p)
         cols.append(c)
-        crow.append(_pointers(rows, F_down))
+        crow.append(csr_pointers(rows, F_down))
         order = torch.argsort(c, stable=True)  # transposed pattern: by column, then by row
         tperm.append(order)
         tcol.append(rows[order])
-        tcrow.append(_pointers(c, F_u))
+        tcrow.append(csr_pointers(c, F_u))
     return CompiledConnections(
         ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols),
         tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm),
     )
-
-
-def _pointers(sorted_rows: Tensor, n_rows: int) -> Tensor:
-    """CSR row pointers [n_rows + 1] from the row index of each entry."""
-    out = torch.zeros(n_rows + 1, dtype=torch.int64)
-    out[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
-    return out
 
 
 def to_exchange(comp: CompiledConnections, dict_sizes: dict[str, int]) -> dict[str, Tensor]:

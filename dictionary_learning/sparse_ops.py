@@ -90,6 +90,22 @@ def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
     return all(torch.allclose(a.double(), b.double(), rtol=1e-2, atol=1e-2) for a, b in pairs)
 
 
+def csr_pointers(rows: Tensor, n_rows: int) -> Tensor:
+    """CSR row pointers [n_rows + 1] from the row index of each entry (in any order: only the
+    counts per row matter)."""
+    out = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    out[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    return out
+
+
+def take_rows(T: Tensor, idx: Tensor) -> Tensor:
+    """T[idx] along dim 0, shaped [*idx.shape, *T.shape[1:]], by index_select: on CPU several
+    times faster than advanced indexing for row gathers, and its backward (index_add_) adds
+    repeated indices in a fixed order, where advanced indexing's (index_put_) varies with the
+    threads (runs would differ in the last bits)."""
+    return T.index_select(0, idx.flatten()).view(*idx.shape, *T.shape[1:])
+
+
 def _chunks(n: int, per_item: int, max_step: int | None = None) -> tuple[range, int]:
     """Starts and length of chunks of n items, each chunk holding about CHUNK_ELEMENTS elements
     at per_item elements per item, and at most max_step items."""
@@ -200,13 +216,11 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     B, N = cand_BN.shape
     if W_FD.shape[0] <= SAMPLED_MIN_RATIO * N:
         return (x_BD @ W_FD.T).gather(1, cand_BN)
-    dev = cand_BN.device
     col = cand_BN.flatten()
-    crow = torch.arange(0, B * N + 1, N, device=dev)
+    crow = torch.arange(0, B * N + 1, N, device=col.device)
     # the transposed pattern [F, B], for the gradient of W
     tperm = torch.argsort(col, stable=True)
-    tcrow = torch.zeros(W_FD.shape[0] + 1, dtype=torch.int64, device=dev)
-    tcrow[1:] = torch.bincount(col, minlength=W_FD.shape[0]).cumsum(0)
+    tcrow = csr_pointers(col, W_FD.shape[0])
     return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tperm // N, tperm).view(B, N)
 
 
@@ -214,12 +228,6 @@ def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
     """Dense upstream activations [B, n_up + 1]; the last column is the zero padding slot."""
     table_BG = vals_BA.new_zeros(vals_BA.shape[0], n_up + 1)
     return table_BG.scatter(1, idx_BA, vals_BA)
-
-
-def _rows(T_FC: Tensor, cand_bN: Tensor) -> Tensor:
-    """T[cand] as [b, N, C] by index_select (on CPU several times faster than advanced indexing
-    for these row gathers)."""
-    return T_FC.index_select(0, cand_bN.flatten()).view(*cand_bN.shape, T_FC.shape[1])
 
 
 class _CandidateContrib(torch.autograd.Function):
@@ -237,9 +245,9 @@ class _CandidateContrib(torch.autograd.Function):
             sl = slice(s, s + step)
             table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
             cand_bN = cand_BN[sl]
-            J_bNC = _rows(J_FC, cand_bN)
+            J_bNC = take_rows(J_FC, cand_bN)
             up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
-            out_BN[sl] = (up_bNC * _rows(V_FC, cand_bN)).sum(-1)
+            out_BN[sl] = (up_bNC * take_rows(V_FC, cand_bN)).sum(-1)
         return out_BN
 
     @staticmethod
@@ -254,14 +262,14 @@ class _CandidateContrib(torch.autograd.Function):
         for s in starts:
             sl = slice(s, s + step)
             cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
-            J_bNC = _rows(J_FC, cand_bN)
+            J_bNC = take_rows(J_FC, cand_bN)
             if g_V_FC is not None:
                 table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
                 up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
                 g_V_FC.index_add_(0, cand_bN.flatten(), (g_bN1 * up_bNC).flatten(0, 1))
             if g_vals_BA is not None:
                 g_table_bG = vals_BA.new_zeros(cand_bN.shape[0], n_up + 1)
-                g_up_bNC = g_bN1 * _rows(V_FC, cand_bN)
+                g_up_bNC = g_bN1 * take_rows(V_FC, cand_bN)
                 g_table_bG.scatter_add_(1, J_bNC.flatten(1), g_up_bNC.flatten(1))
                 g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
         return g_vals_BA, None, g_V_FC, None, None, None

@@ -36,6 +36,7 @@ from dictionary_learning.sparse_ops import (
     connection_contrib_candidates,
     csr_virtual_weights,
     dot_at_candidates,
+    take_rows,
 )
 from dictionary_learning.suite_io import load_suite, save_suite
 from dictionary_learning.validate import check_candidates
@@ -382,17 +383,14 @@ class SCAESuite(nn.Module):
                     t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up
                 )
             return torch.addcdiv(b_enc_F, base_BF, t.sigma_B1)
-        # At the candidates only: x0 . P w_i by `dot_at_candidates` (sampled where N << F).
-        # index_select, not bias_F[cand_BN]: the backward of advanced indexing accumulates
-        # repeated indices with index_put_, which on a multi-threaded CPU adds in a varying order
-        # (runs differ in the last bits); index_select's backward (index_add_) does not.
-        at = lambda v_F: v_F.index_select(0, cand_BN.flatten()).view_as(cand_BN)  # noqa: E731
-        base_BN = dot_at_candidates(t.x0_BD, t.Wc_FD, cand_BN) + at(t.bias_F)
+        # At the candidates only: x0 . P w_i by `dot_at_candidates` (sampled where N << F); the
+        # per-feature vectors by take_rows, whose backward adds in a fixed order.
+        base_BN = dot_at_candidates(t.x0_BD, t.Wc_FD, cand_BN) + take_rows(t.bias_F, cand_BN)
         if connected:
             base_BN = base_BN + connection_contrib_candidates(
                 t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up
             )
-        return torch.addcdiv(at(b_enc_F), base_BN, t.sigma_B1)
+        return torch.addcdiv(take_rows(b_enc_F, cand_BN), base_BN, t.sigma_B1)
 
     def _pruned_transcoder(
         self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
