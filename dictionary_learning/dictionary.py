@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
-from .sparse_ops import accumulation_dtype
+from .sparse_ops import accumulation_dtype, dot_at_candidates, take_rows
 
 
 class Features(NamedTuple):
@@ -127,8 +127,38 @@ class TopKDictionary(nn.Module):
         """Encoder pre-activations W_enc x + b_enc, [B, F] (before ReLU and TopK)."""
         return F_.linear(x_BI, self.encoder.weight, self.encoder.bias)
 
+    def pre_acts_at(self, x_BI: Tensor, idx_BS: Tensor) -> Tensor:
+        """The pre-activations of the features idx [B, S] only (indices may repeat), [B, S]: the
+        entries of pre_acts(x) there, and a gradient that touches those entries only (no [B, F]
+        gradient, no dense backward product where S << F; see `dot_at_candidates`)."""
+        return dot_at_candidates(x_BI, self.encoder.weight, idx_BS) + take_rows(
+            self.encoder.bias, idx_BS
+        )
+
+    def encode_with_pre_acts(self, x_BI: Tensor) -> tuple[Features, Tensor]:
+        """TopK features of x, and every feature's pre-activation [B, F] without gradient (to
+        choose other features from: AuxK's dead ones, the pruned pass's candidates).
+
+        Under autograd, the features' values are recomputed at the K chosen features
+        (`pre_acts_at`): the encoder's gradient is non-zero there only, so the backward pass
+        needs no [B, F] gradient and no dense [F, B] x [B, D] product, the largest item of a wide
+        dictionary's training step on CPU (benchmarks/RESULTS.md, issue 17). Without autograd
+        the values are those of the dense product, unchanged.
+        """
+        needs_grad = torch.is_grad_enabled() and (
+            x_BI.requires_grad or self.encoder.weight.requires_grad
+            or self.encoder.bias.requires_grad
+        )
+        if not needs_grad:
+            pre_BF = self.pre_acts(x_BI)
+            return topk_relu(pre_BF, self.k), pre_BF
+        with torch.no_grad():
+            pre_BF = self.pre_acts(x_BI)
+        idx_BK = pre_BF.topk(self.k, dim=-1, sorted=False).indices
+        return Features(self.pre_acts_at(x_BI, idx_BK).relu(), idx_BK), pre_BF
+
     def encode(self, x_BI: Tensor) -> Features:
-        return topk_relu(self.pre_acts(x_BI), self.k)
+        return self.encode_with_pre_acts(x_BI)[0]
 
     def decode(self, feats: Features) -> Tensor:
         return sparse_decode(feats, self.decoder.weight, self.b_dec)

@@ -41,9 +41,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @functools.cache
 def kernel_available(kernel: str, device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch's `kernel` ("csr": sampled_addmm and CSR @ dense, forward and backward;
-    "embedding_bag": embedding_bag with per-sample weights) runs correctly for this device type
-    and dtype. Probed once on a tiny input against the plain reference; False selects the
+    """Whether torch's `kernel` ("csr": sampled_addmm over a CSR pattern, with its embedding_bag
+    backward; "embedding_bag": embedding_bag with per-sample weights) runs correctly for this
+    device type and dtype. Probed once on a tiny input against the plain reference; False selects the
     fallback (gather kernels, with a warning), so an unsupported backend or dtype costs speed,
     not a crash."""
     if kernel not in ("csr", "embedding_bag"):
@@ -161,8 +161,11 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 
 
 class _CSRVirtualWeights(torch.autograd.Function):
-    """V[p] = W[row p] . dec[:, col p] over a CSR pattern, with sampled_addmm forward and two
-    sparse @ dense products backward (no gather of [nnz, D] rows, no index_add)."""
+    """V[p] = W[row p] . dec[:, col p] over a CSR pattern: sampled_addmm forward; backward, the
+    two sums of rows weighted by the gradient as embedding_bag over the pattern and its
+    transpose (no gather of [nnz, D] rows, no index_add). embedding_bag's vectorised row sums
+    run ~3x faster than torch's CSR @ dense products on the CPU of benchmarks/RESULTS.md; its
+    table must be contiguous rows (a strided one is 13x slower), hence the decoder's copy."""
 
     @staticmethod
     def forward(ctx, W_FD, dec_DU, crow, col, tcrow, tcol, tperm):
@@ -174,13 +177,16 @@ class _CSRVirtualWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_P):
         W_FD, dec_DU, crow, col, tcrow, tcol, tperm = ctx.saved_tensors
-        F, U = W_FD.shape[0], dec_DU.shape[1]
         g_P = g_P.contiguous()
         gW = gdec = None
         if ctx.needs_input_grad[0]:
-            gW = _csr(crow, col, g_P, (F, U)) @ dec_DU.T
+            # gW[i] = sum over row i's entries p of g[p] dec[:, col p]
+            gW = F_.embedding_bag(col, dec_DU.T.contiguous(), crow[:-1], mode="sum",
+                                  per_sample_weights=g_P)
         if ctx.needs_input_grad[1]:
-            gdec = (_csr(tcrow, tcol, g_P[tperm], (U, F)) @ W_FD).T
+            # gdec[:, j] = sum over column j's entries p of g[p] W[row p]
+            gdec = F_.embedding_bag(tcol, W_FD.contiguous(), tcrow[:-1], mode="sum",
+                                    per_sample_weights=g_P[tperm]).T
         return gW, gdec, None, None, None, None, None
 
 

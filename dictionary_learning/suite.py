@@ -53,7 +53,9 @@ class DictOutput(NamedTuple):
     """Reconstruction of the target."""
     pre_BF: Tensor | None
     """Pre-activations of all features before ReLU/TopK (vanilla pass, all-features mode of the
-    pruned pass); None in the candidates mode, and where the training step no longer needs them."""
+    pruned pass); None in the candidates mode, and where the training step no longer needs them.
+    The vanilla pass's carry no gradient when autograd is on (they choose features; the chosen
+    values are recomputed with gradient: `TopKDictionary.encode_with_pre_acts`)."""
     pre_BN: Tensor | None = None
     """Pre-activations of the candidates cand_BN before ReLU/TopK (candidates mode), else None."""
     cand_BN: Tensor | None = None
@@ -258,8 +260,7 @@ class SCAESuite(nn.Module):
     def vanilla_one(self, name: str, batch) -> DictOutput:
         """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded norm)."""
         ae = self.dicts[name]
-        pre_BF = ae.pre_acts(batch.src[name])
-        feats = topk_relu(pre_BF, ae.k)
+        feats, pre_BF = ae.encode_with_pre_acts(batch.src[name])
         return DictOutput(feats, ae.decode(feats), pre_BF)
 
     def vanilla_forward(self, batch) -> dict[str, DictOutput]:

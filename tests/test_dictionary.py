@@ -56,3 +56,48 @@ def test_bf16_forward():
 def test_features_dense():
     f = Features(torch.tensor([[1.0, 2.0]]), torch.tensor([[3, 0]]))
     assert f.dense(4).tolist() == [[2.0, 0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("F", [40, 400])  # the dense branch of dot_at_candidates, the sampled one
+def test_sparse_gradient_encoding_matches_the_dense_one(F):
+    """encode_with_pre_acts under autograd: the TopK values and every gradient (encoder, decoder,
+    input) equal the dense formula's, whose [B, F] gradient is zero off the chosen features."""
+    torch.manual_seed(0)
+    d = TopKTranscoder(12, 10, F, 5).double()
+    with torch.no_grad():
+        d.encoder.bias.normal_()
+        d.b_dec.normal_()
+    x = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(9, 10, dtype=torch.float64)
+
+    def loss_and_grads(encode):
+        for p in [*d.parameters(), x]:
+            p.grad = None
+        feats = encode()
+        ((d.decode(feats) - y) ** 2).sum().backward()
+        return feats, [p.grad.clone() for p in [*d.parameters(), x]]
+
+    got, g_got = loss_and_grads(lambda: d.encode_with_pre_acts(x)[0])
+    want, g_want = loss_and_grads(
+        lambda: Features(*(x @ d.encoder.weight.T + d.encoder.bias).relu().topk(d.k))
+    )
+    torch.testing.assert_close(got.dense(F), want.dense(F))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+    # the pre-activations come back without gradient, equal to the dense product
+    _, pre = d.encode_with_pre_acts(x)
+    assert not pre.requires_grad
+    torch.testing.assert_close(pre, x.detach() @ d.encoder.weight.T.detach() + d.encoder.bias)
+    # and at any features, repeated or not, pre_acts_at reads the same entries
+    idx = torch.randint(0, F, (9, 7))
+    torch.testing.assert_close(d.pre_acts_at(x, idx), d.pre_acts(x).gather(1, idx))
+
+
+def test_encoding_without_autograd_is_the_dense_products():
+    d = AutoEncoderTopK(12, 400, 5)
+    x = torch.randn(9, 12)
+    with torch.no_grad():
+        feats, pre = d.encode_with_pre_acts(x)
+        want = d.pre_acts(x).topk(5, sorted=False)
+    assert torch.equal(pre, d.pre_acts(x).detach())
+    assert torch.equal(feats.vals_BK, want.values.relu()) and torch.equal(feats.idx_BK, want.indices)

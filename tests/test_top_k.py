@@ -123,32 +123,37 @@ def test_auxk_uses_pre_topk_and_reaches_dead_rows():
     tr.init_from_batch(batch)
     d = tr.dicts["attn_0"]
     x = batch.src["attn_0"]
-    pre = d.pre_acts(x)
     active = torch.zeros(64, dtype=torch.bool)
     active[d.encode(x).idx_BK.flatten()] = True
     dead = ~active  # dead features are never in the TopK: post-TopK acts are all zero
     assert dead.sum() > 10
     recon = d(x)
-    loss = auxk_loss(d, pre, x - recon, dead, k_aux=8)
+    loss = auxk_loss(d, x, x - recon, dead, k_aux=8)
     assert loss > 0
     d.zero_grad()
     loss.backward()
     row_grad = d.encoder.weight.grad.norm(dim=1)
     assert (row_grad[dead] > 0).any()
     assert (row_grad[active] == 0).all()
-    assert auxk_loss(d, pre, x - recon, torch.zeros(64, dtype=torch.bool), 8) == 0
+    assert auxk_loss(d, x, x - recon, torch.zeros(64, dtype=torch.bool), 8) == 0
 
 
 def test_auxk_sign():
     """The aux reconstruction must approximate +e: an exact match gives zero loss."""
     d = AutoEncoderTopK(4, 8, 1)
     a = torch.linspace(0.5, 3, 10)
-    pre = torch.full((10, 8), -1.0)
-    pre[:, 3] = a
+    # pre-activations -1 everywhere but feature 3, whose pre-activation is a
+    x = torch.zeros(10, 4)
+    x[:, 0] = a
+    with torch.no_grad():
+        d.encoder.weight.zero_()
+        d.encoder.weight[3, 0] = 1.0
+        d.encoder.bias.fill_(-1.0)
+        d.encoder.bias[3] = 0.0
     e = a[:, None] * d.decoder.weight[:, 3].detach()
     dead = torch.ones(8, dtype=torch.bool)
-    assert auxk_loss(d, pre, e, dead, 1).item() < 1e-10
-    assert auxk_loss(d, pre, -e, dead, 1).item() > 1.0
+    assert auxk_loss(d, x, e, dead, 1).item() < 1e-10
+    assert auxk_loss(d, x, -e, dead, 1).item() > 1.0
 
 
 def test_decoder_unit_norm_and_parallel_grad_removed(monkeypatch):
@@ -230,14 +235,17 @@ def test_state_dict_roundtrip():
 
 def test_auxk_without_relu_reaches_negative_dead_features():
     d = AutoEncoderTopK(4, 8, 1)
-    pre = torch.full((10, 8), -1.0, requires_grad=True)
+    with torch.no_grad():  # every pre-activation is -1
+        d.encoder.weight.zero_()
+        d.encoder.bias.fill_(-1.0)
+    x = torch.randn(10, 4)
     e = torch.randn(10, 4)
     dead = torch.ones(8, dtype=torch.bool)
-    auxk_loss(d, pre, e, dead, 2, relu=True).backward()
-    assert pre.grad.abs().sum() == 0  # ReLU cuts all-negative dead features off
-    pre.grad = None
-    auxk_loss(d, pre, e, dead, 2, relu=False).backward()
-    assert pre.grad.abs().sum() > 0
+    auxk_loss(d, x, e, dead, 2, relu=True).backward()
+    assert d.encoder.bias.grad.abs().sum() == 0  # ReLU cuts all-negative dead features off
+    d.zero_grad()
+    auxk_loss(d, x, e, dead, 2, relu=False).backward()
+    assert d.encoder.bias.grad.abs().sum() > 0
 
 
 def test_resampling_reinitialises_exactly_the_dead_features():

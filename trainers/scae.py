@@ -125,14 +125,14 @@ class TrainerSCAESuite(TopKSuiteTrainer):
             # candidates, then only the candidates' [B, N] are kept (memory of the training step).
             d, van = self.dicts[n], self.suite.vanilla_one(n, batch)
             x, y = self.io(n, batch)
-            aux = auxk_loss(d, van.pre_BF, y.float() - van.recon_BD.float(), self.dead_mask(n),
+            aux = auxk_loss(d, x, y.float() - van.recon_BD.float(), self.dead_mask(n),
                             self.k_aux[n], relu=cfg.auxk_relu)
             if d.is_transcoder:
                 cand_BN = self.suite.candidates(
                     n, van.pre_BF, cfg.n_threshold, cfg.n_random, self.generator
                 )
                 van = van._replace(
-                    pre_BF=None, pre_BN=van.pre_BF.gather(1, cand_BN), cand_BN=cand_BN
+                    pre_BF=None, pre_BN=d.pre_acts_at(x, cand_BN), cand_BN=cand_BN
                 )
             else:
                 van = van._replace(pre_BF=None)

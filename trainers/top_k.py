@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F_
 from torch import Tensor
 
 from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
@@ -122,7 +123,7 @@ def geometric_median(points_BD: Tensor, n_iter: int = 100, tol: float = 1e-7) ->
 
 def auxk_loss(
     d: TopKDictionary,
-    pre_BF: Tensor,
+    x_BI: Tensor,
     residual_BD: Tensor,
     dead_F: Tensor,
     k_aux: int,
@@ -138,9 +139,12 @@ def auxk_loss(
     """
     n_dead = int(dead_F.sum())
     if n_dead == 0:
-        return pre_BF.new_zeros((), dtype=torch.float32)
+        return residual_BD.new_zeros((), dtype=torch.float32)
     dead_idx = dead_F.nonzero().squeeze(1)
-    pre_dead_BZ = pre_BF.index_select(1, dead_idx)  # only the dead columns are kept for backward
+    # The dead features' pre-activations from their encoder rows alone: the product and its
+    # backward cost n_dead / F of the dense encoder's (the vanilla pass keeps no gradient of
+    # the [B, F] pre-activations; see TopKDictionary.encode_with_pre_acts).
+    pre_dead_BZ = F_.linear(x_BI, d.encoder.weight[dead_idx], d.encoder.bias[dead_idx])
     if relu:
         dead_feats = topk_relu(pre_dead_BZ, min(k_aux, n_dead))
     else:
@@ -248,12 +252,11 @@ class TopKSuiteTrainer:
         for n in self.names:
             d = self.dicts[n]
             x, y = self.io(n, batch)
-            pre_BF = d.pre_acts(x)
-            feats = topk_relu(pre_BF, d.k)
+            feats = d.encode(x)
             recon = d.decode(feats)
             main = fvu(y, recon, across_ranks=True)
             aux = auxk_loss(
-                d, pre_BF, y.float() - recon.float(), self.dead_mask(n), self.k_aux[n],
+                d, x, y.float() - recon.float(), self.dead_mask(n), self.k_aux[n],
                 relu=self.cfg.auxk_relu,
             )
             losses[n] = main + self.cfg.auxk_alpha * aux
