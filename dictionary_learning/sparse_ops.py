@@ -43,9 +43,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def kernel_available(kernel: str, device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch's `kernel` ("csr": sampled_addmm over a CSR pattern, with its embedding_bag
     backward; "embedding_bag": embedding_bag with per-sample weights) runs correctly for this
-    device type and dtype. Probed once on a tiny input against the plain reference; False selects the
-    fallback (gather kernels, with a warning), so an unsupported backend or dtype costs speed,
-    not a crash."""
+    device type and dtype. Probed once on a tiny input against the plain reference; False
+    selects the fallback (gather kernels, with a warning), so an unsupported backend or dtype
+    costs speed, not a crash."""
     if kernel not in ("csr", "embedding_bag"):
         raise ValueError(f"unknown kernel {kernel!r}; use 'csr' or 'embedding_bag'")
     try:

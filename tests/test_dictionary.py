@@ -100,4 +100,5 @@ def test_encoding_without_autograd_is_the_dense_products():
         feats, pre = d.encode_with_pre_acts(x)
         want = d.pre_acts(x).topk(5, sorted=False)
     assert torch.equal(pre, d.pre_acts(x).detach())
-    assert torch.equal(feats.vals_BK, want.values.relu()) and torch.equal(feats.idx_BK, want.indices)
+    assert torch.equal(feats.vals_BK, want.values.relu())
+    assert torch.equal(feats.idx_BK, want.indices)
