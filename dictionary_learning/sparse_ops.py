@@ -232,8 +232,7 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
 
 def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
     """Dense upstream activations [B, n_up + 1]; the last column is the zero padding slot."""
-    table_BG = vals_BA.new_zeros(vals_BA.shape[0], n_up + 1)
-    return table_BG.scatter(1, idx_BA, vals_BA)
+    return vals_BA.new_zeros(vals_BA.shape[0], n_up + 1).scatter_(1, idx_BA, vals_BA)
 
 
 class _CandidateContrib(torch.autograd.Function):
@@ -312,15 +311,18 @@ def connection_contrib_all(
     if not kernel_available("embedding_bag", V_FC.device.type, acc):
         all_BF = torch.arange(F, device=J_FC.device).expand(B, F)
         return connection_contrib_candidates(vals_BA, idx_BA, V_FC, J_FC, all_BF, n_up)
-    out = []
+    V_FC_acc = V_FC.to(acc)
+    out_BF = V_FC_acc.new_empty(B, F)
     starts, step = _chunks(B, n_up + F)
     for s in starts:
-        table_Gb = upstream_table(vals_BA[s : s + step], idx_BA[s : s + step], n_up).T.to(acc)
-        out_Fb = F_.embedding_bag(
-            J_FC, table_Gb.contiguous(), per_sample_weights=V_FC.to(acc), mode="sum"
-        )
-        out.append(out_Fb.T)
-    return torch.cat(out).to(V_FC.dtype)
+        vals_bA, idx_bA = vals_BA[s : s + step].to(acc), idx_BA[s : s + step]
+        # The table built transposed (scatter along dim 0), not transposed after: a transposed
+        # copy of [tokens, n_up + 1] cost more than the table's own scatter.
+        table_Gb = vals_bA.new_zeros(n_up + 1, vals_bA.shape[0]).scatter_(0, idx_bA.T, vals_bA.T)
+        out_BF[s : s + step] = F_.embedding_bag(
+            J_FC, table_Gb, per_sample_weights=V_FC_acc, mode="sum"
+        ).T
+    return out_BF.to(V_FC.dtype)
 
 
 def connection_contrib_plain(

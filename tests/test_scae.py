@@ -231,8 +231,13 @@ def test_fused_candidate_kernel_gradients_match_plain_reference(chunk, max_token
     for a, b in zip(gf, gp):
         torch.testing.assert_close(a, b)
     all_ = sparse_ops.connection_contrib_all(vals, idx, V, J, n_up)
-    torch.testing.assert_close(all_, sparse_ops.connection_contrib_plain(
-        vals, idx, V, J, torch.arange(F).expand(B, F), n_up))
+    all_plain = sparse_ops.connection_contrib_plain(
+        vals, idx, V, J, torch.arange(F).expand(B, F), n_up)
+    torch.testing.assert_close(all_, all_plain)
+    g_all = torch.randn(B, F, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(all_, (vals, V), g_all),
+                    torch.autograd.grad(all_plain, (vals, V), g_all), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("F", [17, 400])  # the dense product, the sampled kernel
