@@ -95,6 +95,42 @@ def test_pruned_only_loss_drops_transcoder_vanilla_term():
 
 
 
+@pytest.mark.parametrize("F", [12, 400])  # the dense and the sampled pre_acts_at
+def test_activation_difference_and_its_gradient_match_the_dense_formula(F):
+    """The act loss reads the vanilla activations at the top-k candidates with gradient
+    (pre_acts_at), though the vanilla pass keeps its [B, F] pre-activations without: value and
+    encoder gradient equal the formula on the dense pre-activations."""
+    from tests.scae_fixtures import random_batch, random_connections as rc
+
+    suite = random_suite(n_layers=2, d=6, F=F, k=2, dtype=torch.float64)
+    suite.set_connections(rc(suite, C=4))
+    batch = random_batch(2, 6, B=16, dtype=torch.float64)
+    cfg = SCAETrainerConfig(total_steps=1, n_threshold=3, n_random=2, auxk_alpha=0,
+                            kl_coeff=0.0, act_coeff=1.0)
+    tr = TrainerSCAESuite(suite, cfg, dtype=torch.float64)
+    _, metrics, _ = tr.losses(batch)
+    m, d = "mlp_1", suite.dicts["mlp_1"]
+    x, _ = tr.io(m, batch)
+    van = {n: suite.vanilla_one(n, batch) for n in suite.names}
+    cand = suite.candidates(m, van[m].pre_BF, 3, 2, torch.Generator().manual_seed(0))
+    van[m] = van[m]._replace(pre_BN=van[m].pre_BF.gather(1, cand), cand_BN=cand)
+    pr = suite.pruned_forward(batch, van, mode="candidates", n_threshold=3, n_random=2)[m]
+
+    def reference():
+        f_BM = d.pre_acts(x).gather(1, cand[:, :5]).relu()  # dense, with gradient
+        f_BM = torch.cat([f_BM[:, :2], torch.zeros_like(f_BM[:, 2:])], dim=1)
+        vals, sel = pr.pre_BN[:, :5].topk(2, dim=1)
+        f_pr = torch.zeros_like(f_BM).scatter(1, sel, vals.relu())
+        return ((f_BM - f_pr).pow(2).sum() / f_BM.detach().pow(2).sum()).float()
+
+    got, want = tr._activation_difference(d, x, van[m], pr), reference()
+    torch.testing.assert_close(got, want)
+    w = d.encoder.weight
+    torch.testing.assert_close(torch.autograd.grad(got, w, retain_graph=True)[0],
+                               torch.autograd.grad(want, w, retain_graph=True)[0])
+    assert metrics[f"{m}/act_diff"] > 0
+
+
 def test_trainer_rejects_too_many_candidates_and_missing_connections():
     suite = random_suite(n_layers=1, d=6, F=12, k=2, dtype=torch.float32)
     with pytest.raises(ValueError, match="connections"):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.distributed import rank
 from dictionary_learning.metrics import fvu, next_token_kl, ratio_across_ranks
 from dictionary_learning.unembed import Unembed
@@ -132,7 +133,7 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                     n, van.pre_BF, cfg.n_threshold, cfg.n_random, self.generator
                 )
                 van = van._replace(
-                    pre_BF=None, pre_BN=d.pre_acts_at(x, cand_BN), cand_BN=cand_BN
+                    pre_BF=None, pre_BN=van.pre_BF.gather(1, cand_BN), cand_BN=cand_BN
                 )
             else:
                 van = van._replace(pre_BF=None)
@@ -150,7 +151,7 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                                            n_threshold=cfg.n_threshold, n_random=cfg.n_random,
                                            pruned_top=cfg.pruned_top)
         for n, pr in pruned.items():
-            _, y = self.io(n, batch)
+            x, y = self.io(n, batch)
             fvu_p = fvu(y, pr.recon_BD, across_ranks=True)
             losses[n] = losses[n] + cfg.coeff * fvu_p
             metrics[f"{n}/fvu_pruned"] = fvu_p.detach()
@@ -158,7 +159,7 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                 losses[n] = losses[n] + cfg.random_coeff * pr.penalty
                 metrics[f"{n}/penalty"] = pr.penalty.detach()
             if cfg.act_coeff > 0:
-                diff = self._activation_difference(self.dicts[n].k, vanilla[n], pr)
+                diff = self._activation_difference(self.dicts[n], x, vanilla[n], pr)
                 losses[n] = losses[n] + cfg.act_coeff * diff
                 metrics[f"{n}/act_diff"] = diff.detach()
         if cfg.kl_coeff > 0:
@@ -188,12 +189,17 @@ class TrainerSCAESuite(TopKSuiteTrainer):
                                        use_reentrant=False)
         return ratio_across_ranks(total, total.new_tensor(float(rebuilt_BD.shape[0])))
 
-    def _activation_difference(self, k: int, van: DictOutput, pr: DictOutput) -> Tensor:
+    def _activation_difference(
+        self, d: TopKDictionary, x_BI: Tensor, van: DictOutput, pr: DictOutput
+    ) -> Tensor:
         """||f_vanilla - f_pruned||^2 / ||f_vanilla||^2 over the top and threshold candidates (the
         denominator is a normaliser: no gradient flows through it)."""
+        k = d.k
         n_top = k + self.cfg.n_threshold
-        f_van_BM = van.pre_BN[:, :n_top].relu()  # vanilla pre-activations at the candidates
-        f_van_BM = torch.cat([f_van_BM[:, :k], torch.zeros_like(f_van_BM[:, k:])], dim=1)
+        # The vanilla activations at the candidates: the top k (the first k candidates, recomputed
+        # with gradient; van.pre_BN has none), zero at the threshold candidates.
+        f_van_BK = d.pre_acts_at(x_BI, van.cand_BN[:, :k]).relu()
+        f_van_BM = torch.cat([f_van_BK, f_van_BK.new_zeros(f_van_BK.shape[0], n_top - k)], dim=1)
         top_BM = pr.pre_BN[:, :n_top]
         vals_BK, sel_BK = top_BM.topk(k, dim=1)
         f_pr_BM = torch.zeros_like(top_BM).scatter(1, sel_BK, vals_BK.relu())
