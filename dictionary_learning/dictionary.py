@@ -48,8 +48,9 @@ def sparse_decode(feats: Features, W_dec_DF: Tensor, b_dec_D: Tensor) -> Tensor:
     in fp32 so the sum accumulates in fp32.
     """
     acc = accumulation_dtype(W_dec_DF.dtype)
-    # The table must be a contiguous [F, D] copy: embedding_bag reads the strided view W_dec.T
-    # (each row F elements apart) 13x slower, forward and backward, on CPU (RESULTS.md, issue 17).
+    # The table must be contiguous [F, D] rows: embedding_bag reads a strided view (each row F
+    # elements apart) 13x slower, forward and backward, on CPU (RESULTS.md, issue 17). A
+    # dictionary's decoder is stored that way (TopKDictionary), so this makes no copy.
     out_BD = F_.embedding_bag(
         feats.idx_BK,
         W_dec_DF.T.to(acc).contiguous(),
@@ -85,6 +86,11 @@ class TopKDictionary(nn.Module):
         self.d_in, self.d_out, self.dict_size, self.k = d_in, d_out, dict_size, k
         self.encoder = nn.Linear(d_in, dict_size)
         self.decoder = nn.Linear(dict_size, d_out, bias=False)
+        # The [d_out, F] decoder weight is stored feature-major ([F, d_out] in memory, strides
+        # (1, d_out)): the sparse decode and the virtual weights read its columns as contiguous
+        # rows, so no step makes a transposed copy of it, and its gradients arrive in the same
+        # layout. Values, shape, files and the optimiser are as for a row-major weight.
+        self.decoder.weight = nn.Parameter(self.decoder.weight.detach().T.contiguous().T)
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.reset_parameters()
 

@@ -68,7 +68,11 @@ def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
     if world_size() <= 1:
         return
     for p in params:
-        dist.broadcast(p.data, src=src)
+        # collectives need contiguous tensors; the decoders are stored column-major
+        buf = p.data.contiguous()
+        dist.broadcast(buf, src=src)
+        if buf.data_ptr() != p.data.data_ptr():
+            p.data.copy_(buf)
 
 
 @torch.no_grad()

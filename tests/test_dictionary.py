@@ -102,3 +102,34 @@ def test_encoding_without_autograd_is_the_dense_products():
     assert torch.equal(pre, d.pre_acts(x).detach())
     assert torch.equal(feats.vals_BK, want.values.relu())
     assert torch.equal(feats.idx_BK, want.indices)
+
+
+def test_decoder_is_stored_feature_major_through_moves_copies_and_files(tmp_path):
+    """The decoder weight [d_out, F] lives in [F, d_out] memory, so that decoding reads it without a
+    transposed copy; moves, copies, files and optimiser steps keep that layout."""
+    import copy
+
+    from dictionary_learning.suite import SCAESuite
+    from tests.scae_fixtures import random_suite
+
+    def feature_major(d):
+        W = d.decoder.weight
+        return W.shape == (d.d_out, d.dict_size) and W.T.is_contiguous()
+
+    d = TopKTranscoder(12, 10, 40, 5)
+    assert feature_major(d) and feature_major(copy.deepcopy(d)) and feature_major(d.double())
+    # the decode's table is the weight's own storage, not a copy
+    assert d.decoder.weight.T.contiguous().data_ptr() == d.decoder.weight.data_ptr()
+    opt = torch.optim.Adam(d.parameters())
+    x = torch.randn(9, 12, dtype=torch.float64)
+    d(x).sum().backward()
+    assert d.decoder.weight.grad.T.is_contiguous()
+    opt.step()
+    assert feature_major(d)
+    suite = random_suite(n_layers=1, F=20)
+    suite.save_pretrained(tmp_path / "suite")
+    loaded = SCAESuite.from_pretrained(tmp_path / "suite", dtype=torch.float64)
+    for name, ae in loaded.dicts.items():
+        assert feature_major(ae)
+        torch.testing.assert_close(ae.decoder.weight, suite.dicts[name].decoder.weight,
+                                   rtol=0, atol=0)

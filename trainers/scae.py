@@ -122,8 +122,9 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         self.suite._check_batch(batch)
         losses, metrics, fired, vanilla = {}, {}, {}, {}
         for n in self.names:
-            # Vanilla pass one dictionary at a time: its [B, F] pre-activations serve AuxK and the
-            # candidates, then only the candidates' [B, N] are kept (memory of the training step).
+            # Vanilla pass one dictionary at a time: its [B, F] pre-activations (without gradient)
+            # choose the candidates, then only the candidates' [B, N] are kept (memory of the
+            # training step).
             d, van = self.dicts[n], self.suite.vanilla_one(n, batch)
             x, y = self.io(n, batch)
             aux = auxk_loss(d, x, y.float() - van.recon_BD.float(), self.dead_mask(n),

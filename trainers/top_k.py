@@ -144,7 +144,8 @@ def auxk_loss(
     # The dead features' pre-activations from their encoder rows alone: the product and its
     # backward cost n_dead / F of the dense encoder's (the vanilla pass keeps no gradient of
     # the [B, F] pre-activations; see TopKDictionary.encode_with_pre_acts).
-    pre_dead_BZ = F_.linear(x_BI, d.encoder.weight[dead_idx], d.encoder.bias[dead_idx])
+    W_enc_ZI, b_enc_Z = d.encoder.weight.index_select(0, dead_idx), d.encoder.bias[dead_idx]
+    pre_dead_BZ = F_.linear(x_BI, W_enc_ZI, b_enc_Z)
     if relu:
         dead_feats = topk_relu(pre_dead_BZ, min(k_aux, n_dead))
     else:
