@@ -236,48 +236,85 @@ def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
 
 
 class _CandidateContrib(torch.autograd.Function):
-    """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens."""
+    """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens.
+
+    Each call allocates its chunk buffers once (the upstream table, the gathered connection
+    indices, upstream values and virtual weights) and reuses them for every chunk: fresh
+    tensors of this size cost page faults on each chunk on CPU (benchmarks/RESULTS.md). The
+    table is re-zeroed where it was written, at the chunk's A active features.
+    """
 
     @staticmethod
     def forward(ctx, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int):
         ctx.save_for_backward(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
         ctx.n_up = n_up
         B, N = cand_BN.shape
-        C = J_FC.shape[1]
         out_BN = V_FC.new_empty(B, N)
-        starts, step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
-        for s in starts:
-            sl = slice(s, s + step)
-            table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
-            cand_bN = cand_BN[sl]
-            J_bNC = take_rows(J_FC, cand_bN)
-            up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
-            out_BN[sl] = (up_bNC * take_rows(V_FC, cand_bN)).sum(-1)
+        buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, n_up)
+        for sl in buf.slices(B):
+            table_bG = buf.table(vals_BA[sl], idx_BA[sl])
+            J_bNC = buf.rows(J_FC, cand_BN[sl], buf.J)
+            up_bNC = buf.upstream(table_bG, J_bNC)
+            torch.sum(up_bNC.mul_(buf.rows(V_FC, cand_BN[sl], buf.V)), -1, out=out_BN[sl])
+            buf.clear(table_bG, idx_BA[sl])
         return out_BN
 
     @staticmethod
     def backward(ctx, g_BN):
         vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
-        n_up = ctx.n_up
         B, N = cand_BN.shape
-        C = J_FC.shape[1]
         g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
         g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
-        starts, step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
-        for s in starts:
-            sl = slice(s, s + step)
+        buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, ctx.n_up)
+        g_table_sG = vals_BA.new_empty(buf.table_sG.shape) if g_vals_BA is not None else None
+        for sl in buf.slices(B):
             cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
-            J_bNC = take_rows(J_FC, cand_bN)
+            J_bNC = buf.rows(J_FC, cand_bN, buf.J)
             if g_V_FC is not None:
-                table_bG = upstream_table(vals_BA[sl], idx_BA[sl], n_up)
-                up_bNC = table_bG.gather(1, J_bNC.flatten(1)).view_as(J_bNC)
-                g_V_FC.index_add_(0, cand_bN.flatten(), (g_bN1 * up_bNC).flatten(0, 1))
+                table_bG = buf.table(vals_BA[sl], idx_BA[sl])
+                g_up_bNC = buf.upstream(table_bG, J_bNC).mul_(g_bN1)
+                g_V_FC.index_add_(0, cand_bN.flatten(), g_up_bNC.flatten(0, 1))
+                buf.clear(table_bG, idx_BA[sl])
             if g_vals_BA is not None:
-                g_table_bG = vals_BA.new_zeros(cand_bN.shape[0], n_up + 1)
-                g_up_bNC = g_bN1 * take_rows(V_FC, cand_bN)
-                g_table_bG.scatter_add_(1, J_bNC.flatten(1), g_up_bNC.flatten(1))
+                g_table_bG = g_table_sG[: cand_bN.shape[0]].zero_()
+                g_Vup_bNC = buf.rows(V_FC, cand_bN, buf.V).mul_(g_bN1)
+                g_table_bG.scatter_add_(1, J_bNC.flatten(1), g_Vup_bNC.flatten(1))
                 g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
         return g_vals_BA, None, g_V_FC, None, None, None
+
+
+class _ChunkBuffers:
+    """The candidate kernel's per-chunk buffers, allocated once per call: the zero upstream table
+    [step, n_up + 1] and the [step, N, C] gathers of J, V and the upstream values."""
+
+    def __init__(self, vals_BA: Tensor, V_FC: Tensor, J_FC: Tensor, N: int, n_up: int):
+        C = J_FC.shape[1]
+        _, self.step = _chunks(vals_BA.shape[0], max(N * C, n_up), CANDIDATE_MAX_TOKENS)
+        self.table_sG = vals_BA.new_zeros(self.step, n_up + 1)
+        self.J = J_FC.new_empty(self.step * N, C)
+        self.V = V_FC.new_empty(self.step * N, C)
+        self.up = V_FC.new_empty(self.step, N * C)
+
+    def slices(self, B: int):
+        return (slice(s, min(s + self.step, B)) for s in range(0, B, self.step))
+
+    def table(self, vals_bA: Tensor, idx_bA: Tensor) -> Tensor:
+        return self.table_sG[: vals_bA.shape[0]].scatter_(1, idx_bA, vals_bA)
+
+    @staticmethod
+    def clear(table_bG: Tensor, idx_bA: Tensor) -> None:
+        table_bG.scatter_(1, idx_bA, 0.0)
+
+    @staticmethod
+    def rows(T_FC: Tensor, cand_bN: Tensor, out: Tensor) -> Tensor:
+        """T[cand] into the buffer `out`, [b, N, C]."""
+        out = out[: cand_bN.numel()]
+        return torch.index_select(T_FC, 0, cand_bN.flatten(), out=out).view(*cand_bN.shape, -1)
+
+    def upstream(self, table_bG: Tensor, J_bNC: Tensor) -> Tensor:
+        """table[b, J[b, n, c]] into the buffer, [b, N, C]."""
+        b = J_bNC.shape[0]
+        return torch.gather(table_bG, 1, J_bNC.flatten(1), out=self.up[:b]).view_as(J_bNC)
 
 
 def connection_contrib_candidates(
