@@ -133,12 +133,13 @@ class TopKDictionary(nn.Module):
         """Encoder pre-activations W_enc x + b_enc, [B, F] (before ReLU and TopK)."""
         return F_.linear(x_BI, self.encoder.weight, self.encoder.bias)
 
-    def pre_acts_at(self, x_BI: Tensor, idx_BS: Tensor) -> Tensor:
-        """The pre-activations of the features idx [B, S] only (indices may repeat), [B, S]: the
-        entries of pre_acts(x) there, and a gradient that touches those entries only (no [B, F]
-        gradient, no dense backward product where S << F; see `dot_at_candidates`)."""
-        return dot_at_candidates(x_BI, self.encoder.weight, idx_BS) + take_rows(
-            self.encoder.bias, idx_BS
+    def pre_acts_at(self, x_BI: Tensor, cand_BN: Tensor) -> Tensor:
+        """The pre-activations of N features per token only (`cand`: candidates, the top K, any
+        features; they may repeat), [B, N]: the entries of pre_acts(x) there, and a gradient
+        that touches those entries only (no [B, F] gradient, no dense backward product where
+        N << F; see `dot_at_candidates`)."""
+        return dot_at_candidates(x_BI, self.encoder.weight, cand_BN) + take_rows(
+            self.encoder.bias, cand_BN
         )
 
     def encode_with_pre_acts(self, x_BI: Tensor) -> tuple[Features, Tensor]:
