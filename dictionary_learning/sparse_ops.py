@@ -164,8 +164,9 @@ class _CSRVirtualWeights(torch.autograd.Function):
     """V[p] = W[row p] . dec[:, col p] over a CSR pattern: sampled_addmm forward; backward, the
     two sums of rows weighted by the gradient as embedding_bag over the pattern and its
     transpose (no gather of [nnz, D] rows, no index_add). embedding_bag's vectorised row sums
-    run ~3x faster than torch's CSR @ dense products on the CPU of benchmarks/RESULTS.md; its
-    table must be contiguous rows (a strided one is 13x slower), hence the decoder's copy."""
+    run ~3x faster than torch's CSR @ dense products on the CPU of benchmarks/RESULTS.md. Its
+    table must be contiguous rows (a strided one is 13x slower): a dictionary's decoder is stored
+    feature-major, so `dec_DU.T.contiguous()` takes no copy."""
 
     @staticmethod
     def forward(ctx, W_FD, dec_DU, crow, col, tcrow, tcol, tperm):
@@ -251,7 +252,7 @@ class _CandidateContrib(torch.autograd.Function):
         B, N = cand_BN.shape
         out_BN = V_FC.new_empty(B, N)
         buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, n_up)
-        for sl in buf.slices(B):
+        for sl in buf.slices:
             table_bG = buf.table(vals_BA[sl], idx_BA[sl])
             J_bNC = buf.rows(J_FC, cand_BN[sl], buf.J)
             up_bNC = buf.upstream(table_bG, J_bNC)
@@ -262,12 +263,12 @@ class _CandidateContrib(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_BN):
         vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
-        B, N = cand_BN.shape
+        N = cand_BN.shape[1]
         g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
         g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
         buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, ctx.n_up)
         g_table_sG = vals_BA.new_empty(buf.table_sG.shape) if g_vals_BA is not None else None
-        for sl in buf.slices(B):
+        for sl in buf.slices:
             cand_bN, g_bN1 = cand_BN[sl], g_BN[sl, :, None]
             J_bNC = buf.rows(J_FC, cand_bN, buf.J)
             if g_V_FC is not None:
@@ -288,15 +289,13 @@ class _ChunkBuffers:
     [step, n_up + 1] and the [step, N, C] gathers of J, V and the upstream values."""
 
     def __init__(self, vals_BA: Tensor, V_FC: Tensor, J_FC: Tensor, N: int, n_up: int):
-        C = J_FC.shape[1]
-        _, self.step = _chunks(vals_BA.shape[0], max(N * C, n_up), CANDIDATE_MAX_TOKENS)
+        B, C = vals_BA.shape[0], J_FC.shape[1]
+        starts, self.step = _chunks(B, max(N * C, n_up), CANDIDATE_MAX_TOKENS)
+        self.slices = [slice(s, min(s + self.step, B)) for s in starts]
         self.table_sG = vals_BA.new_zeros(self.step, n_up + 1)
         self.J = J_FC.new_empty(self.step * N, C)
         self.V = V_FC.new_empty(self.step * N, C)
         self.up = V_FC.new_empty(self.step, N * C)
-
-    def slices(self, B: int):
-        return (slice(s, min(s + self.step, B)) for s in range(0, B, self.step))
 
     def table(self, vals_bA: Tensor, idx_bA: Tensor) -> Tensor:
         return self.table_sG[: vals_bA.shape[0]].scatter_(1, idx_bA, vals_bA)
