@@ -21,6 +21,8 @@ Usable as a module (`collect_activations`, `importance`, `top_connections`,
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import logging
 from collections.abc import Iterable
 from typing import Literal, NamedTuple
@@ -34,11 +36,20 @@ from dictionary_learning.connections import (
     save_connections,
     validate_connections,
 )
+from dictionary_learning.sparse_ops import take_rows
 from dictionary_learning.suite import SCAESuite
 
 logger = logging.getLogger(__name__)
 
 Variant = Literal["active", "all"]
+Method = Literal["auto", "dense", "coactive"]
+
+# "auto" takes the co-active route where its products are at least this many times fewer than the
+# dense route's: per product it gathers rows and scatters the result, where the GEMM streams
+# (benchmarks/RESULTS.md).
+COACTIVE_COST = 2.0
+# The co-active route re-gathers every token's upstream decoder rows once per super block.
+MAX_SUPER_BLOCKS = 4
 
 
 class SparseActivations(NamedTuple):
@@ -132,6 +143,99 @@ def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, d
     return torch.cat(vals, 1), torch.cat(idx, 1)
 
 
+def _active(acts: SparseActivations, down: str, lo: int, hi: int, sl: slice) -> Tensor:
+    """[b, K] mask of the slots of tokens sl where a feature lo..hi of `down` is active."""
+    d_idx = acts.idx[down][sl]
+    return (acts.vals[down][sl] > 0) & (d_idx >= lo) & (d_idx < hi)
+
+
+class _CoactiveWeights(NamedTuple):
+    """V at the co-active pairs of downstream features lo..hi (one super block)."""
+
+    V_nA: Tensor
+    """[n, A]: row n is an active slot (t, k) of a feature in lo..hi, in (t, k) order; column a is
+    the token's a-th upstream slot, in the order of `_upstream`."""
+    row_TK: Tensor
+    """[T, K] the row of V_nA of slot (t, k), -1 for the other slots."""
+
+
+def _coactive_virtual_weights(
+    suite: SCAESuite, acts: SparseActivations, down: str, lo: int, hi: int, dtype: torch.dtype,
+    token_batch: int = 32,
+) -> _CoactiveWeights:
+    """V[i, g] = (P w_i) . d_g at every pair (i, g) active together on some token, i in lo..hi.
+
+    One small product per token: the rows P w_i of its active features in lo..hi (padded to the
+    batch's widest token) times the decoder rows of its A active upstream features, gathered. The
+    work is T K A multiply-adds of D instead of the dense route's F n_up, and each value is the
+    same dot product as the dense GEMM's."""
+    Wc_FD = suite.centre(suite.dicts[down].encoder.weight)
+    ups = suite.upstream_names(down)
+    # decoder rows d_g: contiguous [F_u, D] views of the feature-major decoders
+    dec_rows = [suite.dicts[u].decoder.weight.T for u in ups]
+    widths = [acts.idx[u].shape[1] for u in ups]
+    T, A, D = acts.n_tokens, sum(widths), Wc_FD.shape[1]
+    mine_TK = _active(acts, down, lo, hi, slice(None))
+    n = int(mine_TK.sum())
+    row_TK = torch.full(mine_TK.shape, -1, dtype=torch.long, device=mine_TK.device)
+    row_TK[mine_TK] = torch.arange(n, device=mine_TK.device)
+    V_nA = Wc_FD.new_empty(n, A, dtype=dtype)
+    # upstream decoder rows of a token batch, slot-major ([A, b, D]): each dictionary's rows are
+    # then one contiguous block that index_select writes in place
+    dec_flat = Wc_FD.new_empty(A * token_batch * D)
+    done = 0
+    for s in range(0, T, token_batch):
+        mine_bK = mine_TK[s : s + token_batch]
+        b, k_max = mine_bK.shape[0], int(mine_bK.sum(1).max())
+        if k_max == 0:
+            continue
+        # each token's slots in lo..hi first (ascending k), cut to the widest token
+        first_bk = (~mine_bK).to(torch.int8).argsort(dim=1, stable=True)[:, :k_max]
+        feat_bk = acts.idx[down][s : s + b].long().gather(1, first_bk)
+        keep_bk = mine_bK.gather(1, first_bk)
+        dec_AbD = dec_flat[: A * b * D].view(A, b, D)
+        off = 0
+        for rows, u, w in zip(dec_rows, ups, widths, strict=True):
+            idx_wb = acts.idx[u][s : s + b].long().T
+            torch.index_select(rows, 0, idx_wb.flatten(), out=dec_AbD[off : off + w].view(-1, D))
+            off += w
+        V_bkA = torch.bmm(take_rows(Wc_FD, feat_bk), dec_AbD.permute(1, 2, 0))
+        m = int(keep_bk.sum())
+        V_nA[done : done + m] = V_bkA[keep_bk]
+        done += m
+    return _CoactiveWeights(V_nA, row_TK)
+
+
+def _super_blocks(count_F: Tensor, A: int, budget_bytes: int, elem_bytes: int) -> list[int]:
+    """Boundaries 0 = r_0 < r_1 < ... = F of row ranges whose co-active weights (count_F[i] rows
+    of A values per feature i) fit budget_bytes each (a single feature may exceed it)."""
+    cum = count_F.cumsum(0).tolist()
+    per = max(1, budget_bytes // max(1, A * elem_bytes))
+    bounds, before = [0], 0
+    while bounds[-1] < len(cum):
+        end = bisect.bisect_right(cum, before + per, lo=bounds[-1])
+        end = max(end, bounds[-1] + 1)
+        bounds.append(end)
+        before = cum[end - 1]
+    return bounds
+
+
+def plan_method(suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant,
+                memory_budget_bytes: int) -> Literal["dense", "coactive"]:
+    """The route "auto" takes for transcoder `down`: "coactive" where its products are fewer than
+    the dense GEMM's by COACTIVE_COST and its weights fit half the memory budget in a few super
+    blocks, else "dense"."""
+    ups = suite.upstream_names(down)
+    if variant == "all" or not ups:
+        return "dense"
+    A = sum(acts.idx[u].shape[1] for u in ups)
+    n_up = sum(suite.dicts[u].dict_size for u in ups)
+    n_active = int((acts.vals[down] > 0).sum())
+    pairs, dense = n_active * A, suite.dicts[down].dict_size * n_up
+    fits = pairs * 4 <= MAX_SUPER_BLOCKS * memory_budget_bytes // 2
+    return "coactive" if fits and COACTIVE_COST * pairs <= dense else "dense"
+
+
 @torch.no_grad()
 def importance_blocks(
     suite: SCAESuite,
@@ -141,15 +245,30 @@ def importance_blocks(
     *,
     memory_budget_bytes: int = 1 << 30,
     token_batch: int = 1024,
+    method: Method = "auto",
 ):
     """Yield (lo, hi, I_fG) blocks of the importance matrix of transcoder `down`: f = hi - lo of
     its features, G = n_up.
 
+    V comes by one of two routes, with the same values (each V_ig is the same dot product):
+    - "dense": the GEMM of the block's rows P w_i with every upstream decoder (F n_up products);
+    - "coactive" (variant "active" only): V only at the pairs active together on some token, one
+      small product per token (`_coactive_virtual_weights`), T K A products: ~20x fewer than F n_up
+      at 8,192 tokens of a gpt2-small-sized suite, but growing with the tokens.
+    "auto" chooses by `plan_method`.
+
     Memory: three [f, G] buffers (block set by memory_budget_bytes) plus one token batch of
-    upstream activations; the stored activations are read a token batch at a time.
+    upstream activations; the co-active route keeps half the budget for its weights, in super
+    blocks of features. The stored activations are read a token batch at a time.
     """
     if variant not in ("active", "all"):
         raise ValueError(f"variant must be 'active' or 'all', got {variant!r}")
+    if method not in ("auto", "dense", "coactive"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'coactive', got {method!r}")
+    if method == "coactive" and variant == "all":
+        raise ValueError("method 'coactive' needs variant 'active' (variant 'all' uses every pair)")
+    if method == "auto":
+        method = plan_method(suite, acts, down, variant, memory_budget_bytes)
     n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
     F = suite.dicts[down].dict_size
     ref = acts.vals[down]
@@ -162,38 +281,76 @@ def importance_blocks(
             up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
             a_G.index_add_(0, up_idx.flatten(), up_vals.flatten())
         a_G /= n_tokens
-    block = max(1, min(F, memory_budget_bytes // (4 * max(1, n_up) * 3)))
-    # one co-activation buffer for all blocks (zeroed per block, never handed out)
-    A_buf = torch.empty(0 if variant == "all" else block * n_up, dtype=dtype, device=ref.device)
-    for lo in range(0, F, block):
-        hi = min(F, lo + block)
-        # V_fG is this block's own tensor: the products below are in place on it
-        V_fG = _virtual_weights_block(suite, down, lo, hi, dtype)
-        if variant == "all":
-            yield lo, hi, V_fG.mul_(a_G)
-            continue
-        A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
-        count_f = torch.zeros(hi - lo, dtype=dtype, device=V_fG.device)
-        for sl in batches:
-            d_idx = acts.idx[down][sl].long()
-            sel = (acts.vals[down][sl] > 0) & (d_idx >= lo) & (d_idx < hi)
-            t, k = sel.nonzero(as_tuple=True)
-            if t.numel() == 0:
+        block = _block_rows(memory_budget_bytes, F, n_up)
+        for lo in range(0, F, block):
+            hi = min(F, lo + block)
+            yield lo, hi, _virtual_weights_block(suite, down, lo, hi, dtype).mul_(a_G)
+        return
+    if method == "dense":
+        super_bounds, budget = [0, F], memory_budget_bytes
+    else:
+        A = sum(acts.idx[u].shape[1] for u in suite.upstream_names(down))
+        count_F = torch.bincount(acts.idx[down][ref > 0].long(), minlength=F)
+        super_bounds = _super_blocks(count_F, A, memory_budget_bytes // 2, dtype.itemsize)
+        budget = memory_budget_bytes // 2
+    block = _block_rows(budget, F, n_up)
+    K = acts.idx[down].shape[1]
+    # the dense route's co-activation buffer, shared by its blocks (zeroed per block, never
+    # handed out); the co-active route yields its co-activation block, turned into I in place
+    A_buf = torch.empty(block * n_up if method == "dense" else 0, dtype=dtype, device=ref.device)
+    for s_lo, s_hi in itertools.pairwise(super_bounds):
+        co = None
+        if method == "coactive":
+            co = _coactive_virtual_weights(suite, acts, down, s_lo, s_hi, dtype)
+        for lo in range(s_lo, s_hi, block):
+            hi = min(s_hi, lo + block)
+            if co is None:
+                A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
+            else:
+                A_fG = torch.zeros(hi - lo, n_up, dtype=dtype, device=ref.device)
+            count_f = torch.zeros(hi - lo, dtype=dtype, device=ref.device)
+            pairs = []  # (keys, rows of V_nA, i) per token batch, for the co-active route
+            for sl in batches:
+                # active slots as flat positions t K + k: index_select, not 2-D indexing (faster)
+                slot_n = _active(acts, down, lo, hi, sl).view(-1).nonzero().squeeze(1)
+                if slot_n.numel() == 0:
+                    continue
+                t_n = slot_n // K
+                up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
+                i = acts.idx[down][sl].reshape(-1).index_select(0, slot_n).long() - lo
+                count_f.index_add_(0, i, torch.ones_like(i, dtype=dtype))
+                keys = (i[:, None] * n_up + up_idx.index_select(0, t_n)).flatten()
+                A_fG.view(-1).index_add_(0, keys, up_vals.index_select(0, t_n).flatten())
+                if co is not None:
+                    pairs.append((keys, co.row_TK[sl].reshape(-1).index_select(0, slot_n), i))
+            n_f1 = count_f.clamp_min(1)[:, None]
+            if co is None:
+                # V_fG is this block's own tensor: the products below are in place on it
+                V_fG = _virtual_weights_block(suite, down, lo, hi, dtype)
+                yield lo, hi, V_fG.mul_(A_fG).div_(n_f1)
                 continue
-            up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
-            i = d_idx[t, k] - lo
-            count_f.index_add_(0, i, torch.ones_like(i, dtype=dtype))
-            A_fG.view(-1).index_add_(
-                0, (i[:, None] * n_up + up_idx[t]).flatten(), up_vals[t].flatten()
-            )
-        yield lo, hi, V_fG.mul_(A_fG).div_(count_f.clamp_min(1)[:, None])
+            # I = V a / n at the co-active pairs (the dense route's operations), written over a:
+            # every a is read before any is overwritten, and a repeated pair writes one value.
+            # Elsewhere a, and so I, is zero.
+            A_flat = A_fG.view(-1)
+            a_parts = [A_flat.index_select(0, keys) for keys, _, _ in pairs]
+            for (keys, rows, i), a_n in zip(pairs, a_parts, strict=True):
+                I_nA = co.V_nA.index_select(0, rows).mul_(a_n.view(rows.shape[0], -1))
+                A_flat.index_put_((keys,), I_nA.div_(n_f1.index_select(0, i)).flatten())
+            yield lo, hi, A_fG
+
+
+def _block_rows(budget_bytes: int, F: int, n_up: int) -> int:
+    """Downstream features per block: three [block, n_up] fp32 buffers within budget_bytes."""
+    return max(1, min(F, budget_bytes // (4 * max(1, n_up) * 3)))
 
 
 def importance(
-    suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active"
+    suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active", **kwargs
 ) -> Tensor:
-    """The dense importance matrix [F, G] of one transcoder (small suites and tests)."""
-    return torch.cat([b for _, _, b in importance_blocks(suite, acts, down, variant)])
+    """The dense importance matrix [F, G] of one transcoder (small suites and tests); kwargs go
+    to `importance_blocks`."""
+    return torch.cat([b for _, _, b in importance_blocks(suite, acts, down, variant, **kwargs)])
 
 
 def _split_global(
@@ -221,6 +378,7 @@ def top_connections(
     variant: Variant = "active",
     *,
     memory_budget_bytes: int = 1 << 30,
+    method: Method = "auto",
 ) -> Connections:
     """For each transcoder feature, the C upstream features of largest |importance|, one budget
     across all upstream dictionaries. Pairs of zero importance (never co-active) are not kept."""
@@ -230,7 +388,7 @@ def top_connections(
     for down in tqdm(suite.transcoder_names, desc="top connections", leave=False):
         tops, keeps = [], []
         blocks = importance_blocks(
-            suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes
+            suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes, method=method
         )
         for _, _, imp_fG in blocks:
             c = min(C, imp_fG.shape[1])
