@@ -174,34 +174,39 @@ def _coactive_virtual_weights(
     # decoder rows d_g: contiguous [F_u, D] views of the feature-major decoders
     dec_rows = [suite.dicts[u].decoder.weight.T for u in ups]
     widths = [acts.idx[u].shape[1] for u in ups]
-    T, A, D = acts.n_tokens, sum(widths), Wc_FD.shape[1]
+    A, D = sum(widths), Wc_FD.shape[1]
     mine_TK = _active(acts, down, lo, hi, slice(None))
-    n = int(mine_TK.sum())
+    count_T = mine_TK.sum(1)
+    # tokens in order of their number of active features in lo..hi, so that a batch's tokens
+    # need (almost) the same number of rows and the product pads few
+    order_T = count_T.argsort(stable=True)
+    order_T = order_T[count_T.index_select(0, order_T) > 0]
+    n = int(count_T.sum())
     row_TK = torch.full(mine_TK.shape, -1, dtype=torch.long, device=mine_TK.device)
-    row_TK[mine_TK] = torch.arange(n, device=mine_TK.device)
     V_nA = Wc_FD.new_empty(n, A, dtype=dtype)
     # upstream decoder rows of a token batch, slot-major ([A, b, D]): each dictionary's rows are
     # then one contiguous block that index_select writes in place
     dec_flat = Wc_FD.new_empty(A * token_batch * D)
     done = 0
-    for s in range(0, T, token_batch):
-        mine_bK = mine_TK[s : s + token_batch]
-        b, k_max = mine_bK.shape[0], int(mine_bK.sum(1).max())
-        if k_max == 0:
-            continue
+    for tok_b in order_T.split(token_batch):
+        b, k_max = tok_b.shape[0], int(count_T[tok_b[-1]])
+        mine_bK = mine_TK.index_select(0, tok_b)
         # each token's slots in lo..hi first (ascending k), cut to the widest token
         first_bk = (~mine_bK).to(torch.int8).argsort(dim=1, stable=True)[:, :k_max]
-        feat_bk = acts.idx[down][s : s + b].long().gather(1, first_bk)
+        feat_bk = acts.idx[down].index_select(0, tok_b).long().gather(1, first_bk)
         keep_bk = mine_bK.gather(1, first_bk)
         dec_AbD = dec_flat[: A * b * D].view(A, b, D)
         off = 0
         for rows, u, w in zip(dec_rows, ups, widths, strict=True):
-            idx_wb = acts.idx[u][s : s + b].long().T
+            idx_wb = acts.idx[u].index_select(0, tok_b).long().T
             torch.index_select(rows, 0, idx_wb.flatten(), out=dec_AbD[off : off + w].view(-1, D))
             off += w
         V_bkA = torch.bmm(take_rows(Wc_FD, feat_bk), dec_AbD.permute(1, 2, 0))
         m = int(keep_bk.sum())
         V_nA[done : done + m] = V_bkA[keep_bk]
+        row_TK[tok_b[:, None].expand_as(first_bk)[keep_bk], first_bk[keep_bk]] = torch.arange(
+            done, done + m, device=row_TK.device
+        )
         done += m
     return _CoactiveWeights(V_nA, row_TK)
 
@@ -281,42 +286,50 @@ def importance_blocks(
             up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
             a_G.index_add_(0, up_idx.flatten(), up_vals.flatten())
         a_G /= n_tokens
-        block = _block_rows(memory_budget_bytes, F, n_up)
+        block = _block_rows(memory_budget_bytes, F, n_up, 3)
         for lo in range(0, F, block):
             hi = min(F, lo + block)
             yield lo, hi, _virtual_weights_block(suite, down, lo, hi, dtype).mul_(a_G)
         return
+    A = sum(acts.idx[u].shape[1] for u in suite.upstream_names(down))
     if method == "dense":
-        super_bounds, budget = [0, F], memory_budget_bytes
+        super_bounds = [0, F]
+        block = _block_rows(memory_budget_bytes, F, n_up, 3)
     else:
-        A = sum(acts.idx[u].shape[1] for u in suite.upstream_names(down))
+        # half the budget for the co-active weights, half for the block: one [f, G] buffer
+        # (it becomes I in place) and the block's pair keys and values (< one more)
         count_F = torch.bincount(acts.idx[down][ref > 0].long(), minlength=F)
         super_bounds = _super_blocks(count_F, A, memory_budget_bytes // 2, dtype.itemsize)
-        budget = memory_budget_bytes // 2
-    block = _block_rows(budget, F, n_up)
+        block = _block_rows(memory_budget_bytes // 2, F, n_up, 2)
+    # The upstream activations of each token batch, built once if they fit an eighth of the
+    # budget (every block reads them all), else per block.
+    if n_tokens * A * 12 <= memory_budget_bytes // 8:
+        up_batches = [_upstream(acts, suite, down, sl, dtype) for sl in batches]
+    else:
+        up_batches = None
     K = acts.idx[down].shape[1]
-    # the dense route's co-activation buffer, shared by its blocks (zeroed per block, never
-    # handed out); the co-active route yields its co-activation block, turned into I in place
-    A_buf = torch.empty(block * n_up if method == "dense" else 0, dtype=dtype, device=ref.device)
+    # One co-activation buffer, zeroed per block. The dense route keeps it; the co-active route
+    # turns it into the block's I and yields it (valid until the next block is asked for).
+    A_buf = torch.empty(block * n_up, dtype=dtype, device=ref.device)
     for s_lo, s_hi in itertools.pairwise(super_bounds):
         co = None
         if method == "coactive":
             co = _coactive_virtual_weights(suite, acts, down, s_lo, s_hi, dtype)
         for lo in range(s_lo, s_hi, block):
             hi = min(s_hi, lo + block)
-            if co is None:
-                A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
-            else:
-                A_fG = torch.zeros(hi - lo, n_up, dtype=dtype, device=ref.device)
+            A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
             count_f = torch.zeros(hi - lo, dtype=dtype, device=ref.device)
             pairs = []  # (keys, rows of V_nA, i) per token batch, for the co-active route
-            for sl in batches:
+            for j, sl in enumerate(batches):
                 # active slots as flat positions t K + k: index_select, not 2-D indexing (faster)
                 slot_n = _active(acts, down, lo, hi, sl).view(-1).nonzero().squeeze(1)
                 if slot_n.numel() == 0:
                     continue
                 t_n = slot_n // K
-                up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
+                if up_batches is not None:
+                    up_vals, up_idx = up_batches[j]
+                else:
+                    up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
                 i = acts.idx[down][sl].reshape(-1).index_select(0, slot_n).long() - lo
                 count_f.index_add_(0, i, torch.ones_like(i, dtype=dtype))
                 keys = (i[:, None] * n_up + up_idx.index_select(0, t_n)).flatten()
@@ -337,12 +350,13 @@ def importance_blocks(
             for (keys, rows, i), a_n in zip(pairs, a_parts, strict=True):
                 I_nA = co.V_nA.index_select(0, rows).mul_(a_n.view(rows.shape[0], -1))
                 A_flat.index_put_((keys,), I_nA.div_(n_f1.index_select(0, i)).flatten())
+            del pairs, a_parts
             yield lo, hi, A_fG
 
 
-def _block_rows(budget_bytes: int, F: int, n_up: int) -> int:
-    """Downstream features per block: three [block, n_up] fp32 buffers within budget_bytes."""
-    return max(1, min(F, budget_bytes // (4 * max(1, n_up) * 3)))
+def _block_rows(budget_bytes: int, F: int, n_up: int, buffers: int) -> int:
+    """Downstream features per block: `buffers` [block, n_up] fp32 buffers within budget_bytes."""
+    return max(1, min(F, budget_bytes // (4 * max(1, n_up) * buffers)))
 
 
 def importance(
@@ -350,7 +364,8 @@ def importance(
 ) -> Tensor:
     """The dense importance matrix [F, G] of one transcoder (small suites and tests); kwargs go
     to `importance_blocks`."""
-    return torch.cat([b for _, _, b in importance_blocks(suite, acts, down, variant, **kwargs)])
+    blocks = importance_blocks(suite, acts, down, variant, **kwargs)
+    return torch.cat([b.clone() for _, _, b in blocks])
 
 
 def _split_global(
