@@ -45,9 +45,10 @@ Variant = Literal["active", "all"]
 Method = Literal["auto", "dense", "coactive"]
 
 # "auto" takes the co-active route where its products are at least this many times fewer than the
-# dense route's: per product it gathers rows and scatters the result, where the GEMM streams
-# (benchmarks/RESULTS.md).
-COACTIVE_COST = 2.0
+# dense route's. Per product it gathers rows and scatters the result where the GEMM streams: on the
+# CPU of benchmarks/RESULTS.md the two routes cost the same at about 1/9 (one transcoder with 11
+# upstream dictionaries, F 12288: 8.5 against 20.9 s at 1/18, 41.7 against 26.7 s at 1/4.5).
+COACTIVE_COST = 8.0
 # The co-active route re-gathers every token's upstream decoder rows once per super block.
 MAX_SUPER_BLOCKS = 4
 
@@ -272,7 +273,7 @@ def importance_blocks(
         raise ValueError(f"method must be 'auto', 'dense' or 'coactive', got {method!r}")
     if method == "coactive" and variant == "all":
         raise ValueError("method 'coactive' needs variant 'active' (variant 'all' uses every pair)")
-    if method == "auto":
+    if method == "auto" or not suite.upstream_names(down):  # nothing upstream: no V to compute
         method = plan_method(suite, acts, down, variant, memory_budget_bytes)
     n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
     F = suite.dicts[down].dict_size

@@ -9,9 +9,13 @@ Both phases are linear in N apart from fixed costs that do not depend on N (the 
 virtual-weight blocks, top-C per block); memory is the stored sparse activations (linear in N)
 plus the per-block buffers (fixed by memory_budget_bytes). The last line fits
     time(N) = a + b N,   memory(N) = m0 + m1 N
-to the two largest runs and prints the prediction at --target tokens (default 1 M).
+to the two largest runs and prints the prediction at --target tokens (default 1 M). With
+--method auto (the default) each transcoder takes the route `plan_method` picks, which changes with
+the token count (co-active at few tokens, dense at many): each row lists the routes, and the fit
+says whether both runs took the same ones; `--method dense` gives the many-token fit.
 
 Usage: python benchmarks/connection_search.py [--tokens 8192,32768] [--F 12288] [--target 1000000]
+       [--layers 12] [--method auto|dense|coactive] [--budget-gb 1.0]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.pruned_forward import _status_kb  # noqa: E402
 from dictionary_learning.batch import ActivationBatch  # noqa: E402
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder  # noqa: E402
-from find_top_connections import collect_activations, top_connections  # noqa: E402
+from find_top_connections import collect_activations, plan_method, top_connections  # noqa: E402
 from dictionary_learning.suite import SCAESuite  # noqa: E402
 
 
@@ -57,7 +61,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device: str,
-             dtype_name: str = "fp32", budget_gb: float = 1.0) -> dict:
+             dtype_name: str = "fp32", budget_gb: float = 1.0, method: str = "auto") -> dict:
     device, dtype = torch.device(device), DTYPES[dtype_name]
     torch.manual_seed(0)
     g = torch.Generator(device=device).manual_seed(0)
@@ -77,7 +81,8 @@ def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device:
     acts = collect_activations(suite, batches(d, layers, n_tokens, 1024, g, dtype), n_tokens)
     _sync(device)
     t1 = time.perf_counter()
-    conns = top_connections(suite, acts, C, memory_budget_bytes=int(budget_gb * 2**30))
+    budget = int(budget_gb * 2**30)
+    conns = top_connections(suite, acts, C, memory_budget_bytes=budget, method=method)
     _sync(device)
     t2 = time.perf_counter()
     n_conn = sum(int((i >= 0).sum()) for ups in conns.values() for i in ups.values())
@@ -86,7 +91,10 @@ def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device:
         "top_connections_s": round(t2 - t1, 2),
         "peak_rss_mb": round((_status_kb("VmHWM") - before) / 1024, 1),
         "connections": n_conn, "device": str(device), "dtype": dtype_name,
-        "memory_budget_gb": budget_gb,
+        "memory_budget_gb": budget_gb, "method": method,
+        # the route each transcoder took
+        "routes": [method if method != "auto" else plan_method(suite, acts, m, "active", budget)
+                   for m in suite.transcoder_names],
     }
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - cuda_before
@@ -107,17 +115,20 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--budget-gb", type=float, default=1.0,
                    help="memory_budget_bytes of top_connections, in GiB (fewer, larger blocks)")
+    p.add_argument("--method", choices=["auto", "dense", "coactive"], default="auto",
+                   help="top_connections' route for V (auto: per transcoder, by plan_method)")
     p.add_argument("--_here", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._here is not None:
         print(json.dumps(run_here(args._here, args.d, args.layers, args.F, args.k, args.C,
-                                  args.device, args.dtype, args.budget_gb)))
+                                  args.device, args.dtype, args.budget_gb, args.method)))
         return
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
         cmd = [sys.executable, __file__, "--_here", str(n), "--F", str(args.F), "--d", str(args.d),
                "--layers", str(args.layers), "--k", str(args.k), "--C", str(args.C),
-               "--device", args.device, "--dtype", args.dtype, "--budget-gb", str(args.budget_gb)]
+               "--device", args.device, "--dtype", args.dtype, "--budget-gb", str(args.budget_gb),
+               "--method", args.method]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.stderr.write(out.stderr)
@@ -134,8 +145,11 @@ def main(argv=None) -> None:
         for key in keys:
             slope = (b[key] - a[key]) / dn
             pred[key] = round(b[key] + slope * (args.target - b["tokens"]), 1)
+        # a fit across runs whose transcoders took different routes describes neither route:
+        # run with --method dense for the many-token extrapolation (auto's route there)
         print(json.dumps({"extrapolated_to_tokens": args.target, "layers": args.layers,
-                          "F": args.F, **pred, "fit_from_tokens": [a["tokens"], b["tokens"]]}),
+                          "F": args.F, **pred, "fit_from_tokens": [a["tokens"], b["tokens"]],
+                          "same_routes": a["routes"] == b["routes"]}),
               flush=True)
 
 

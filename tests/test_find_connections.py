@@ -1,12 +1,15 @@
 """The connection finder against a plain loop, and recovery of planted connections."""
 
+import pytest
 import torch
 
+from dictionary_learning.arch import SuiteArch
 from dictionary_learning.connections import load_connections, save_connections, upstream_names
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from find_top_connections import (
     collect_activations,
     importance,
+    plan_method,
     random_connections,
     top_connections,
 )
@@ -14,12 +17,13 @@ from tests.scae_fixtures import Batch, random_batch, random_suite
 from dictionary_learning.suite import SCAESuite
 
 
-def test_importance_equals_plain_loop_over_tokens():
+@pytest.mark.parametrize("method", ["dense", "coactive"])
+def test_importance_equals_plain_loop_over_tokens(method):
     suite = random_suite(n_layers=2, d=5, F=6, k=2)
     batches = [random_batch(n_layers=2, d=5, B=7, seed=s) for s in range(3)]
     acts = collect_activations(suite, batches, n_tokens=18)
     for down in suite.transcoder_names:
-        imp_FG = importance(suite, acts, down, "active")
+        imp_FG = importance(suite, acts, down, "active", method=method)
         imp_all_FG = importance(suite, acts, down, "all")
         ups = upstream_names(down)
         tc = suite.dicts[down]
@@ -46,6 +50,58 @@ def test_importance_equals_plain_loop_over_tokens():
                     assert abs(float(imp_FG[i, col]) - want) < 1e-9, (down, i, u, j)
                     assert abs(float(imp_all_FG[i, col]) - tot_all / 18) < 1e-9
                     col += 1
+
+
+def _suite_of(arch: SuiteArch, n_layers=3, d=24, F=40, k=4, seed=0) -> SCAESuite:
+    """random_suite's dictionaries (fp32) with the given block wiring and norm."""
+    base = random_suite(n_layers=n_layers, d=d, F=F, k=k, seed=seed, dtype=torch.float32)
+    return SCAESuite(dict(base.dicts.items()), arch=arch)
+
+
+@pytest.mark.parametrize("arch", [SuiteArch(), SuiteArch("gpt_neox", parallel=True),
+                                  SuiteArch("llama", centred=False)], ids=lambda a: a.family)
+def test_coactive_route_gives_the_dense_routes_importance_and_connections(arch):
+    """V only at the co-active pairs (super blocks of features, token batches sorted by their
+    rows) against the dense GEMM of whole blocks: the same importance up to the GEMM's rounding
+    (each V is the same dot product; the GEMM's last bits depend on its block), the same top-C
+    choice, at budgets that split the features into one, several and one-row super blocks."""
+    suite = _suite_of(arch)
+    batches = [random_batch(3, 24, B=64, seed=s, dtype=torch.float32) for s in range(3)]
+    acts = collect_activations(suite, batches, 160)
+    want = top_connections(suite, acts, 9, method="dense")
+    for budget in (1 << 30, 60_000, 2_000):
+        got = top_connections(suite, acts, 9, method="coactive", memory_budget_bytes=budget)
+        assert got.keys() == want.keys()
+        for down in want:
+            assert got[down].keys() == want[down].keys()
+            for u in want[down]:
+                assert torch.equal(got[down][u], want[down][u]), (budget, down, u)
+            if not suite.upstream_names(down):
+                continue
+            dense = importance(suite, acts, down, method="dense")
+            sparse = importance(suite, acts, down, method="coactive", memory_budget_bytes=budget)
+            assert (dense != 0).sum() > 0.2 * dense.numel()  # a real test: many co-active pairs
+            torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+            # exact zeros where no token has both features active
+            assert not sparse[dense == 0].any()
+
+
+def test_auto_route_follows_the_work_and_the_budget():
+    suite = _suite_of(SuiteArch("gpt_neox", parallel=True), n_layers=2, d=8, F=64, k=2)
+    few = collect_activations(suite, [random_batch(2, 8, B=40, dtype=torch.float32)], 40)
+    many = collect_activations(
+        suite, [random_batch(2, 8, B=512, seed=s, dtype=torch.float32) for s in range(4)], 2048
+    )
+    # mlp_1 reads attn_0 and mlp_0: 4 upstream features a token against 128 upstream features
+    assert plan_method(suite, few, "mlp_1", "active", 1 << 30) == "coactive"
+    assert plan_method(suite, many, "mlp_1", "active", 1 << 30) == "dense"
+    assert plan_method(suite, few, "mlp_1", "active", 64) == "dense"  # weights over the budget
+    assert plan_method(suite, few, "mlp_1", "all", 1 << 30) == "dense"
+    assert plan_method(suite, few, "mlp_0", "active", 1 << 30) == "dense"  # nothing upstream
+    with pytest.raises(ValueError, match="method must be 'auto', 'dense' or 'coactive'"):
+        importance(suite, few, "mlp_1", method="sparse")
+    with pytest.raises(ValueError, match="'coactive' needs variant 'active'"):
+        importance(suite, few, "mlp_1", "all", method="coactive")
 
 
 def planted_suite(d=64, F_up=48, F_down=40, true_c=3, seed=0):
