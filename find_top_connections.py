@@ -51,6 +51,7 @@ Method = Literal["auto", "dense", "coactive"]
 COACTIVE_COST = 8.0
 # The co-active route re-gathers every token's upstream decoder rows once per super block.
 MAX_SUPER_BLOCKS = 4
+WEIGHTS_SHARE = 0.875
 
 
 class SparseActivations(NamedTuple):
@@ -238,7 +239,7 @@ def plan_method(suite: SCAESuite, acts: SparseActivations, down: str, variant: V
     n_up = sum(suite.dicts[u].dict_size for u in ups)
     n_active = int((acts.vals[down] > 0).sum())
     pairs, dense = n_active * A, suite.dicts[down].dict_size * n_up
-    fits = pairs * 4 <= MAX_SUPER_BLOCKS * memory_budget_bytes // 2
+    fits = pairs * 4 <= MAX_SUPER_BLOCKS * _weights_budget(memory_budget_bytes)
     return "coactive" if fits and COACTIVE_COST * pairs <= dense else "dense"
 
 
@@ -300,8 +301,9 @@ def importance_blocks(
         # half the budget for the co-active weights, half for the block: one [f, G] buffer
         # (it becomes I in place) and the block's pair keys and values (< one more)
         count_F = torch.bincount(acts.idx[down][ref > 0].long(), minlength=F)
-        super_bounds = _super_blocks(count_F, A, memory_budget_bytes // 2, dtype.itemsize)
-        block = _block_rows(memory_budget_bytes // 2, F, n_up, 2)
+        weights_budget = _weights_budget(memory_budget_bytes)
+        super_bounds = _super_blocks(count_F, A, weights_budget, dtype.itemsize)
+        block = _block_rows(memory_budget_bytes - weights_budget, F, n_up, 2)
     # The upstream activations of each token batch, built once if they fit an eighth of the
     # budget (every block reads them all), else per block.
     if n_tokens * A * 12 <= memory_budget_bytes // 8:
@@ -353,6 +355,11 @@ def importance_blocks(
                 A_flat.index_put_((keys,), I_nA.div_(n_f1.index_select(0, i)).flatten())
             del pairs, a_parts
             yield lo, hi, A_fG
+
+
+def _weights_budget(memory_budget_bytes: int) -> int:
+    """The co-active route's share of the budget for its stored weights; the rest holds a block."""
+    return int(memory_budget_bytes * WEIGHTS_SHARE)
 
 
 def _block_rows(budget_bytes: int, F: int, n_up: int, buffers: int) -> int:

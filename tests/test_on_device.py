@@ -246,8 +246,10 @@ def test_connection_importance_on_device_matches_reference():
     acts = collect_activations(suite, batches, n_tokens=160)
     acts64 = SparseActivations(*({k: as_reference(v) for k, v in part.items()} for part in acts))
     for m in suite.transcoder_names:
-        assert_close_to_reference(importance(suite, acts, m), importance(suite64, acts64, m),
-                                  f"{m} importance")
+        want = importance(suite64, acts64, m, method="dense")
+        for method in ("dense", "coactive"):
+            assert_close_to_reference(importance(suite, acts, m, method=method), want,
+                                      f"{m} importance ({method} route)")
     conns = top_connections(suite, acts, C=8)
     assert set(conns) == set(suite.transcoder_names)
 
