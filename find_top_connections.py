@@ -158,8 +158,9 @@ class _CoactiveWeights(NamedTuple):
     """V at the co-active pairs of downstream features lo..hi (one super block)."""
 
     V_nA: Tensor
-    """[n, A]: row n is an active slot (t, k) of a feature in lo..hi, in (t, k) order; column a is
-    the token's a-th upstream slot, in the order of `_upstream`."""
+    """[n, A]: row n is one active slot (t, k) of a feature in lo..hi (rows in the order they were
+    computed: `row_TK` finds them); column a is the token's a-th upstream slot, in the order of
+    `_upstream`."""
     row_TK: Tensor
     """[T, K] the row of V_nA of slot (t, k), -1 for the other slots."""
 
@@ -173,7 +174,8 @@ def _coactive_virtual_weights(
     One small product per token: the rows P w_i of its active features in lo..hi (padded to the
     batch's widest token) times the decoder rows of its A active upstream features, gathered. The
     work is T K A multiply-adds of D instead of the dense route's F n_up, and each value is the
-    same dot product as the dense GEMM's."""
+    same dot product as the dense GEMM's. Besides the [n, A] weights it holds one token batch of
+    decoder rows, [A, token_batch, D]."""
     Wc_FD = suite.centre(suite.dicts[down].encoder.weight)
     ups = suite.upstream_names(down)
     # decoder rows d_g: contiguous [F_u, D] views of the feature-major decoders
@@ -479,6 +481,9 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=200_000, help="tokens to average over")
     p.add_argument("--C", type=int, default=100, help="connections per downstream feature")
     p.add_argument("--variant", choices=["active", "all"], default="active")
+    p.add_argument("--method", choices=["auto", "dense", "coactive"], default="auto",
+                   help="how V is computed: dense blocks, only at co-active pairs, or chosen per "
+                   "transcoder by the work (docs/method.md §4)")
     p.add_argument("--random", action="store_true", help="random connections with the same counts")
     p.add_argument("--out", required=True, help="output file (torch.save of the exchange format)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -495,7 +500,7 @@ def main(argv=None) -> None:
     buf = AllActivationBuffer(model, contexts, n_tokens=min(args.tokens, 1 << 17),
                               out_batch_size=1024, device=args.device)
     acts = collect_activations(suite, buf, args.tokens)
-    conns = top_connections(suite, acts, args.C, args.variant)
+    conns = top_connections(suite, acts, args.C, args.variant, method=args.method)
     if args.random:
         conns = random_connections(suite, conns)
     save_connections(conns, args.out)
