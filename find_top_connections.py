@@ -195,7 +195,7 @@ def _coactive_virtual_weights(
     # then one contiguous block that index_select writes in place
     dec_flat = Wc_FD.new_empty(A * token_batch * D)
     done = 0
-    for tok_b in order_T.split(token_batch):
+    for tok_b in order_T.split(token_batch) if n else ():
         b, k_max = tok_b.shape[0], int(count_T[tok_b[-1]])
         mine_bK = mine_TK.index_select(0, tok_b)
         # each token's slots in lo..hi first (ascending k), cut to the widest token

@@ -86,6 +86,17 @@ def test_coactive_route_gives_the_dense_routes_importance_and_connections(arch):
             assert not sparse[dense == 0].any()
 
 
+def test_coactive_route_with_a_transcoder_never_active():
+    suite = random_suite(n_layers=2, d=8, F=16, k=2, dtype=torch.float32)
+    with torch.no_grad():
+        suite.dicts["mlp_1"].encoder.bias.fill_(-1e6)
+    acts = collect_activations(suite, [random_batch(2, 8, B=32, dtype=torch.float32)], 32)
+    assert not (acts.vals["mlp_1"] > 0).any()
+    assert not importance(suite, acts, "mlp_1", method="coactive").any()
+    conns = top_connections(suite, acts, 4, method="coactive")
+    assert all(not (idx >= 0).any() for idx in conns["mlp_1"].values())
+
+
 def test_auto_route_follows_the_work_and_the_budget():
     suite = _suite_of(SuiteArch("gpt_neox", parallel=True), n_layers=2, d=8, F=64, k=2)
     few = collect_activations(suite, [random_batch(2, 8, B=40, dtype=torch.float32)], 40)
