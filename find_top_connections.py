@@ -11,8 +11,10 @@ which factorises as V[i, (u, j)] * A[i, (u, j)] / n_i with the virtual weight V 
 the co-activation sum A = sum_{t: i active} f_uj(t) / sigma_L(t) and n_i the number of tokens where
 i is active. A is accumulated from sparse activations (K per dictionary and token), in blocks of
 downstream features whose size is set by a memory budget, so memory never grows as
-F_down x F_up x tokens. The "all" variant averages over all tokens instead: A then no longer
-depends on i. Upstream activations are the vanilla ones (there are no connections yet).
+F_down x F_up x tokens. V is computed densely for a block, or only at the pairs co-active on some
+token (where A is non-zero) when those are few (`importance_blocks`, `plan_method`). The "all"
+variant averages over all tokens instead: A then no longer depends on i. Upstream activations
+are the vanilla ones (there are no connections yet).
 
 Usable as a module (`collect_activations`, `importance`, `top_connections`,
 `random_connections`) and as a script: `python find_top_connections.py --help`.
@@ -271,6 +273,9 @@ def importance_blocks(
       small product per token (`_coactive_virtual_weights`), T K A products: 18x fewer than F n_up
       at 8,192 tokens of a gpt2-small-sized suite, but growing with the tokens.
     "auto" chooses by `plan_method`.
+
+    A yielded block is valid until the next one is asked for (the co-active route reuses its
+    buffer): copy it to keep it.
 
     Memory, within memory_budget_bytes: the dense route's three [f, G] buffers; the co-active
     route's weights (WEIGHTS_SHARE of the budget, in super blocks of features if they need more)
