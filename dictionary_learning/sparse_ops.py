@@ -25,9 +25,10 @@ CHUNK_ELEMENTS = 1 << 22
 # element-wise gathers, which gain nothing from long chunks, while the chunk's temporaries are
 # most of the pruned step's memory on small suites: the default suite's whole chunk of 606 tokens
 # gave its training step 7x the vanilla step's memory (benchmarks/RESULTS.md). Wide suites chunk
-# at 113-180 tokens per CHUNK_ELEMENTS (F 12288), at or near the cap; chunks of ~7 tokens there
-# measured ~10% slower (more, smaller kernel calls).
-CANDIDATE_MAX_TOKENS = 128
+# at 113-180 tokens per CHUNK_ELEMENTS (F 12288); chunks of ~7 tokens there measured ~10% slower
+# (more, smaller kernel calls). At the default suite's size 64 tokens took the step's peak from
+# ~96 to ~87 MB and its time from 0.27 to 0.25 s against 128; 32 tokens took 0.37 s.
+CANDIDATE_MAX_TOKENS = 64
 # `dot_at_candidates` computes the dense product when the features are at most this many times
 # the candidates: a GEMM does ~20x more multiply-adds per second than the sampled kernel on the
 # CPU of benchmarks/RESULTS.md, and the sampled kernel also sorts the candidates.
