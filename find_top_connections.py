@@ -195,9 +195,11 @@ def _coactive_virtual_weights(
     V_nA = Wc_FD.new_empty(n, A, dtype=dtype)
     # upstream decoder rows of a token batch, slot-major ([A, b, D]): each dictionary's rows are
     # then one contiguous block that index_select writes in place
+    if n == 0:  # no feature of lo..hi is ever active
+        return _CoactiveWeights(V_nA, row_TK)
     dec_flat = Wc_FD.new_empty(A * token_batch * D)
     done = 0
-    for tok_b in order_T.split(token_batch) if n else ():
+    for tok_b in order_T.split(token_batch):
         b, k_max = tok_b.shape[0], int(count_T[tok_b[-1]])
         mine_bK = mine_TK.index_select(0, tok_b)
         # each token's slots in lo..hi first (ascending k), cut to the widest token
