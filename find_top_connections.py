@@ -57,6 +57,11 @@ MAX_SUPER_BLOCKS = 4
 # block: small blocks cost little (a 12-layer suite's last transcoder at 8,192 tokens, 1 GiB:
 # 16.4 s with one super block and blocks of 56 features, 20.0 s with two super blocks)
 WEIGHTS_SHARE = 0.875
+# On the CPU, the co-active route's [f, G] block at most this size: its sums and writes land at
+# random places in it, and stay in the cache (32 MiB L3 in benchmarks/RESULTS.md: a 12-layer
+# suite's last transcoder at 8,192 tokens ~20% faster than with the budget's 64 MiB blocks, and
+# slower again at 4 MiB, where the per-block overheads grow).
+COACTIVE_BLOCK_BYTES = 8 << 20
 
 
 class SparseActivations(NamedTuple):
@@ -138,104 +143,118 @@ def _virtual_weights_block(
     return V_fG
 
 
-def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, sl: slice, dtype: torch.dtype):
-    """Upstream values divided by sigma, and their global indices, [b, A], for tokens sl."""
-    sig_b1 = acts.sigma[down][sl, None].to(dtype)
+def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, rows, dtype: torch.dtype):
+    """Upstream values divided by sigma, and their global indices, [b, A], for token rows `rows`
+    (a slice or an index tensor)."""
+    sig_b1 = acts.sigma[down][rows].to(dtype)[:, None]
     # zero-width starts: parallel blocks' mlp_0 has no upstream dictionary
     vals, idx, off = [sig_b1[:, :0]], [sig_b1[:, :0].long()], 0
     for u in suite.upstream_names(down):
-        vals.append(acts.vals[u][sl].to(dtype) / sig_b1)
-        idx.append(acts.idx[u][sl].long() + off)
+        vals.append(acts.vals[u][rows].to(dtype) / sig_b1)
+        idx.append(acts.idx[u][rows].long() + off)
         off += suite.dicts[u].dict_size
     return torch.cat(vals, 1), torch.cat(idx, 1)
 
 
-def _active(acts: SparseActivations, down: str, lo: int, hi: int, sl: slice) -> Tensor:
-    """[b, K] mask of the slots of tokens sl where a feature lo..hi of `down` is active."""
-    d_idx = acts.idx[down][sl]
-    return (acts.vals[down][sl] > 0) & (d_idx >= lo) & (d_idx < hi)
+def _active(acts: SparseActivations, down: str, lo: int, hi: int) -> Tensor:
+    """[T, K] mask of the slots where a feature lo..hi of `down` is active."""
+    d_idx = acts.idx[down]
+    return (acts.vals[down] > 0) & (d_idx >= lo) & (d_idx < hi)
 
 
-class _CoactiveWeights(NamedTuple):
-    """V at the co-active pairs of downstream features lo..hi (one super block)."""
+class _Slots(NamedTuple):
+    """The active slots of one transcoder, feature by feature."""
 
-    V_nA: Tensor
-    """[n, A]: row n is one active slot (t, k) of a feature in lo..hi (rows in the order they were
-    computed: `row_TK` finds them); column a is the token's a-th upstream slot, in the order of
-    `_upstream`."""
-    row_TK: Tensor
-    """[T, K] the row of V_nA of slot (t, k), -1 for the other slots."""
+    pos_S: Tensor
+    """[S] flat positions t K + k of the active slots (token t, its k-th feature), grouped by
+    feature and in token order within a feature."""
+    feat_S: Tensor
+    """[S] the feature of each slot (ascending)."""
+    start: list[int]
+    """F + 1 offsets: feature i's slots are pos_S[start[i] : start[i + 1]]."""
+
+
+def _slots_by_feature(acts: SparseActivations, down: str, F: int) -> _Slots:
+    """Sort the active slots of `down` by feature, so that a block of features is one range of
+    slots (int32 where they fit: 8 bytes a slot, 256 MB for K 32 over 1 M tokens)."""
+    pos_S = (acts.vals[down] > 0).view(-1).nonzero().squeeze(1)
+    if pos_S.numel() < torch.iinfo(torch.int32).max:
+        pos_S = pos_S.int()
+    # stable: each feature's tokens stay ascending, so every co-activation sum adds its tokens
+    # in order whatever the block and chunk sizes
+    feat_S, order_S = acts.idx[down].view(-1).index_select(0, pos_S).sort(stable=True)
+    start = [0] + torch.bincount(feat_S.long(), minlength=F).cumsum(0).tolist()
+    return _Slots(pos_S.index_select(0, order_S), feat_S, start)
 
 
 def _coactive_virtual_weights(
-    suite: SCAESuite, acts: SparseActivations, down: str, lo: int, hi: int, dtype: torch.dtype,
-    token_batch: int = 32,
-) -> _CoactiveWeights:
-    """V[i, g] = (P w_i) . d_g at every pair (i, g) active together on some token, i in lo..hi.
+    suite: SCAESuite, acts: SparseActivations, down: str, slots: _Slots, lo: int, hi: int,
+    dtype: torch.dtype, token_batch: int = 32,
+) -> Tensor:
+    """[n, A] V[i, g] = (P w_i) . d_g at every pair (i, g) active together on some token, i in
+    lo..hi: row r is the slot slots.pos_S[start[lo] + r] of feature i, column a the token's a-th
+    upstream slot in the order of `_upstream`.
 
     One small product per token: the rows P w_i of its active features in lo..hi (padded to the
     batch's widest token) times the decoder rows of its A active upstream features, gathered. The
     work is T K A multiply-adds of D instead of the dense route's F n_up, and each value is the
     same dot product as the dense GEMM's. Besides the [n, A] weights it holds one token batch of
-    decoder rows, [A, token_batch, D]."""
+    decoder rows, [A, token_batch, D], and of products, [token_batch, K, A]."""
     Wc_FD = suite.centre(suite.dicts[down].encoder.weight)
     ups = suite.upstream_names(down)
     # decoder rows d_g: contiguous [F_u, D] views of the feature-major decoders
     dec_rows = [suite.dicts[u].decoder.weight.T for u in ups]
     widths = [acts.idx[u].shape[1] for u in ups]
     A, D = sum(widths), Wc_FD.shape[1]
-    mine_TK = _active(acts, down, lo, hi, slice(None))
+    T, K = acts.idx[down].shape
+    s_lo, s_hi = slots.start[lo], slots.start[hi]
+    n = s_hi - s_lo
+    # one scratch row past the end takes the products of padding slots
+    V_nA = Wc_FD.new_empty(n + 1, A, dtype=dtype)
+    if n == 0:  # no feature of lo..hi is ever active
+        return V_nA[:n]
+    # each slot's row of V_nA (the scratch row n for the slots of other features)
+    row_TK = torch.full((T * K,), n, dtype=torch.long, device=V_nA.device)
+    row_TK[slots.pos_S[s_lo:s_hi].long()] = torch.arange(n, device=V_nA.device)
+    row_TK = row_TK.view(T, K)
+    mine_TK = _active(acts, down, lo, hi)
     count_T = mine_TK.sum(1)
     # tokens in order of their number of active features in lo..hi, so that a batch's tokens
     # need (almost) the same number of rows and the product pads few
     order_T = count_T.argsort(stable=True)
     order_T = order_T[count_T.index_select(0, order_T) > 0]
-    n = int(count_T.sum())
-    row_TK = torch.full(mine_TK.shape, -1, dtype=torch.long, device=mine_TK.device)
-    V_nA = Wc_FD.new_empty(n, A, dtype=dtype)
     # upstream decoder rows of a token batch, slot-major ([A, b, D]): each dictionary's rows are
     # then one contiguous block that index_select writes in place
-    if n == 0:  # no feature of lo..hi is ever active
-        return _CoactiveWeights(V_nA, row_TK)
     dec_flat = Wc_FD.new_empty(A * token_batch * D)
-    done = 0
+    out_flat = Wc_FD.new_empty(token_batch * K * A)
     for tok_b in order_T.split(token_batch):
         b, k_max = tok_b.shape[0], int(count_T[tok_b[-1]])
-        mine_bK = mine_TK.index_select(0, tok_b)
         # each token's slots in lo..hi first (ascending k), cut to the widest token
-        first_bk = (~mine_bK).to(torch.int8).argsort(dim=1, stable=True)[:, :k_max]
+        first_bk = (~mine_TK.index_select(0, tok_b)).to(torch.int8).argsort(dim=1, stable=True)
+        first_bk = first_bk[:, :k_max]
         feat_bk = acts.idx[down].index_select(0, tok_b).long().gather(1, first_bk)
-        keep_bk = mine_bK.gather(1, first_bk)
         dec_AbD = dec_flat[: A * b * D].view(A, b, D)
         off = 0
         for rows, u, w in zip(dec_rows, ups, widths, strict=True):
             idx_wb = acts.idx[u].index_select(0, tok_b).long().T
             torch.index_select(rows, 0, idx_wb.flatten(), out=dec_AbD[off : off + w].view(-1, D))
             off += w
-        m = int(keep_bk.sum())
-        W_bkD, dec_bDA = take_rows(Wc_FD, feat_bk), dec_AbD.permute(1, 2, 0)
-        if m == b * k_max and W_bkD.dtype == dtype:  # no padding: the product in place
-            torch.bmm(W_bkD, dec_bDA, out=V_nA[done : done + m].view(b, k_max, A))
-        else:
-            V_nA[done : done + m] = torch.bmm(W_bkD, dec_bDA)[keep_bk]
-        row_TK[tok_b[:, None].expand_as(first_bk)[keep_bk], first_bk[keep_bk]] = torch.arange(
-            done, done + m, device=row_TK.device
-        )
-        done += m
-    return _CoactiveWeights(V_nA, row_TK)
+        out_bkA = torch.bmm(take_rows(Wc_FD, feat_bk), dec_AbD.permute(1, 2, 0),
+                            out=out_flat[: b * k_max * A].view(b, k_max, A))
+        dest_bk = row_TK.index_select(0, tok_b).gather(1, first_bk)
+        V_nA.index_copy_(0, dest_bk.flatten(), out_bkA.view(-1, A).to(dtype))
+    return V_nA[:n]
 
 
-def _super_blocks(count_F: Tensor, A: int, budget_bytes: int, elem_bytes: int) -> list[int]:
-    """Boundaries 0 = r_0 < r_1 < ... = F of row ranges whose co-active weights (count_F[i] rows
-    of A values per feature i) fit budget_bytes each (a single feature may exceed it)."""
-    cum = count_F.cumsum(0).tolist()
+def _super_blocks(start: list[int], A: int, budget_bytes: int, elem_bytes: int) -> list[int]:
+    """Boundaries 0 = r_0 < r_1 < ... = F of row ranges whose co-active weights (a row of A
+    values per active slot, slots of feature i: start[i]..start[i + 1]) fit budget_bytes each
+    (a single feature may exceed it)."""
     per = max(1, budget_bytes // max(1, A * elem_bytes))
-    bounds, before = [0], 0
-    while bounds[-1] < len(cum):
-        end = bisect.bisect_right(cum, before + per, lo=bounds[-1])
-        end = max(end, bounds[-1] + 1)
-        bounds.append(end)
-        before = cum[end - 1]
+    F, bounds = len(start) - 1, [0]
+    while bounds[-1] < F:
+        end = bisect.bisect_right(start, start[bounds[-1]] + per, lo=bounds[-1] + 1) - 1
+        bounds.append(max(end, bounds[-1] + 1))
     return bounds
 
 
@@ -274,15 +293,18 @@ def importance_blocks(
     - "coactive" (variant "active" only): V only at the pairs active together on some token, one
       small product per token (`_coactive_virtual_weights`), T K A products: 18x fewer than F n_up
       at 8,192 tokens of a gpt2-small-sized suite, but growing with the tokens.
-    "auto" chooses by `plan_method`.
+    "auto" chooses by `plan_method`. The co-activation sums A add each block's active slots
+    (`_slots_by_feature`) in chunks, each pair's tokens in order, so every route, block and chunk
+    size gives the same sums.
 
     A yielded block is valid until the next one is asked for (the co-active route reuses its
     buffer): copy it to keep it.
 
     Memory, within memory_budget_bytes: the dense route's three [f, G] buffers; the co-active
     route's weights (WEIGHTS_SHARE of the budget, in super blocks of features if they need more)
-    and one [f, G] buffer with the block's pair keys. Plus the upstream activations of one token
-    batch, or of all tokens where they fit an eighth of the budget.
+    and one [f, G] buffer (at most COACTIVE_BLOCK_BYTES) with the block's pair keys. Plus a chunk
+    of pairs (a 256th of the budget, ~28 bytes a pair), the upstream activations of all tokens
+    where they fit an eighth of the budget, and the sorted active slots (8 bytes each).
     """
     if variant not in ("active", "all"):
         raise ValueError(f"variant must be 'active' or 'all', got {variant!r}")
@@ -297,11 +319,10 @@ def importance_blocks(
     ref = acts.vals[down]
     dtype = torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
     n_tokens = acts.n_tokens
-    batches = [slice(s, min(n_tokens, s + token_batch)) for s in range(0, n_tokens, token_batch)]
     if variant == "all":
         a_G = torch.zeros(n_up, dtype=dtype, device=ref.device)
-        for sl in batches:
-            up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
+        for s in range(0, n_tokens, token_batch):
+            up_vals, up_idx = _upstream(acts, suite, down, slice(s, s + token_batch), dtype)
             a_G.index_add_(0, up_idx.flatten(), up_vals.flatten())
         a_G /= n_tokens
         block = _block_rows(memory_budget_bytes, F, n_up, 3)
@@ -310,67 +331,67 @@ def importance_blocks(
             yield lo, hi, _virtual_weights_block(suite, down, lo, hi, dtype).mul_(a_G)
         return
     A = sum(acts.idx[u].shape[1] for u in suite.upstream_names(down))
+    K = acts.idx[down].shape[1]
+    slots = _slots_by_feature(acts, down, F)
+    start = slots.start
     if method == "dense":
         super_bounds = [0, F]
         block = _block_rows(memory_budget_bytes, F, n_up, 3)
     else:
         # the co-active weights' share of the budget, and the rest for the block: one [f, G]
         # buffer (it becomes I in place) and the block's pair keys and values (< one more)
-        count_F = torch.bincount(acts.idx[down][ref > 0].long(), minlength=F)
         weights_budget = _weights_budget(memory_budget_bytes)
-        super_bounds = _super_blocks(count_F, A, weights_budget, dtype.itemsize)
-        block = _block_rows(memory_budget_bytes - weights_budget, F, n_up, 2)
-    # The upstream activations of each token batch, built once if they fit an eighth of the
-    # budget (every block reads them all), else per block.
+        super_bounds = _super_blocks(start, A, weights_budget, dtype.itemsize)
+        block_budget = memory_budget_bytes - weights_budget
+        if ref.device.type == "cpu":  # (on a GPU, larger blocks launch fewer kernels)
+            block_budget = min(block_budget, 2 * COACTIVE_BLOCK_BYTES)
+        block = _block_rows(block_budget, F, n_up, 2)
+    # The upstream activations of every token, built once if they fit an eighth of the budget
+    # (every block reads them), else per chunk for its tokens.
+    up_all = None
     if n_tokens * A * 12 <= memory_budget_bytes // 8:
-        up_batches = [_upstream(acts, suite, down, sl, dtype) for sl in batches]
-    else:
-        up_batches = None
-    K = acts.idx[down].shape[1]
+        up_all = _upstream(acts, suite, down, slice(None), dtype)
+    chunk = max(1, memory_budget_bytes // (256 * max(1, A)))
     # One co-activation buffer, zeroed per block. The dense route keeps it; the co-active route
     # turns it into the block's I and yields it (valid until the next block is asked for).
     A_buf = torch.empty(block * n_up, dtype=dtype, device=ref.device)
     for s_lo, s_hi in itertools.pairwise(super_bounds):
-        co = None
+        V_nA = None
         if method == "coactive":
-            co = _coactive_virtual_weights(suite, acts, down, s_lo, s_hi, dtype)
+            V_nA = _coactive_virtual_weights(suite, acts, down, slots, s_lo, s_hi, dtype)
         for lo in range(s_lo, s_hi, block):
             hi = min(s_hi, lo + block)
             A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
-            count_f = torch.zeros(hi - lo, dtype=dtype, device=ref.device)
-            pairs = []  # (keys, rows of V_nA, i) per token batch, for the co-active route
-            for j, sl in enumerate(batches):
-                # active slots as flat positions t K + k: index_select, not 2-D indexing (faster)
-                slot_n = _active(acts, down, lo, hi, sl).view(-1).nonzero().squeeze(1)
-                if slot_n.numel() == 0:
-                    continue
-                t_n = slot_n // K
-                if up_batches is not None:
-                    up_vals, up_idx = up_batches[j]
+            A_flat = A_fG.view(-1)
+            count_f = torch.tensor(start[lo + 1 : hi + 1], dtype=dtype, device=ref.device)
+            count_f -= torch.tensor(start[lo:hi], dtype=dtype, device=ref.device)
+            pairs = []  # (first slot, keys, i) per chunk, for the co-active route
+            for c_lo in range(start[lo], start[hi], chunk):
+                c_hi = min(start[hi], c_lo + chunk)
+                t_n = slots.pos_S[c_lo:c_hi] // K
+                if up_all is not None:
+                    up_vals, up_idx = up_all[0].index_select(0, t_n), up_all[1].index_select(0, t_n)
                 else:
-                    up_vals, up_idx = _upstream(acts, suite, down, sl, dtype)
-                i = acts.idx[down][sl].reshape(-1).index_select(0, slot_n).long() - lo
-                count_f.index_add_(0, i, torch.ones_like(i, dtype=dtype))
-                keys = (i[:, None] * n_up + up_idx.index_select(0, t_n)).flatten()
-                # scatter_add_ adds a 1-D index in order, as index_add_ does (the same sums,
-                # bitwise), ~1.5x faster here
-                A_fG.view(-1).scatter_add_(0, keys, up_vals.index_select(0, t_n).flatten())
-                if co is not None:
-                    pairs.append((keys, co.row_TK[sl].reshape(-1).index_select(0, slot_n), i))
+                    up_vals, up_idx = _upstream(acts, suite, down, t_n, dtype)
+                i = slots.feat_S[c_lo:c_hi].long() - lo
+                keys = (i[:, None] * n_up + up_idx).view(-1)
+                # scatter_add_ adds a 1-D index in order, as index_add_ does, ~1.5x faster here
+                A_flat.scatter_add_(0, keys, up_vals.view(-1))
+                if V_nA is not None:
+                    pairs.append((c_lo - start[s_lo], keys, i))
             n_f1 = count_f.clamp_min(1)[:, None]
-            if co is None:
+            if V_nA is None:
                 # V_fG is this block's own tensor: the products below are in place on it
                 V_fG = _virtual_weights_block(suite, down, lo, hi, dtype)
                 yield lo, hi, V_fG.mul_(A_fG).div_(n_f1)
                 continue
             # I = V a / n at the co-active pairs (the dense route's operations), written over a:
             # every a is read before any is overwritten, and a repeated pair writes one value.
-            # Elsewhere a, and so I, is zero.
-            A_flat = A_fG.view(-1)
-            a_parts = [A_flat.index_select(0, keys) for keys, _, _ in pairs]
-            for (keys, rows, i), a_n in zip(pairs, a_parts, strict=True):
-                I_nA = co.V_nA.index_select(0, rows).mul_(a_n.view(rows.shape[0], -1))
-                A_flat.index_copy_(0, keys, I_nA.div_(n_f1.index_select(0, i)).flatten())
+            # Elsewhere a, and so I, is zero. Each slot's row of V is used once: in place.
+            a_parts = [A_flat.index_select(0, keys) for _, keys, _ in pairs]
+            for (r_lo, keys, i), a_n in zip(pairs, a_parts, strict=True):
+                I_nA = V_nA[r_lo : r_lo + i.shape[0]].mul_(a_n.view(i.shape[0], -1))
+                A_flat.index_copy_(0, keys, I_nA.div_(n_f1.index_select(0, i)).view(-1))
             del pairs, a_parts
             yield lo, hi, A_fG
 
@@ -392,6 +413,48 @@ def importance(
     to `importance_blocks`."""
     blocks = importance_blocks(suite, acts, down, variant, **kwargs)
     return torch.cat([b.clone() for _, _, b in blocks])
+
+
+def _topk_rows(x_fG: Tensor, c: int, seg: int = 32) -> tuple[Tensor, Tensor]:
+    """The c largest values of each row of x_fG and their columns: larger values first and, among
+    equal values, lower columns first, also at the cut (so a function of x alone, whatever the
+    block sizes, route or device: torch.topk breaks ties as its algorithm happens to). Ties at
+    the value 0 (no connection) are left as topk gives them. ~3x faster than topk here:
+
+    each row's top c lie in its c segments (of `seg` columns) of largest maxima, as the c largest
+    maxima are c values, so only the maxima and c seg candidates per row are ranked."""
+    f, G = x_fG.shape
+    n_full = G // seg
+    if c == 0:
+        return x_fG.topk(0, dim=1)
+    if n_full <= c:
+        top_fc, col_fc = x_fG.topk(c, dim=1)
+        cut_f1 = top_fc[:, -1:]
+        tie_f = (x_fG == cut_f1).sum(1) > (top_fc == cut_f1).sum(1)
+    else:
+        max_fS = x_fG[:, : n_full * seg].unflatten(1, (n_full, seg)).amax(2)
+        if n_full * seg < G:  # the last, shorter segment
+            max_fS = torch.cat([max_fS, x_fG[:, n_full * seg :].amax(1, keepdim=True)], 1)
+        seg_fc = max_fS.topk(c, dim=1).indices
+        cols_fN = (seg_fc[:, :, None] * seg + torch.arange(seg, device=x_fG.device)).view(f, -1)
+        cand_fN = x_fG.gather(1, cols_fN.clamp_max(G - 1))
+        cand_fN.masked_fill_(cols_fN >= G, float("-inf"))
+        top_fc, at_fc = cand_fN.topk(c, dim=1)
+        col_fc = cols_fN.gather(1, at_fc)
+        # a value equal to the cut but left out is among the candidates or in a segment left
+        # out, whose maximum then equals the cut
+        cut_f1 = top_fc[:, -1:]
+        tie_f = ((cand_fN == cut_f1).sum(1) > (top_fc == cut_f1).sum(1)) | (
+            (max_fS == cut_f1).sum(1) > (max_fS.gather(1, seg_fc) == cut_f1).sum(1))
+    # rows with a tie at the cut (rare): the lowest columns of the cut's value
+    for r in (tie_f & (cut_f1[:, 0] != 0)).nonzero().squeeze(1).tolist():
+        above = col_fc[r][top_fc[r] > cut_f1[r]]
+        tied = (x_fG[r] == cut_f1[r]).nonzero().squeeze(1)[: c - above.shape[0]]
+        col_fc[r] = torch.cat([above, tied])
+        top_fc[r] = x_fG[r].index_select(0, col_fc[r])
+    col_fc, order_fc = col_fc.sort(dim=1)
+    top_fc, order_fc = top_fc.gather(1, order_fc).sort(dim=1, descending=True, stable=True)
+    return top_fc, col_fc.gather(1, order_fc)
 
 
 def _split_global(
@@ -432,8 +495,7 @@ def top_connections(
             suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes, method=method
         )
         for _, _, imp_fG in blocks:
-            c = min(C, imp_fG.shape[1])
-            score_fC, top_fC = imp_fG.abs_().topk(c, dim=1)
+            score_fC, top_fC = _topk_rows(imp_fG.abs_(), min(C, imp_fG.shape[1]))
             tops.append(top_fC)
             keeps.append(score_fC > 0)
         conns[down] = _split_global(down, suite, torch.cat(tops), torch.cat(keeps))

@@ -7,6 +7,7 @@ from dictionary_learning.arch import SuiteArch
 from dictionary_learning.connections import load_connections, save_connections, upstream_names
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
 from find_top_connections import (
+    _topk_rows,
     collect_activations,
     importance,
     plan_method,
@@ -84,6 +85,27 @@ def test_coactive_route_gives_the_dense_routes_importance_and_connections(arch):
             torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
             # exact zeros where no token has both features active
             assert not sparse[dense == 0].any()
+
+
+@pytest.mark.parametrize("G, c", [(5000, 7), (4000, 100), (1003, 40), (1000, 40), (64, 2),
+                                  (100, 3), (30, 30), (50, 0)])
+def test_top_c_per_row_breaks_ties_by_the_lower_column(G, c):
+    """_topk_rows (segment maxima, then candidates) against sorting each row by (-value, column):
+    few distinct values, so ties everywhere, also at the cut and across segments; rows of zeros
+    (ties at 0 are left as they come: zero scores are not connections)."""
+    g = torch.Generator().manual_seed(G + c)
+    x = torch.randint(0, 6, (9, G), generator=g).float() * (torch.rand(9, G, generator=g) < 0.3)
+    x[0] = 0
+    x[1, -5:] = 9.0  # the largest values in the last (maybe short) segment
+    x[2] = torch.rand(G, generator=g)  # no ties
+    top, col = _topk_rows(x, c)
+    assert top.shape == col.shape == (9, c)
+    for r, row in enumerate(x.tolist()):
+        want = sorted(range(G), key=lambda j: (-row[j], j))[:c]
+        assert top[r].tolist() == [row[j] for j in want]
+        positive = [j for j in want if row[j] > 0]
+        assert col[r, : len(positive)].tolist() == positive
+        assert torch.equal(x[r, col[r]], top[r])
 
 
 def test_coactive_route_with_a_transcoder_never_active():
