@@ -288,23 +288,25 @@ def importance_blocks(
     """Yield (lo, hi, I_fG) blocks of the importance matrix of transcoder `down`: f = hi - lo of
     its features, G = n_up.
 
-    V comes by one of two routes, with the same values (each V_ig is the same dot product):
+    V comes by one of two routes, with the same values up to the GEMM's last bits (each V_ig is
+    the same dot product; docs/method.md §4):
     - "dense": the GEMM of the block's rows P w_i with every upstream decoder (F n_up products);
     - "coactive" (variant "active" only): V only at the pairs active together on some token, one
       small product per token (`_coactive_virtual_weights`), T K A products: 18x fewer than F n_up
       at 8,192 tokens of a gpt2-small-sized suite, but growing with the tokens.
     "auto" chooses by `plan_method`. The co-activation sums A add each block's active slots
     (`_slots_by_feature`) in chunks, each pair's tokens in order, so every route, block and chunk
-    size gives the same sums.
+    size gives the same sums. `token_batch`: tokens per step of variant "all"'s sums.
 
     A yielded block is valid until the next one is asked for (the co-active route reuses its
     buffer): copy it to keep it.
 
     Memory, within memory_budget_bytes: the dense route's three [f, G] buffers; the co-active
     route's weights (WEIGHTS_SHARE of the budget, in super blocks of features if they need more)
-    and one [f, G] buffer (at most COACTIVE_BLOCK_BYTES) with the block's pair keys. Plus a chunk
-    of pairs (a 256th of the budget, ~28 bytes a pair), the upstream activations of all tokens
-    where they fit an eighth of the budget, and the sorted active slots (8 bytes each).
+    and one [f, G] buffer (on the CPU at most COACTIVE_BLOCK_BYTES) with the block's pair keys.
+    Plus a chunk of pairs (a 256th of the budget, ~28 bytes a pair), the upstream activations of
+    all tokens where they fit an eighth of the budget, and the sorted active slots (8 bytes
+    each).
     """
     if variant not in ("active", "all"):
         raise ValueError(f"variant must be 'active' or 'all', got {variant!r}")
