@@ -156,12 +156,6 @@ def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, rows, dtype:
     return torch.cat(vals, 1), torch.cat(idx, 1)
 
 
-def _active(acts: SparseActivations, down: str, lo: int, hi: int) -> Tensor:
-    """[T, K] mask of the slots where a feature lo..hi of `down` is active."""
-    d_idx = acts.idx[down]
-    return (acts.vals[down] > 0) & (d_idx >= lo) & (d_idx < hi)
-
-
 class _Slots(NamedTuple):
     """The active slots of one transcoder, feature by feature."""
 
@@ -217,7 +211,7 @@ def _coactive_virtual_weights(
     row_TK = torch.full((T * K,), n, dtype=torch.long, device=V_nA.device)
     row_TK[slots.pos_S[s_lo:s_hi].long()] = torch.arange(n, device=V_nA.device)
     row_TK = row_TK.view(T, K)
-    mine_TK = _active(acts, down, lo, hi)
+    mine_TK = row_TK != n  # the active slots of features lo..hi
     count_T = mine_TK.sum(1)
     # tokens in order of their number of active features in lo..hi, so that a batch's tokens
     # need (almost) the same number of rows and the product pads few
@@ -336,6 +330,9 @@ def importance_blocks(
     K = acts.idx[down].shape[1]
     slots = _slots_by_feature(acts, down, F)
     start = slots.start
+    # tokens where each feature is active (at least 1: the mean over none is 0 anyway); the
+    # difference in integers (offsets past 2^24 are not exact in fp32)
+    n_F1 = torch.tensor(start, device=ref.device).diff().clamp_min(1).to(dtype)[:, None]
     if method == "dense":
         super_bounds = [0, F]
         block = _block_rows(memory_budget_bytes, F, n_up, 3)
@@ -365,8 +362,7 @@ def importance_blocks(
             hi = min(s_hi, lo + block)
             A_fG = A_buf[: (hi - lo) * n_up].view(hi - lo, n_up).zero_()
             A_flat = A_fG.view(-1)
-            count_f = torch.tensor(start[lo + 1 : hi + 1], dtype=dtype, device=ref.device)
-            count_f -= torch.tensor(start[lo:hi], dtype=dtype, device=ref.device)
+            n_f1 = n_F1[lo:hi]
             pairs = []  # (first slot, keys, i) per chunk, for the co-active route
             for c_lo in range(start[lo], start[hi], chunk):
                 c_hi = min(start[hi], c_lo + chunk)
@@ -381,7 +377,6 @@ def importance_blocks(
                 A_flat.scatter_add_(0, keys, up_vals.view(-1))
                 if V_nA is not None:
                     pairs.append((c_lo - start[s_lo], keys, i))
-            n_f1 = count_f.clamp_min(1)[:, None]
             if V_nA is None:
                 # V_fG is this block's own tensor: the products below are in place on it
                 V_fG = _virtual_weights_block(suite, down, lo, hi, dtype)
