@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import ctypes
 import itertools
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, NamedTuple
 
 import torch
@@ -38,6 +40,7 @@ from dictionary_learning.connections import (
     save_connections,
     validate_connections,
 )
+from dictionary_learning import native
 from dictionary_learning.sparse_ops import take_rows
 from dictionary_learning.suite import SCAESuite
 
@@ -454,6 +457,83 @@ def _topk_rows(x_fG: Tensor, c: int, seg: int = 32) -> tuple[Tensor, Tensor]:
     return top_fc, col_fc.gather(1, order_fc)
 
 
+def search_route(suite: SCAESuite, acts: SparseActivations, down: str, variant: Variant = "active",
+                 method: Method = "auto", memory_budget_bytes: int = 1 << 30) -> str:
+    """The route top_connections takes for transcoder `down`: "dense" or "coactive" (`method`,
+    or plan_method's choice for "auto"), or "coactive-kernel" where the co-active top C runs in
+    the C kernel (`_coactive_top`): fp32 sums on the CPU, a [T, A] upstream table of 8 bytes an
+    entry within an eighth of the budget, int32 columns, and a kernel that builds here."""
+    route = method
+    if method == "auto" or not suite.upstream_names(down):
+        route = plan_method(suite, acts, down, variant, memory_budget_bytes)
+    ups = suite.upstream_names(down)
+    A = sum(acts.idx[u].shape[1] for u in ups)
+    ref = acts.vals[down]
+    if (route == "coactive" and variant == "active" and ref.device.type == "cpu"
+            and ref.dtype != torch.float64
+            and sum(suite.dicts[u].dict_size for u in ups) < 2**31
+            and acts.n_tokens * A * 8 <= memory_budget_bytes // 8 and _kernel() is not None):
+        return "coactive-kernel"
+    return route
+
+
+def _kernel() -> ctypes.CDLL | None:
+    """dictionary_learning/csrc/coactive_top.c, loaded (None without a C compiler)."""
+    lib = native.load("coactive_top")
+    if lib is not None and lib.coactive_top.argtypes is None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.coactive_top.argtypes = [i64, i64, p, p, i64, p, i64, p, p, p, i64, p, p, p, p]
+        lib.coactive_top.restype = None
+    return lib
+
+
+@torch.no_grad()
+def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
+                  memory_budget_bytes: int) -> tuple[Tensor, Tensor]:
+    """[F, c] largest |I| of each feature of `down` and their global upstream columns (-1 past a
+    row's non-zero values), by the C kernel (dictionary_learning/csrc/coactive_top.c): per
+    feature its co-activation sums in a scratch row of G, then I = V a / n once per co-active
+    pair into a heap of the c best. The same fp32 operations in the same order as the torch route
+    (`importance_blocks`, then `_topk_rows`): the same values and columns bit for bit, without
+    [f, G] blocks. Features in ranges of about equal work, one kernel call per thread."""
+    lib = _kernel()
+    ups = suite.upstream_names(down)
+    F = suite.dicts[down].dict_size
+    A = sum(acts.idx[u].shape[1] for u in ups)
+    K = acts.idx[down].shape[1]
+    slots = _slots_by_feature(acts, down, F)
+    start_F1 = torch.tensor(slots.start)
+    n_F = start_F1.diff().clamp_min(1).float()
+    tok_S = (slots.pos_S // K).long()
+    up_val_TA, up_idx_TA = _upstream(acts, suite, down, slice(None), torch.float32)
+    up_g_TA = up_idx_TA.int()
+    del up_idx_TA
+    top_Fc = torch.zeros(F, c)
+    col_Fc = torch.full((F, c), -1, dtype=torch.long)
+    n_up = sum(suite.dicts[u].dict_size for u in ups)
+    workers = torch.get_num_threads()
+
+    def run(V_nA: Tensor, r0: int, lo: int, hi: int) -> None:
+        sums_G = torch.zeros(n_up)
+        heap = torch.empty(max(1, c), 2, dtype=torch.long)  # c (float, int64) entries
+        lib.coactive_top(lo, hi, start_F1.data_ptr(), tok_S.data_ptr(), r0, V_nA.data_ptr(), A,
+                         up_val_TA.data_ptr(), up_g_TA.data_ptr(), n_F.data_ptr(), c,
+                         sums_G.data_ptr(), heap.data_ptr(), top_Fc[lo].data_ptr(),
+                         col_Fc[lo].data_ptr())
+
+    bounds = _super_blocks(slots.start, A, _weights_budget(memory_budget_bytes), 4)
+    with ThreadPoolExecutor(workers) as pool:
+        for s_lo, s_hi in itertools.pairwise(bounds):
+            V_nA = None  # the previous super block's weights freed first
+            V_nA = _coactive_virtual_weights(suite, acts, down, slots, s_lo, s_hi, torch.float32)
+            # about 4 ranges a thread, cut where the slots (the work) reach equal shares
+            cuts = torch.linspace(slots.start[s_lo], slots.start[s_hi], 4 * workers + 1)
+            edges = sorted({s_lo, s_hi, *(bisect.bisect_left(slots.start, int(x), s_lo, s_hi)
+                                          for x in cuts.tolist())})
+            list(pool.map(lambda r: run(V_nA, slots.start[s_lo], *r), itertools.pairwise(edges)))
+    return top_Fc, col_Fc
+
+
 def _split_global(
     down: str, suite: SCAESuite, top_FC: Tensor, keep_FC: Tensor
 ) -> dict[str, Tensor]:
@@ -487,6 +567,12 @@ def top_connections(
         raise ValueError(f"C={C} must be a positive number of connections per feature")
     conns = {}
     for down in tqdm(suite.transcoder_names, desc="top connections", leave=False):
+        if search_route(suite, acts, down, variant, method, memory_budget_bytes) == \
+                "coactive-kernel":
+            n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
+            score_Fc, top_Fc = _coactive_top(suite, acts, down, min(C, n_up), memory_budget_bytes)
+            conns[down] = _split_global(down, suite, top_Fc, score_Fc > 0)
+            continue
         tops, keeps = [], []
         blocks = importance_blocks(
             suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes, method=method

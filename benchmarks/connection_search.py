@@ -11,8 +11,10 @@ plus the per-block buffers (fixed by memory_budget_bytes). The last line fits
     time(N) = a + b N,   memory(N) = m0 + m1 N
 to the two largest runs and prints the prediction at --target tokens (default 1 M). With
 --method auto (the default) each transcoder takes the route `plan_method` picks, which changes with
-the token count (co-active at few tokens, dense at many): each row lists the routes, and the fit
-says whether both runs took the same ones; `--method dense` gives the many-token fit.
+the token count (co-active at few tokens, dense at many): each row lists the routes
+(`search_route`: "coactive-kernel" where the co-active top C runs in the C kernel; SCAE_NATIVE=0
+for the torch route), and the fit says whether both runs took the same ones; `--method dense`
+gives the many-token fit.
 
 Usage: python benchmarks/connection_search.py [--tokens 8192,32768] [--F 12288] [--target 1000000]
        [--layers 12] [--method auto|dense|coactive] [--budget-gb 1.0]
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.pruned_forward import _status_kb  # noqa: E402
 from dictionary_learning.batch import ActivationBatch  # noqa: E402
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder  # noqa: E402
-from find_top_connections import collect_activations, plan_method, top_connections  # noqa: E402
+from find_top_connections import collect_activations, search_route, top_connections  # noqa: E402
 from dictionary_learning.suite import SCAESuite  # noqa: E402
 
 
@@ -93,7 +95,7 @@ def run_here(n_tokens: int, d: int, layers: int, F: int, k: int, C: int, device:
         "connections": n_conn, "device": str(device), "dtype": dtype_name,
         "memory_budget_gb": budget_gb, "method": method,
         # the route each transcoder took
-        "routes": [method if method != "auto" else plan_method(suite, acts, m, "active", budget)
+        "routes": [search_route(suite, acts, m, "active", method, budget)
                    for m in suite.transcoder_names],
     }
     if device.type == "cuda":

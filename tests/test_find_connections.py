@@ -6,12 +6,16 @@ import torch
 from dictionary_learning.arch import SuiteArch
 from dictionary_learning.connections import load_connections, save_connections, upstream_names
 from dictionary_learning.dictionary import AutoEncoderTopK, TopKTranscoder
+import find_top_connections as ftc
 from find_top_connections import (
+    SparseActivations,
     _topk_rows,
     collect_activations,
     importance,
+    importance_blocks,
     plan_method,
     random_connections,
+    search_route,
     top_connections,
 )
 from tests.scae_fixtures import Batch, random_batch, random_suite
@@ -135,6 +139,86 @@ def test_auto_route_follows_the_work_and_the_budget():
         importance(suite, few, "mlp_1", method="sparse")
     with pytest.raises(ValueError, match="'coactive' needs variant 'active'"):
         importance(suite, few, "mlp_1", "all", method="coactive")
+
+
+def _torch_route_top(suite, acts, down, c, budget):
+    """The reference: the torch route's blocks (importance_blocks) and _topk_rows."""
+    tops, cols = [], []
+    for _, _, imp in importance_blocks(suite, acts, down, method="coactive",
+                                       memory_budget_bytes=budget):
+        top, col = _topk_rows(imp.abs_(), c)
+        tops.append(top)
+        cols.append(col)
+    return torch.cat(tops), torch.cat(cols)
+
+
+def _need_kernel():
+    if ftc._kernel() is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/coactive_top.c here")
+
+
+def _equal_tops(got, want):
+    """Equal non-zero scores and their columns, bit for bit, and the same number per row."""
+    (top, col), (top_ref, col_ref) = got, want
+    assert top.shape == top_ref.shape and col.shape == col_ref.shape
+    keep = top_ref > 0
+    assert torch.equal(top > 0, keep)
+    assert torch.equal(top[keep], top_ref[keep]) and torch.equal(col[keep], col_ref[keep])
+    assert (col[~keep] == -1).all() and not top[~keep].any()
+
+
+@pytest.mark.parametrize("arch", [SuiteArch(), SuiteArch("gpt_neox", parallel=True),
+                                  SuiteArch("llama", centred=False)], ids=lambda a: a.family)
+def test_coactive_kernel_gives_the_torch_routes_top_c_bit_for_bit(arch, monkeypatch):
+    """The C kernel (sums, I = V a / n once per co-active pair, a heap of the c best) against the
+    torch route it stands beside: the same scores and columns bit for bit, at budgets giving one,
+    several and one-row super blocks, and top_connections picks it and gives the same
+    connections as with SCAE_NATIVE=0."""
+    _need_kernel()
+    suite = _suite_of(arch)
+    batches = [random_batch(3, 24, B=64, seed=s, dtype=torch.float32) for s in range(3)]
+    acts = collect_activations(suite, batches, 160)
+    for down in suite.transcoder_names[1:]:  # (mlp_0 of the parallel suite has no upstream)
+        n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
+        for budget, c in ((1 << 30, 9), (60_000, 9), (2_000, 9), (1 << 30, n_up)):
+            got = ftc._coactive_top(suite, acts, down, c, budget)
+            _equal_tops(got, _torch_route_top(suite, acts, down, c, budget))
+    calls, real = [], ftc._coactive_top
+    monkeypatch.setattr(ftc, "_coactive_top", lambda *a: calls.append(a[2]) or real(*a))
+    got = top_connections(suite, acts, 9, method="coactive")
+    with_ups = [d for d in suite.transcoder_names if suite.upstream_names(d)]
+    assert calls == with_ups
+    assert [search_route(suite, acts, d, method="coactive") for d in with_ups] == \
+        ["coactive-kernel"] * len(with_ups)
+    # the upstream table over an eighth of the budget: the torch route
+    assert search_route(suite, acts, "mlp_1", method="coactive",
+                        memory_budget_bytes=60_000) == "coactive"
+    monkeypatch.setenv("SCAE_NATIVE", "0")
+    want = top_connections(suite, acts, 9, method="coactive")
+    assert all(torch.equal(got[d][u], want[d][u]) for d in want for u in want[d])
+
+
+def test_coactive_kernel_breaks_ties_and_repeats_pairs_as_the_torch_route():
+    """Integer weights, unit activations and sigma: I = V a / n takes few values, so ties
+    everywhere, also at the cut; upstream slots of value 0; pairs co-active on several tokens."""
+    _need_kernel()
+    suite = _suite_of(SuiteArch("llama", centred=False), n_layers=2, d=8, F=30, k=3)
+    g = torch.Generator().manual_seed(0)
+    T, K, F = 50, 3, 30
+    with torch.no_grad():
+        for ae in suite.dicts.values():
+            for w in (ae.encoder.weight, ae.decoder.weight):
+                w.copy_(torch.randint(-2, 3, w.shape, generator=g).float())
+    vals = {n: (torch.rand(T, K, generator=g) < 0.8).float() for n in suite.names}
+    idx = {n: torch.rand(T, F, generator=g).argsort(1)[:, :K].short() for n in suite.names}
+    acts = SparseActivations(vals, idx, {m: torch.ones(T) for m in suite.transcoder_names})
+    imp = importance(suite, acts, "mlp_1", method="coactive").abs()
+    for c in (1, 5, 17, 90):
+        want = _torch_route_top(suite, acts, "mlp_1", c, 1 << 30)
+        _equal_tops(ftc._coactive_top(suite, acts, "mlp_1", c, 1 << 30), want)
+        if c == 5:  # a real test: rows with a tie at the cut
+            cut = want[0][:, -1:]
+            assert ((imp == cut).sum(1) > (want[0] == cut).sum(1))[cut[:, 0] > 0].any()
 
 
 def planted_suite(d=64, F_up=48, F_down=40, true_c=3, seed=0):
