@@ -28,7 +28,6 @@ import ctypes
 import itertools
 import logging
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, NamedTuple
 
 import torch
@@ -495,7 +494,8 @@ def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
     feature its co-activation sums in a scratch row of G, then I = V a / n once per co-active
     pair into a heap of the c best. The same fp32 operations in the same order as the torch route
     (`importance_blocks`, then `_topk_rows`): the same values and columns bit for bit, without
-    [f, G] blocks. Features in ranges of about equal work, one kernel call per thread."""
+    [f, G] blocks. Features in ranges of about equal work, about four a thread
+    (`native.parallel`)."""
     lib = _kernel()
     ups = suite.upstream_names(down)
     F = suite.dicts[down].dict_size
@@ -511,7 +511,6 @@ def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
     top_Fc = torch.zeros(F, c)
     col_Fc = torch.full((F, c), -1, dtype=torch.long)
     n_up = sum(suite.dicts[u].dict_size for u in ups)
-    workers = torch.get_num_threads()
 
     def run(V_nA: Tensor, r0: int, lo: int, hi: int) -> None:
         sums_G = torch.zeros(n_up)
@@ -522,15 +521,15 @@ def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
                          col_Fc[lo].data_ptr())
 
     bounds = _super_blocks(slots.start, A, _weights_budget(memory_budget_bytes), 4)
-    with ThreadPoolExecutor(workers) as pool:
-        for s_lo, s_hi in itertools.pairwise(bounds):
-            V_nA = None  # the previous super block's weights freed first
-            V_nA = _coactive_virtual_weights(suite, acts, down, slots, s_lo, s_hi, torch.float32)
-            # about 4 ranges a thread, cut where the slots (the work) reach equal shares
-            cuts = torch.linspace(slots.start[s_lo], slots.start[s_hi], 4 * workers + 1)
-            edges = sorted({s_lo, s_hi, *(bisect.bisect_left(slots.start, int(x), s_lo, s_hi)
-                                          for x in cuts.tolist())})
-            list(pool.map(lambda r: run(V_nA, slots.start[s_lo], *r), itertools.pairwise(edges)))
+    for s_lo, s_hi in itertools.pairwise(bounds):
+        V_nA = None  # the previous super block's weights freed first
+        V_nA = _coactive_virtual_weights(suite, acts, down, slots, s_lo, s_hi, torch.float32)
+        # about 4 ranges a thread, cut where the slots (the work) reach equal shares
+        cuts = torch.linspace(slots.start[s_lo], slots.start[s_hi], 4 * native.workers() + 1)
+        edges = sorted({s_lo, s_hi, *(bisect.bisect_left(slots.start, int(x), s_lo, s_hi)
+                                      for x in cuts.tolist())})
+        native.parallel(run, [(V_nA, slots.start[s_lo], lo, hi)
+                              for lo, hi in itertools.pairwise(edges)])
     return top_Fc, col_Fc
 
 

@@ -6,7 +6,8 @@ compiler ($CC, else cc, gcc or clang). The shared library lands in the SCAE cach
 the flags, written to a temporary file and renamed (never half-written), so later runs load it.
 Without a compiler, when the build fails, or with SCAE_NATIVE=0, `load` returns None (with one
 warning, except for SCAE_NATIVE=0) and callers take their torch route, which gives the same
-results. ctypes releases the GIL during a call, so callers run one call per thread.
+results. ctypes releases the GIL during a call, so callers run one call per thread
+(`parallel`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +99,24 @@ def _load(name: str, cc: str | None, _cache_env: str) -> ctypes.CDLL | None:
         logger.warning("loading %s failed (%s): the %s kernel is off; delete the file to rebuild "
                        "it", lib, exc, name)
         return None
+
+
+@functools.cache
+def _pool(workers: int, _pid: int) -> ThreadPoolExecutor:
+    # (one per process: a forked child has none of its parent's threads)
+    return ThreadPoolExecutor(workers, thread_name_prefix="scae-native")
+
+
+def workers() -> int:
+    """Threads for kernel calls: torch's intra-op thread count."""
+    return max(1, torch.get_num_threads())
+
+
+def parallel(fn: Callable[..., None], args: Sequence[tuple]) -> None:
+    """fn(*a) for each a, on `workers()` threads (a kernel call each: ctypes releases the GIL);
+    returns when all are done, and raises the first error."""
+    if len(args) == 1:
+        fn(*args[0])
+        return
+    for future in [_pool(workers(), os.getpid()).submit(fn, *a) for a in args]:
+        future.result()

@@ -12,12 +12,15 @@ token chunks and recompute in backward, so their memory does not grow with the b
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import warnings
 
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
+
+from . import native
 
 # Elements per temporary buffer of the chunked kernels; bounds their memory.
 CHUNK_ELEMENTS = 1 << 22
@@ -250,6 +253,9 @@ class _CandidateContrib(torch.autograd.Function):
     def forward(ctx, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int):
         ctx.save_for_backward(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
         ctx.n_up = n_up
+        lib = _candidate_kernel(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
+        if lib is not None:
+            return _candidate_forward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up)
         B, N = cand_BN.shape
         out_BN = V_FC.new_empty(B, N)
         buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, n_up)
@@ -264,6 +270,13 @@ class _CandidateContrib(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_BN):
         vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
+        g_BN = g_BN.contiguous()
+        lib = _candidate_kernel(vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN)
+        if lib is not None:
+            g_vals_BA, g_V_FC = _candidate_backward_c(
+                lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN, ctx.n_up,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+            return g_vals_BA, None, g_V_FC, None, None, None
         N = cand_BN.shape[1]
         g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
         g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
@@ -283,6 +296,68 @@ class _CandidateContrib(torch.autograd.Function):
                 g_table_bG.scatter_add_(1, J_bNC.flatten(1), g_Vup_bNC.flatten(1))
                 g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
         return g_vals_BA, None, g_V_FC, None, None, None
+
+
+def _candidate_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
+    """csrc/candidate_contrib.c where it applies (fp32 values, int64 indices, contiguous, on the
+    CPU, and a C compiler: `native.load`), else None and the torch kernel."""
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    if any(t.dtype != (torch.float32 if t.is_floating_point() else torch.int64)
+           for t in tensors):
+        return None
+    lib = native.load("candidate_contrib")
+    if lib is not None and lib.candidate_forward.argtypes is None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.candidate_forward.argtypes = [i64] * 5 + [p] * 7
+        lib.candidate_backward.argtypes = [i64] * 5 + [p] * 11
+    return lib
+
+
+def _token_ranges(B: int) -> list[tuple[int, int, int]]:
+    """(first, end, worker) of about equal token ranges, one per kernel thread."""
+    n = min(B, native.workers())
+    cuts = [B * w // n for w in range(n + 1)]
+    return [(cuts[w], cuts[w + 1], w) for w in range(n) if cuts[w] < cuts[w + 1]]
+
+
+def _candidate_forward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int) -> Tensor:
+    (B, N), A, C = cand_BN.shape, vals_BA.shape[1], J_FC.shape[1]
+    out_BN = V_FC.new_empty(B, N)
+    # a scratch row of the upstream table per thread, zeros between tokens
+    table_WG = V_FC.new_zeros(native.workers(), n_up + 1)
+
+    def run(lo: int, hi: int, w: int) -> None:
+        lib.candidate_forward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
+                              V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
+                              table_WG[w].data_ptr(), out_BN.data_ptr())
+
+    native.parallel(run, _token_ranges(B))
+    return out_BN
+
+
+def _candidate_backward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN, n_up: int,
+                          need_vals: bool, need_V: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of vals and V: each thread sums g_V over its tokens in its own [F, C], added
+    up after (so the result depends on the thread count in the last bits, not on timing)."""
+    (B, N), A, C = cand_BN.shape, vals_BA.shape[1], J_FC.shape[1]
+    ranges = _token_ranges(B)
+    W = len(ranges)
+    g_vals_BA = torch.empty_like(vals_BA) if need_vals else None
+    g_V_WFC = V_FC.new_zeros(W, *V_FC.shape) if need_V else None
+    table_WG, g_table_WG = V_FC.new_zeros(2, W, n_up + 1)
+    mark_WG = torch.zeros(W, n_up + 1, dtype=torch.uint8)
+
+    def run(lo: int, hi: int, w: int) -> None:
+        lib.candidate_backward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
+                               V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
+                               g_BN.data_ptr(), table_WG[w].data_ptr(), g_table_WG[w].data_ptr(),
+                               mark_WG[w].data_ptr(),
+                               g_V_WFC[w].data_ptr() if need_V else None,
+                               g_vals_BA.data_ptr() if need_vals else None)
+
+    native.parallel(run, ranges)
+    return g_vals_BA, g_V_WFC.sum(0) if need_V else None
 
 
 class _ChunkBuffers:
@@ -328,7 +403,10 @@ def connection_contrib_candidates(
     cast back.
     """
     acc = accumulation_dtype(V_FC.dtype)
-    out_BN = _CandidateContrib.apply(vals_BA.to(acc), idx_BA, V_FC.to(acc), J_FC, cand_BN, n_up)
+    # (contiguous: the C kernel's layout; a no-op for the pruned pass's tensors)
+    out_BN = _CandidateContrib.apply(vals_BA.to(acc).contiguous(), idx_BA.contiguous(),
+                                     V_FC.to(acc).contiguous(), J_FC.contiguous(),
+                                     cand_BN.contiguous(), n_up)
     return out_BN.to(V_FC.dtype)
 
 

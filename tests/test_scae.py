@@ -240,6 +240,44 @@ def test_fused_candidate_kernel_gradients_match_plain_reference(chunk, max_token
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_candidate_c_kernel_matches_plain_reference(threads, monkeypatch):
+    """csrc/candidate_contrib.c (fp32 on the CPU) against the plain reference in float64: values
+    and both gradients, with the padding index in J and in the upstream slots, candidates that
+    repeat within a token, and gradients asked for one input at a time."""
+    if sparse_ops.native.load("candidate_contrib") is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/candidate_contrib.c here")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    calls = []
+    for name in ("_candidate_forward_c", "_candidate_backward_c"):
+        real = getattr(sparse_ops, name)
+        monkeypatch.setattr(sparse_ops, name,
+                            lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    g = torch.Generator().manual_seed(threads)
+    B, A, n_up, F, C, N = 37, 6, 50, 23, 11, 9
+    vals = torch.rand(B, A, generator=g) + 0.1
+    idx = torch.stack([torch.randperm(n_up, generator=g)[:A] for _ in range(B)])
+    idx[:3, -1] = n_up  # an empty upstream slot (value 0) on the padding index
+    vals.detach()[:3, -1] = 0
+    J = torch.randint(0, n_up + 1, (F, C), generator=g)
+    J[:, -2:] = n_up
+    V = torch.randn(F, C, generator=g)
+    cand = torch.randint(0, F, (B, N), generator=g)  # repeats within a token
+    g_BN = torch.randn(B, N, generator=g)
+    for need in ((True, True), (True, False), (False, True)):
+        v32, V32 = vals.clone().requires_grad_(need[0]), V.clone().requires_grad_(need[1])
+        v64, V64 = vals.double().requires_grad_(need[0]), V.double().requires_grad_(need[1])
+        got = sparse_ops.connection_contrib_candidates(v32, idx, V32, J, cand, n_up)
+        want = sparse_ops.connection_contrib_plain(v64, idx, V64, J, cand, n_up)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        ins32 = [t for t in (v32, V32) if t.requires_grad]
+        ins64 = [t for t in (v64, V64) if t.requires_grad]
+        for a, b in zip(torch.autograd.grad(got, ins32, g_BN),
+                        torch.autograd.grad(want, ins64, g_BN.double()), strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert calls.count("_candidate_forward_c") == 3 and calls.count("_candidate_backward_c") == 3
+
+
 @pytest.mark.parametrize("F", [17, 400])  # the dense product, the sampled kernel
 def test_dot_at_candidates_matches_dense_product_and_gradients(F):
     torch.manual_seed(0)
