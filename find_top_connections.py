@@ -12,9 +12,10 @@ the co-activation sum A = sum_{t: i active} f_uj(t) / sigma_L(t) and n_i the num
 i is active. A is accumulated from sparse activations (K per dictionary and token), in blocks of
 downstream features whose size is set by a memory budget, so memory never grows as
 F_down x F_up x tokens. V is computed densely for a block, or only at the pairs co-active on some
-token (where A is non-zero) when those are few (`importance_blocks`, `plan_method`). The "all"
-variant averages over all tokens instead: A then no longer depends on i. Upstream activations
-are the vanilla ones (there are no connections yet).
+token (where A is non-zero) when those are few (`importance_blocks`, `plan_method`; on the CPU
+their top C in a C kernel, `search_route`). The "all" variant averages over all tokens instead:
+A then no longer depends on i. Upstream activations are the vanilla ones (there are no
+connections yet).
 
 Usable as a module (`collect_activations`, `importance`, `top_connections`,
 `random_connections`) and as a script: `python find_top_connections.py --help`.
@@ -561,7 +562,10 @@ def top_connections(
     method: Method = "auto",
 ) -> Connections:
     """For each transcoder feature, the C upstream features of largest |importance|, one budget
-    across all upstream dictionaries. Pairs of zero importance (never co-active) are not kept."""
+    across all upstream dictionaries. Pairs of zero importance (never co-active) are not kept.
+    Each transcoder takes `search_route`'s route: on the CPU the co-active route's top C runs in
+    a C kernel (`_coactive_top`), elsewhere the torch blocks (`importance_blocks`, `_topk_rows`),
+    with the same result."""
     if C <= 0:
         raise ValueError(f"C={C} must be a positive number of connections per feature")
     conns = {}
