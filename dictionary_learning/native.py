@@ -5,9 +5,9 @@ compiler ($CC, else cc, gcc or clang). The shared library lands in the SCAE cach
 ($SCAE_CACHE/native, default ~/.cache/scae/native) under a key of the source, the compiler and
 the flags, written to a temporary file and renamed (never half-written), so later runs load it.
 Without a compiler, when the build fails, or with SCAE_NATIVE=0, `load` returns None (with one
-warning, except for SCAE_NATIVE=0) and callers take their torch route, which gives the same
-results. ctypes releases the GIL during a call, so callers run one call per thread
-(`parallel`).
+warning, except for SCAE_NATIVE=0) and callers take their torch route (the same results: bit for
+bit for the connection search's kernel, to fp32 rounding for the candidate kernel's sums).
+ctypes releases the GIL during a call, so callers run one call per thread (`parallel`).
 """
 
 from __future__ import annotations

@@ -316,7 +316,7 @@ def _candidate_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
 
 def _token_ranges(B: int) -> list[tuple[int, int, int]]:
     """(first, end, worker) of about equal token ranges, one per kernel thread."""
-    n = min(B, native.workers())
+    n = max(1, min(B, native.workers()))
     cuts = [B * w // n for w in range(n + 1)]
     return [(cuts[w], cuts[w + 1], w) for w in range(n) if cuts[w] < cuts[w + 1]]
 
