@@ -3,7 +3,8 @@
 Plain C, no Python or torch headers: a build takes a fraction of a second with the system's C
 compiler ($CC, else cc, gcc or clang). The shared library lands in the SCAE cache
 ($SCAE_CACHE/native, default ~/.cache/scae/native) under a key of the source, the compiler and
-the flags, written to a temporary file and renamed (never half-written), so later runs load it.
+the flags, written to a temporary file and renamed (never half-written), so later runs load it
+(only a file of this user's that others cannot write: loading runs its code).
 Without a compiler, when the build fails, or with SCAE_NATIVE=0, `load` returns None (with one
 warning, except for SCAE_NATIVE=0) and callers take their torch route (the same results: bit for
 bit for the connection search's kernel, to fp32 rounding for the candidate kernel's sums).
@@ -86,6 +87,7 @@ def _load(name: str, cc: str | None, _cache_env: str) -> ctypes.CDLL | None:
                                  text=True, timeout=300)
             if out.returncode != 0:
                 raise OSError(f"{cc} exited with {out.returncode}: {out.stderr.strip()[-2000:]}")
+            os.chmod(tmp, 0o755)  # (whatever the umask: the load below refuses shared writes)
             os.replace(tmp, lib)
         except (OSError, subprocess.SubprocessError) as exc:
             tmp.unlink(missing_ok=True)
@@ -93,6 +95,12 @@ def _load(name: str, cc: str | None, _cache_env: str) -> ctypes.CDLL | None:
                            "slower torch route", name, folder, exc)
             return None
         logger.info("built the %s kernel: %s", name, lib)
+    # loading a library runs its code: only one this user wrote and nobody else can change
+    st = lib.stat()
+    if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+        logger.warning("%s is not this user's own file, or others can write to it: the %s kernel "
+                       "is off (the torch route); delete it to rebuild it", lib, name)
+        return None
     try:
         return ctypes.CDLL(str(lib))
     except OSError as exc:

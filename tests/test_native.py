@@ -41,6 +41,20 @@ def test_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert built[0].stat().st_mtime_ns == mtime
 
 
+def test_a_library_others_can_write_is_not_loaded(monkeypatch, tmp_path, caplog):
+    """Loading a library runs its code: one that others could have changed is refused."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    _fresh(monkeypatch, tmp_path)
+    assert native.load("coactive_top") is not None
+    (lib,) = (tmp_path / "cache" / "native").iterdir()
+    lib.chmod(0o666)
+    native._load.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="dictionary_learning.native"):
+        assert native.load("coactive_top") is None
+    assert "others can write to it" in caplog.text and "delete it" in caplog.text
+
+
 def test_failed_build_leaves_no_file_and_the_search_takes_the_torch_route(
         monkeypatch, tmp_path, caplog):
     fake = tmp_path / "fake-cc"
