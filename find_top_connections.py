@@ -162,26 +162,26 @@ def _upstream(acts: SparseActivations, suite: SCAESuite, down: str, rows, dtype:
 class _Slots(NamedTuple):
     """The active slots of one transcoder, feature by feature."""
 
-    pos_S: Tensor
-    """[S] flat positions t K + k of the active slots (token t, its k-th feature), grouped by
+    pos_P: Tensor
+    """[P] flat positions t K + k of the active slots (token t, its k-th feature), grouped by
     feature and in token order within a feature."""
-    feat_S: Tensor
-    """[S] the feature of each slot (ascending)."""
+    feat_P: Tensor
+    """[P] the feature of each slot (ascending)."""
     start: list[int]
-    """F + 1 offsets: feature i's slots are pos_S[start[i] : start[i + 1]]."""
+    """F + 1 offsets: feature i's slots are pos_P[start[i] : start[i + 1]]."""
 
 
 def _slots_by_feature(acts: SparseActivations, down: str, F: int) -> _Slots:
     """Sort the active slots of `down` by feature, so that a block of features is one range of
     slots (int32 where they fit: 8 bytes a slot, 256 MB for K 32 over 1 M tokens)."""
-    pos_S = (acts.vals[down] > 0).view(-1).nonzero().squeeze(1)
-    if pos_S.numel() < torch.iinfo(torch.int32).max:
-        pos_S = pos_S.int()
+    pos_P = (acts.vals[down] > 0).view(-1).nonzero().squeeze(1)
+    if pos_P.numel() < torch.iinfo(torch.int32).max:
+        pos_P = pos_P.int()
     # stable: each feature's tokens stay ascending, so every co-activation sum adds its tokens
     # in order whatever the block and chunk sizes
-    feat_S, order_S = acts.idx[down].view(-1).index_select(0, pos_S).sort(stable=True)
-    start = [0] + torch.bincount(feat_S.long(), minlength=F).cumsum(0).tolist()
-    return _Slots(pos_S.index_select(0, order_S), feat_S, start)
+    feat_P, order_P = acts.idx[down].view(-1).index_select(0, pos_P).sort(stable=True)
+    start = [0] + torch.bincount(feat_P.long(), minlength=F).cumsum(0).tolist()
+    return _Slots(pos_P.index_select(0, order_P), feat_P, start)
 
 
 def _coactive_virtual_weights(
@@ -189,7 +189,7 @@ def _coactive_virtual_weights(
     dtype: torch.dtype, token_batch: int = 32,
 ) -> Tensor:
     """[n, A] V[i, g] = (P w_i) . d_g at every pair (i, g) active together on some token, i in
-    lo..hi: row r is the slot slots.pos_S[start[lo] + r] of feature i, column a the token's a-th
+    lo..hi: row r is the slot slots.pos_P[start[lo] + r] of feature i, column a the token's a-th
     upstream slot in the order of `_upstream`.
 
     One small product per token: the rows P w_i of its active features in lo..hi (padded to the
@@ -212,7 +212,7 @@ def _coactive_virtual_weights(
         return V_nA[:n]
     # each slot's row of V_nA (the scratch row n for the slots of other features)
     row_TK = torch.full((T * K,), n, dtype=torch.long, device=V_nA.device)
-    row_TK[slots.pos_S[s_lo:s_hi].long()] = torch.arange(n, device=V_nA.device)
+    row_TK[slots.pos_P[s_lo:s_hi].long()] = torch.arange(n, device=V_nA.device)
     row_TK = row_TK.view(T, K)
     mine_TK = row_TK != n  # the active slots of features lo..hi
     count_T = mine_TK.sum(1)
@@ -369,12 +369,12 @@ def importance_blocks(
             pairs = []  # (first slot, keys, i) per chunk, for the co-active route
             for c_lo in range(start[lo], start[hi], chunk):
                 c_hi = min(start[hi], c_lo + chunk)
-                t_n = slots.pos_S[c_lo:c_hi] // K
+                t_n = slots.pos_P[c_lo:c_hi] // K
                 if up_all is not None:
                     up_vals, up_idx = up_all[0].index_select(0, t_n), up_all[1].index_select(0, t_n)
                 else:
                     up_vals, up_idx = _upstream(acts, suite, down, t_n, dtype)
-                i = slots.feat_S[c_lo:c_hi].long() - lo
+                i = slots.feat_P[c_lo:c_hi].long() - lo
                 keys = (i[:, None] * n_up + up_idx).view(-1)
                 # scatter_add_ adds a 1-D index in order, as index_add_ does, ~1.5x faster here
                 A_flat.scatter_add_(0, keys, up_vals.view(-1))
@@ -503,23 +503,23 @@ def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
     A = sum(acts.idx[u].shape[1] for u in ups)
     K = acts.idx[down].shape[1]
     slots = _slots_by_feature(acts, down, F)
-    start_F1 = torch.tensor(slots.start)
-    n_F = start_F1.diff().clamp_min(1).float()
-    tok_S = (slots.pos_S // K).long()
-    up_val_TA, up_idx_TA = _upstream(acts, suite, down, slice(None), torch.float32)
-    up_g_TA = up_idx_TA.int()
-    del up_idx_TA
-    top_Fc = torch.zeros(F, c)
-    col_Fc = torch.full((F, c), -1, dtype=torch.long)
+    offsets = torch.tensor(slots.start)
+    n_F = offsets.diff().clamp_min(1).float()
+    tok_P = (slots.pos_P // K).long()
+    up_val_BA, up_idx_BA = _upstream(acts, suite, down, slice(None), torch.float32)
+    up_g_BA = up_idx_BA.int()
+    del up_idx_BA
+    score_FC = torch.zeros(F, c)
+    col_FC = torch.full((F, c), -1, dtype=torch.long)
     n_up = sum(suite.dicts[u].dict_size for u in ups)
 
     def run(V_nA: Tensor, r0: int, lo: int, hi: int) -> None:
         sums_G = torch.zeros(n_up)
         heap = torch.empty(max(1, c), 2, dtype=torch.long)  # c (float, int64) entries
-        lib.coactive_top(lo, hi, start_F1.data_ptr(), tok_S.data_ptr(), r0, V_nA.data_ptr(), A,
-                         up_val_TA.data_ptr(), up_g_TA.data_ptr(), n_F.data_ptr(), c,
-                         sums_G.data_ptr(), heap.data_ptr(), top_Fc[lo].data_ptr(),
-                         col_Fc[lo].data_ptr())
+        lib.coactive_top(lo, hi, offsets.data_ptr(), tok_P.data_ptr(), r0, V_nA.data_ptr(), A,
+                         up_val_BA.data_ptr(), up_g_BA.data_ptr(), n_F.data_ptr(), c,
+                         sums_G.data_ptr(), heap.data_ptr(), score_FC[lo].data_ptr(),
+                         col_FC[lo].data_ptr())
 
     bounds = _super_blocks(slots.start, A, _weights_budget(memory_budget_bytes), 4)
     for s_lo, s_hi in itertools.pairwise(bounds):
@@ -531,7 +531,7 @@ def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
                                       for x in cuts.tolist())})
         native.parallel(run, [(V_nA, slots.start[s_lo], lo, hi)
                               for lo, hi in itertools.pairwise(edges)])
-    return top_Fc, col_Fc
+    return score_FC, col_FC
 
 
 def _split_global(
@@ -573,8 +573,8 @@ def top_connections(
         if search_route(suite, acts, down, variant, method, memory_budget_bytes) == \
                 "coactive-kernel":
             n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
-            score_Fc, top_Fc = _coactive_top(suite, acts, down, min(C, n_up), memory_budget_bytes)
-            conns[down] = _split_global(down, suite, top_Fc, score_Fc > 0)
+            score_FC, top_FC = _coactive_top(suite, acts, down, min(C, n_up), memory_budget_bytes)
+            conns[down] = _split_global(down, suite, top_FC, score_FC > 0)
             continue
         tops, keeps = [], []
         blocks = importance_blocks(

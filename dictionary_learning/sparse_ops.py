@@ -324,13 +324,13 @@ def _token_ranges(B: int) -> list[tuple[int, int, int]]:
 def _candidate_forward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int) -> Tensor:
     (B, N), A, C = cand_BN.shape, vals_BA.shape[1], J_FC.shape[1]
     out_BN = V_FC.new_empty(B, N)
-    # a scratch row of the upstream table per thread, zeros between tokens
-    table_WG = V_FC.new_zeros(native.workers(), n_up + 1)
+    # a scratch row of the upstream table per thread ([n_up + 1] each), zeros between tokens
+    tables = V_FC.new_zeros(native.workers(), n_up + 1)
 
     def run(lo: int, hi: int, w: int) -> None:
         lib.candidate_forward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
                               V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
-                              table_WG[w].data_ptr(), out_BN.data_ptr())
+                              tables[w].data_ptr(), out_BN.data_ptr())
 
     native.parallel(run, _token_ranges(B))
     return out_BN
@@ -344,20 +344,21 @@ def _candidate_backward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN, n_up:
     ranges = _token_ranges(B)
     W = len(ranges)
     g_vals_BA = torch.empty_like(vals_BA) if need_vals else None
-    g_V_WFC = V_FC.new_zeros(W, *V_FC.shape) if need_V else None
-    table_WG, g_table_WG = V_FC.new_zeros(2, W, n_up + 1)
-    mark_WG = torch.zeros(W, n_up + 1, dtype=torch.uint8)
+    # per thread: its g_V ([F, C]) and its scratch rows ([n_up + 1]: table, gradient, marks)
+    g_V_parts = V_FC.new_zeros(W, *V_FC.shape) if need_V else None
+    tables, g_tables = V_FC.new_zeros(2, W, n_up + 1)
+    marks = torch.zeros(W, n_up + 1, dtype=torch.uint8)
 
     def run(lo: int, hi: int, w: int) -> None:
         lib.candidate_backward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
                                V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
-                               g_BN.data_ptr(), table_WG[w].data_ptr(), g_table_WG[w].data_ptr(),
-                               mark_WG[w].data_ptr(),
-                               g_V_WFC[w].data_ptr() if need_V else None,
+                               g_BN.data_ptr(), tables[w].data_ptr(), g_tables[w].data_ptr(),
+                               marks[w].data_ptr(),
+                               g_V_parts[w].data_ptr() if need_V else None,
                                g_vals_BA.data_ptr() if need_vals else None)
 
     native.parallel(run, ranges)
-    return g_vals_BA, g_V_WFC.sum(0) if need_V else None
+    return g_vals_BA, g_V_parts.sum(0) if need_V else None
 
 
 class _ChunkBuffers:
