@@ -184,6 +184,12 @@ def _slots_by_feature(acts: SparseActivations, down: str, F: int) -> _Slots:
     return _Slots(pos_P.index_select(0, order_P), feat_P, start)
 
 
+def _tokens_per_feature(start: list[int], dtype: torch.dtype, device) -> Tensor:
+    """[F] tokens where each feature is active, at least 1 (the mean over none is 0 anyway):
+    the offsets differenced in integers (past 2^24 they are not exact in fp32)."""
+    return torch.tensor(start, device=device).diff().clamp_min(1).to(dtype)
+
+
 def _coactive_virtual_weights(
     suite: SCAESuite, acts: SparseActivations, down: str, slots: _Slots, lo: int, hi: int,
     dtype: torch.dtype, token_batch: int = 32,
@@ -333,9 +339,7 @@ def importance_blocks(
     K = acts.idx[down].shape[1]
     slots = _slots_by_feature(acts, down, F)
     start = slots.start
-    # tokens where each feature is active (at least 1: the mean over none is 0 anyway); the
-    # difference in integers (offsets past 2^24 are not exact in fp32)
-    n_F1 = torch.tensor(start, device=ref.device).diff().clamp_min(1).to(dtype)[:, None]
+    n_F1 = _tokens_per_feature(start, dtype, ref.device)[:, None]
     if method == "dense":
         super_bounds = [0, F]
         block = _block_rows(memory_budget_bytes, F, n_up, 3)
@@ -504,7 +508,7 @@ def _coactive_top(suite: SCAESuite, acts: SparseActivations, down: str, c: int,
     K = acts.idx[down].shape[1]
     slots = _slots_by_feature(acts, down, F)
     offsets = torch.tensor(slots.start)
-    n_F = offsets.diff().clamp_min(1).float()
+    n_F = _tokens_per_feature(slots.start, torch.float32, offsets.device)
     tok_P = (slots.pos_P // K).long()
     up_val_BA, up_idx_BA = _upstream(acts, suite, down, slice(None), torch.float32)
     up_g_BA = up_idx_BA.int()
@@ -570,15 +574,16 @@ def top_connections(
         raise ValueError(f"C={C} must be a positive number of connections per feature")
     conns = {}
     for down in tqdm(suite.transcoder_names, desc="top connections", leave=False):
-        if search_route(suite, acts, down, variant, method, memory_budget_bytes) == \
-                "coactive-kernel":
+        route = search_route(suite, acts, down, variant, method, memory_budget_bytes)
+        if route == "coactive-kernel":
             n_up = sum(suite.dicts[u].dict_size for u in suite.upstream_names(down))
             score_FC, top_FC = _coactive_top(suite, acts, down, min(C, n_up), memory_budget_bytes)
             conns[down] = _split_global(down, suite, top_FC, score_FC > 0)
             continue
         tops, keeps = [], []
+        # (the route, not "auto": plan_method has run once for this transcoder)
         blocks = importance_blocks(
-            suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes, method=method
+            suite, acts, down, variant, memory_budget_bytes=memory_budget_bytes, method=route
         )
         for _, _, imp_fG in blocks:
             score_fC, top_fC = _topk_rows(imp_fG.abs_(), min(C, imp_fG.shape[1]))

@@ -324,15 +324,16 @@ def _token_ranges(B: int) -> list[tuple[int, int, int]]:
 def _candidate_forward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int) -> Tensor:
     (B, N), A, C = cand_BN.shape, vals_BA.shape[1], J_FC.shape[1]
     out_BN = V_FC.new_empty(B, N)
+    ranges = _token_ranges(B)
     # a scratch row of the upstream table per thread ([n_up + 1] each), zeros between tokens
-    tables = V_FC.new_zeros(native.workers(), n_up + 1)
+    tables = V_FC.new_zeros(len(ranges), n_up + 1)
 
     def run(lo: int, hi: int, w: int) -> None:
         lib.candidate_forward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
                               V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
                               tables[w].data_ptr(), out_BN.data_ptr())
 
-    native.parallel(run, _token_ranges(B))
+    native.parallel(run, ranges)
     return out_BN
 
 
