@@ -34,7 +34,7 @@ PHASES = [
     (suite_mod.SCAESuite, "vanilla_one", "vanilla pass (encode, TopK, decode)"),
     (suite_mod.SCAESuite, "candidates", "candidate selection"),
     (suite_mod.SCAESuite, "_pruned_pre", "pruned pre-activations (all of it)"),
-    (suite_mod, "csr_virtual_weights", "  virtual weights (sampled_addmm)"),
+    (suite_mod, "virtual_weights", "  virtual weights"),
     (suite_mod, "connection_contrib_candidates", "  connection term, candidates"),
     (suite_mod, "connection_contrib_all", "  connection term, all features"),
     (scae, "auxk_loss", "AuxK loss"),

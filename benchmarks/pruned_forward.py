@@ -14,7 +14,8 @@ mode "all" (evaluation, forward only, no_grad, "backward": false):
   pruned  = suite.pruned_forward(batch, mode="all")  (vanilla pass + every feature of every
             transcoder)
 
-Timings are the median of --repeats runs after one warm-up, in one process. Peak memory is
+Timings are the median of --repeats runs after one warm-up, in one process, the vanilla and
+the pruned step taking turns. Peak memory is
 measured on CPU in a fresh subprocess per (case, mode, pass), whose kernel high-water mark VmHWM
 is reset (/proc/self/clear_refs) after building the suite and the batch, the peak being
 VmHWM - VmRSS at that point; on CUDA in this process after a warm-up run of the same pass,
@@ -149,16 +150,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step, device, repeats: int) -> float:
-    step()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
+def time_steps(steps: dict, device, repeats: int) -> dict:
+    """Median seconds of each step over `repeats` runs after one warm-up each, the steps taking
+    turns (v, p, v, p, ...): this CPU's speed drifts by up to ±20 % over minutes, which runs of
+    one step after all runs of the other would put into their ratio."""
+    for step in steps.values():
+        step()  # warm-up
         sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _status_kb(key: str) -> int:
@@ -234,8 +240,8 @@ def main(argv=None) -> None:
     for case in cases:
         suite, batch = build(case, device, dtype)
         for mode in args.modes.split(","):
-            t = {w: time_step(make_step(w, mode, suite, batch, device, dtype), device, args.repeats)
-                 for w in ("vanilla", "pruned")}
+            t = time_steps({w: make_step(w, mode, suite, batch, device, dtype)
+                            for w in ("vanilla", "pruned")}, device, args.repeats)
             row = {
                 "case": case, "tokens": CASES[case]["tokens"], "F": CASES[case]["F"], "mode": mode,
                 "vanilla_s": round(t["vanilla"], 4), "pruned_s": round(t["pruned"], 4),

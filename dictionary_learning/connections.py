@@ -22,7 +22,7 @@ from torch import Tensor
 from .files import atomic_torch_save
 from .names import parse_module_name, upstream_names
 from .safe_load import load_tensor_file
-from .sparse_ops import csr_pointers
+from .sparse_ops import TransposedConnections, csr_pointers, transpose_connections
 
 Connections = dict[str, dict[str, Tensor]]
 
@@ -169,12 +169,16 @@ class CompiledConnections(NamedTuple):
     tperm: tuple[Tensor, ...] = ()
     """Per upstream module: order of the module's slots in the transposed pattern
     (tvalues = values[tperm])."""
+    transposed: TransposedConnections | None = None
+    """All of J's connections by global upstream feature (the connection term's C kernels)."""
 
     def to(self, device) -> "CompiledConnections":
         mv = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
+        tc = self.transposed
         return self._replace(
             J_FC=self.J_FC.to(device), pos=mv(self.pos), cols=mv(self.cols), crow=mv(self.crow),
             tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm),
+            transposed=TransposedConnections(*mv(tc)) if tc is not None else None,
         )
 
 
@@ -213,7 +217,7 @@ def compile_connections(
         tcrow.append(csr_pointers(c, F_u))
     return CompiledConnections(
         ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols),
-        tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm),
+        tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm), transpose_connections(J_FC, n_up),
     )
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F_
@@ -36,6 +39,10 @@ CANDIDATE_MAX_TOKENS = 64
 # the candidates: a GEMM does ~20x more multiply-adds per second than the sampled kernel on the
 # CPU of benchmarks/RESULTS.md, and the sampled kernel also sorts the candidates.
 SAMPLED_MIN_RATIO = 16
+# Bytes of the table blocks of csrc/sparse_rows.c: about a third of the L3 cache (32 MiB) of the
+# CPU of benchmarks/RESULTS.md. For the virtual weights at F 12288 (three decoders, 113 MB),
+# 12 MiB blocks took 0.075 s, 3 and 6 MiB 0.10 and 0.08 s, one block per decoder 0.15 s.
+TABLE_BLOCK_BYTES = 12 << 20
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -221,18 +228,179 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     candidates (which may repeat).
 
     Where the candidates are a small part of the features (F > SAMPLED_MIN_RATIO N), without the
-    dense [B, F] product: the sampled kernel of `csr_virtual_weights` over the candidates'
-    pattern. Otherwise the dense product is the cheaper.
+    dense [B, F] product: a sampled product over the candidates' pattern, taken feature by feature
+    (the transposed pattern [F, B]: each row of W read once, x's rows from the cache), by the
+    blocked C kernel where it applies, else by `csr_virtual_weights`. Otherwise the dense product
+    is the cheaper.
     """
     B, N = cand_BN.shape
     if W_FD.shape[0] <= SAMPLED_MIN_RATIO * N:
         return (x_BD @ W_FD.T).gather(1, cand_BN)
     col = cand_BN.flatten()
-    crow = torch.arange(0, B * N + 1, N, device=col.device)
-    # the transposed pattern [F, B], for the gradient of W
+    # the pattern [F, B] (features by tokens): tokens ascend within a feature (stable sort)
     tperm = torch.argsort(col, stable=True)
     tcrow = csr_pointers(col, W_FD.shape[0])
-    return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tperm // N, tperm).view(B, N)
+    tok = tperm // N
+    if _blocked_kernel(x_BD, W_FD) is not None:
+        crow = torch.arange(0, B * N + 1, N, device=col.device)
+        pattern = BlockedPattern(tcrow, tok, tperm, B * N, (0,),
+                                 (TransposedPattern(crow, col, None, False),))
+        return _BlockedDot.apply(pattern, W_FD, x_BD).view(B, N)
+    crow = torch.arange(0, B * N + 1, N, device=col.device)
+    return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tok, tperm).view(B, N)
+
+
+def virtual_weights(
+    W_FD: Tensor, dec_UDs: Sequence[Tensor], J_FC: Tensor, offsets: Sequence[int],
+    pos: Sequence[Tensor], cols: Sequence[Tensor], crow: Sequence[Tensor],
+    tcrow: Sequence[Tensor], tcol: Sequence[Tensor], tperm: Sequence[Tensor],
+) -> Tensor:
+    """V [F, C]: V[i, c] = W[i] . dec_u[J[i, c] - offset_u], zero at padding: the virtual weights
+    of a transcoder's connections (docs/method.md (3.3)), from the encoder rows W and each
+    upstream dictionary's decoder rows dec_u [F_u, D] (the global upstream space of J: offsets).
+
+    The per-module arguments are those of `CompiledConnections`. By the blocked C kernel where it
+    applies (fp32 on the CPU: one pass over J, the decoders read in cache-sized blocks), else one
+    `csr_virtual_weights` per upstream module, scattered into [F, C].
+    """
+    F, C = J_FC.shape
+    out_dtype, acc = W_FD.dtype, accumulation_dtype(W_FD.dtype)
+    W_FD = W_FD.to(acc)
+    decs = [d.to(acc) for d in dec_UDs]
+    if _blocked_kernel(W_FD, *decs) is not None and J_FC.is_contiguous():
+        row_ptr = torch.arange(0, F * C + 1, max(C, 1), device=J_FC.device)[: F + 1]
+        pattern = BlockedPattern(
+            row_ptr, J_FC.flatten(), None, F * C, tuple(offsets),
+            tuple(TransposedPattern(tr, tc, p[o], True)
+                  for tr, tc, p, o in zip(tcrow, tcol, pos, tperm, strict=True)),
+        )
+        return _BlockedDot.apply(pattern, W_FD, *decs).view(F, C).to(out_dtype)
+    V_parts, pos_parts = [], []
+    for dec, p, c, cr, tr, tc, tp in zip(decs, pos, cols, crow, tcrow, tcol, tperm, strict=True):
+        if p.numel():
+            V_parts.append(csr_virtual_weights(W_FD, dec.T, cr, c, tr, tc, tp))
+            pos_parts.append(p)
+    V_flat = W_FD.new_zeros(F * C)
+    if V_parts:
+        V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
+    return V_flat.view(F, C).to(out_dtype)
+
+
+class TransposedPattern(NamedTuple):
+    """A table's side of a `BlockedPattern`: its rows' entries, for the table's gradient."""
+
+    row_ptr: Tensor
+    """CSR row pointers over the table's rows (columns of the pattern, less the offset)."""
+    cols: Tensor
+    """The pattern row (a row of A) of each entry."""
+    g_pos: Tensor | None
+    """Where each entry's gradient is in the output (None: in order)."""
+    ascending: bool
+    """Whether `cols` ascend within each row (then A is read in blocks)."""
+
+
+class BlockedPattern(NamedTuple):
+    """The entries of out[q] = A[r] . T[cols[q]] for `_BlockedDot` (csrc/sparse_rows.c)."""
+
+    row_ptr: Tensor
+    """CSR row pointers [R + 1] over the rows of A."""
+    cols: Tensor
+    """The column of each entry, ascending within a row; columns no table covers are skipped
+    (their output stays 0)."""
+    out_pos: Tensor | None
+    """Where each entry goes in the output (None: in order)."""
+    n_out: int
+    """Length of the output."""
+    offsets: tuple[int, ...]
+    """The column of row 0 of each table."""
+    transposed: tuple[TransposedPattern, ...]
+    """Per table, the entries by table row (for its gradient)."""
+
+
+class _BlockedDot(torch.autograd.Function):
+    """out[q] = A[r] . T[cols[q]] over a `BlockedPattern`, with the columns spread over several
+    tables T_k (rows off_k .. off_k + len(T_k)). Forward and both gradients are csrc/sparse_rows.c
+    (`rows_dot`, `rows_axpy`), each output row written by one thread in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, pattern: BlockedPattern, A_RD: Tensor, *T_UDs: Tensor) -> Tensor:
+        ctx.save_for_backward(A_RD, *T_UDs)
+        ctx.pattern = pattern
+        out = A_RD.new_zeros(pattern.n_out)
+        _rows_call("rows_dot", A_RD, pattern.row_ptr, pattern.cols, pattern.out_pos,
+                   list(zip(T_UDs, pattern.offsets, strict=True)), out, True)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_Q: Tensor):
+        A_RD, *T_UDs = ctx.saved_tensors
+        p: BlockedPattern = ctx.pattern
+        g_Q = g_Q.contiguous()
+        g_A = g_Ts = None
+        if ctx.needs_input_grad[1]:
+            g_A = torch.empty_like(A_RD)
+            _rows_call("rows_axpy", g_Q, p.row_ptr, p.cols, p.out_pos,
+                       list(zip(T_UDs, p.offsets, strict=True)), g_A, True)
+        g_Ts = []
+        for k, (T, t) in enumerate(zip(T_UDs, p.transposed, strict=True)):
+            g_T = None
+            if ctx.needs_input_grad[2 + k]:
+                g_T = torch.empty_like(T)
+                _rows_call("rows_axpy", g_Q, t.row_ptr, t.cols, t.g_pos, [(A_RD, 0)], g_T,
+                           t.ascending)
+            g_Ts.append(g_T)
+        return None, g_A, *g_Ts
+
+
+def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
+    """csrc/sparse_rows.c where it applies (fp32, contiguous, on the CPU, and a C compiler)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               and t.layout == torch.strided for t in tensors):
+        return None
+    lib = native.load("sparse_rows")
+    if lib is not None and lib.rows_dot.argtypes is None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        for fn in (lib.rows_dot, lib.rows_axpy):
+            fn.argtypes = [i64] * 3 + [p] * 4 + [i64] + [p] * 6
+    return lib
+
+
+def _table_blocks(tables: Sequence[tuple[Tensor, int]], blocked: bool) -> Tensor:
+    """[4, n] int64: (lo, hi, offset, address) of each block of rows of the tables (all rows of
+    each table in one block when not `blocked`)."""
+    rows = []
+    for T, off in tables:
+        step = max(1, TABLE_BLOCK_BYTES // max(1, T.shape[1] * T.element_size())) if blocked \
+            else max(1, T.shape[0])
+        rows += [(off + s, off + min(T.shape[0], s + step), off, T.data_ptr())
+                 for s in range(0, T.shape[0], step)]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).T.contiguous()
+
+
+def _rows_call(fn: str, X: Tensor, row_ptr: Tensor, cols: Tensor, pos: Tensor | None,
+               tables: Sequence[tuple[Tensor, int]], out: Tensor, blocked: bool) -> None:
+    """csrc/sparse_rows.c's `fn` over all rows, the rows split into one range per thread of
+    about equal entries. X: A [R, D] (rows_dot) or g (rows_axpy)."""
+    lib = _blocked_kernel(X, out, *(T for T, _ in tables))
+    row_ptr, cols = row_ptr.contiguous(), cols.contiguous()
+    pos = pos.contiguous() if pos is not None else None
+    R, D = row_ptr.shape[0] - 1, tables[0][0].shape[1]
+    blk = _table_blocks(tables, blocked)
+    cursor = torch.empty(R, dtype=torch.int64)
+    n = max(1, min(R, native.workers()))
+    cuts = torch.searchsorted(row_ptr, torch.linspace(0, int(row_ptr[-1]), n + 1)[1:-1]
+                              .round().to(torch.int64)).tolist()
+    edges = [0, *cuts, R]
+    kernel = getattr(lib, fn)
+
+    def run(lo: int, hi: int) -> None:
+        kernel(lo, hi, D, row_ptr.data_ptr(), cols.data_ptr(),
+               pos.data_ptr() if pos is not None else None, X.data_ptr(), blk.shape[1],
+               blk[0].data_ptr(), blk[1].data_ptr(), blk[2].data_ptr(), blk[3].data_ptr(),
+               cursor.data_ptr(), out.data_ptr())
+
+    native.parallel(run, [(a, b) for a, b in itertools.pairwise(edges) if a < b]
+                    or [(0, R)])
 
 
 def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
@@ -250,12 +418,14 @@ class _CandidateContrib(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int):
+    def forward(ctx, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int,
+                tc: TransposedConnections | None):
         ctx.save_for_backward(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
         ctx.n_up = n_up
-        lib = _candidate_kernel(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
+        lib = _connection_kernel(vals_BA, idx_BA, V_FC, cand_BN)
         if lib is not None:
-            return _candidate_forward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up)
+            ctx.tc = tc if tc is not None else transpose_connections(J_FC, n_up)
+            return _candidates_c(lib, vals_BA, idx_BA, V_FC, cand_BN, n_up, ctx.tc)
         B, N = cand_BN.shape
         out_BN = V_FC.new_empty(B, N)
         buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, n_up)
@@ -271,12 +441,12 @@ class _CandidateContrib(torch.autograd.Function):
     def backward(ctx, g_BN):
         vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
         g_BN = g_BN.contiguous()
-        lib = _candidate_kernel(vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN)
+        lib = _connection_kernel(vals_BA, idx_BA, V_FC, cand_BN, g_BN)
         if lib is not None:
-            g_vals_BA, g_V_FC = _candidate_backward_c(
-                lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN, ctx.n_up,
+            g_vals_BA, g_V_FC = _candidates_backward_c(
+                lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, ctx.n_up, ctx.tc,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[2])
-            return g_vals_BA, None, g_V_FC, None, None, None
+            return g_vals_BA, None, g_V_FC, None, None, None, None
         N = cand_BN.shape[1]
         g_vals_BA = torch.zeros_like(vals_BA) if ctx.needs_input_grad[0] else None
         g_V_FC = torch.zeros_like(V_FC) if ctx.needs_input_grad[2] else None
@@ -295,22 +465,44 @@ class _CandidateContrib(torch.autograd.Function):
                 g_Vup_bNC = buf.rows(V_FC, cand_bN, buf.V).mul_(g_bN1)
                 g_table_bG.scatter_add_(1, J_bNC.flatten(1), g_Vup_bNC.flatten(1))
                 g_vals_BA[sl] = g_table_bG.gather(1, idx_BA[sl])
-        return g_vals_BA, None, g_V_FC, None, None, None
+        return g_vals_BA, None, g_V_FC, None, None, None, None
 
 
-def _candidate_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
-    """csrc/candidate_contrib.c where it applies (fp32 values, int64 indices, contiguous, on the
-    CPU, and a C compiler: `native.load`), else None and the torch kernel."""
+class TransposedConnections(NamedTuple):
+    """J's connections by upstream feature: the layout of csrc/connection_term.c."""
+
+    tcrow: Tensor
+    """CSR row pointers [n_up + 1]: upstream feature j's entries are tcrow[j] .. tcrow[j + 1]."""
+    trow: Tensor
+    """The downstream feature of each entry, int32."""
+    tpos: Tensor
+    """Its flat position in J [F, C] (entries of one j by ascending position)."""
+
+
+def transpose_connections(J_FC: Tensor, n_up: int) -> TransposedConnections:
+    """The connections of J [F, C] (padding n_up left out) by upstream feature."""
+    flat = J_FC.flatten()
+    keep = (flat >= 0) & (flat < n_up)
+    tpos = torch.argsort(torch.where(keep, flat, n_up), stable=True)[: int(keep.sum())]
+    C = max(1, J_FC.shape[1])
+    return TransposedConnections(csr_pointers(flat[keep], n_up),
+                                 (tpos // C).to(torch.int32), tpos)
+
+
+def _connection_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
+    """csrc/connection_term.c where it applies (fp32 values, int64 indices, contiguous, on the
+    CPU, and a C compiler: `native.load`), else None and the torch kernels."""
     if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return None
     if any(t.dtype != (torch.float32 if t.is_floating_point() else torch.int64)
            for t in tensors):
         return None
-    lib = native.load("candidate_contrib")
-    if lib is not None and lib.candidate_forward.argtypes is None:
+    lib = native.load("connection_term")
+    if lib is not None and lib.connection_all.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.candidate_forward.argtypes = [i64] * 5 + [p] * 7
-        lib.candidate_backward.argtypes = [i64] * 5 + [p] * 11
+        lib.connection_all.argtypes = [i64] * 5 + [p] * 6
+        lib.connection_candidates.argtypes = [i64] * 6 + [p] * 8
+        lib.connection_candidates_backward.argtypes = [i64] * 5 + [p] * 10
     return lib
 
 
@@ -321,45 +513,62 @@ def _token_ranges(B: int) -> list[tuple[int, int, int]]:
     return [(cuts[w], cuts[w + 1], w) for w in range(n) if cuts[w] < cuts[w + 1]]
 
 
-def _candidate_forward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, n_up: int) -> Tensor:
-    (B, N), A, C = cand_BN.shape, vals_BA.shape[1], J_FC.shape[1]
+def _candidates_c(lib, vals_BA, idx_BA, V_FC, cand_BN, n_up: int,
+                  tc: TransposedConnections) -> Tensor:
+    (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
     out_BN = V_FC.new_empty(B, N)
+    Vt_Q = V_FC.flatten()[tc.tpos]
     ranges = _token_ranges(B)
-    # a scratch row of the upstream table per thread ([n_up + 1] each), zeros between tokens
-    tables = V_FC.new_zeros(len(ranges), n_up + 1)
+    rows = V_FC.new_zeros(len(ranges), F)  # a scratch row per thread, zeros between tokens
 
     def run(lo: int, hi: int, w: int) -> None:
-        lib.candidate_forward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
-                              V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
-                              tables[w].data_ptr(), out_BN.data_ptr())
+        lib.connection_candidates(lo, hi, A, N, F, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(),
+                                  tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_Q.data_ptr(),
+                                  cand_BN.data_ptr(), rows[w].data_ptr(), out_BN.data_ptr())
 
     native.parallel(run, ranges)
     return out_BN
 
 
-def _candidate_backward_c(lib, vals_BA, idx_BA, V_FC, J_FC, cand_BN, g_BN, n_up: int,
-                          need_vals: bool, need_V: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of vals and V: each thread sums g_V over its tokens in its own [F, C], added
-    up after (so the result depends on the thread count in the last bits, not on timing)."""
-    (B, N), A, C = cand_BN.shape, vals_BA.shape[1], J_FC.shape[1]
+def _candidates_backward_c(lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, n_up: int,
+                           tc: TransposedConnections, need_vals: bool,
+                           need_V: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of vals and V: each thread sums g_V over its tokens in its own copy, added up
+    after (so the result depends on the thread count in the last bits, not on timing)."""
+    (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
+    Vt_Q = V_FC.flatten()[tc.tpos]
     ranges = _token_ranges(B)
-    W = len(ranges)
     g_vals_BA = torch.empty_like(vals_BA) if need_vals else None
-    # per thread: its g_V ([F, C]) and its scratch rows ([n_up + 1]: table, gradient, marks)
-    g_V_parts = V_FC.new_zeros(W, *V_FC.shape) if need_V else None
-    tables, g_tables = V_FC.new_zeros(2, W, n_up + 1)
-    marks = torch.zeros(W, n_up + 1, dtype=torch.uint8)
+    g_Vt_parts = V_FC.new_zeros(len(ranges), Vt_Q.shape[0]) if need_V else None
+    rows = V_FC.new_zeros(len(ranges), F)
 
     def run(lo: int, hi: int, w: int) -> None:
-        lib.candidate_backward(lo, hi, N, A, C, vals_BA.data_ptr(), idx_BA.data_ptr(),
-                               V_FC.data_ptr(), J_FC.data_ptr(), cand_BN.data_ptr(),
-                               g_BN.data_ptr(), tables[w].data_ptr(), g_tables[w].data_ptr(),
-                               marks[w].data_ptr(),
-                               g_V_parts[w].data_ptr() if need_V else None,
-                               g_vals_BA.data_ptr() if need_vals else None)
+        lib.connection_candidates_backward(
+            lo, hi, A, N, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(), tc.tcrow.data_ptr(),
+            tc.trow.data_ptr(), Vt_Q.data_ptr(), cand_BN.data_ptr(), g_BN.data_ptr(),
+            rows[w].data_ptr(), g_Vt_parts[w].data_ptr() if need_V else None,
+            g_vals_BA.data_ptr() if need_vals else None)
 
     native.parallel(run, ranges)
-    return g_vals_BA, g_V_parts.sum(0) if need_V else None
+    g_V_FC = None
+    if need_V:
+        g_V_FC = V_FC.new_zeros(V_FC.numel()).index_put_((tc.tpos,), g_Vt_parts.sum(0))
+        g_V_FC = g_V_FC.view_as(V_FC)
+    return g_vals_BA, g_V_FC
+
+
+def _all_c(lib, vals_BA, idx_BA, V_FC, n_up: int, tc: TransposedConnections) -> Tensor:
+    B, A, F = vals_BA.shape[0], vals_BA.shape[1], V_FC.shape[0]
+    out_BF = V_FC.new_empty(B, F)
+    Vt_Q = V_FC.flatten()[tc.tpos]
+
+    def run(lo: int, hi: int, w: int) -> None:
+        lib.connection_all(lo, hi, A, F, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(),
+                           tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_Q.data_ptr(),
+                           out_BF.data_ptr())
+
+    native.parallel(run, _token_ranges(B))
+    return out_BF
 
 
 class _ChunkBuffers:
@@ -395,36 +604,50 @@ class _ChunkBuffers:
 
 
 def connection_contrib_candidates(
-    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, cand_BN: Tensor, n_up: int,
+    transposed: TransposedConnections | None = None,
 ) -> Tensor:
     """Connection term for the candidate features of each token, [B, N].
 
     vals_BA/idx_BA: every upstream dictionary's active features side by side, [B, A], idx in the
-    global upstream index space [0, n_up). J_FC uses n_up as padding. Half-precision inputs are
-    computed in fp32 (the sums over connections, and the gradient sums over tokens) and the result
-    cast back.
+    global upstream index space [0, n_up), each at most once per token. J_FC uses n_up as padding,
+    where V_FC is zero. Half-precision inputs are computed in fp32 (the sums over connections,
+    and the gradient sums over tokens) and the result cast back. On the CPU in fp32, by
+    csrc/connection_term.c over `transposed` (`transpose_connections(J_FC, n_up)`, made here
+    when not given).
     """
     acc = accumulation_dtype(V_FC.dtype)
     # (contiguous: the C kernel's layout; a no-op for the pruned pass's tensors)
     out_BN = _CandidateContrib.apply(vals_BA.to(acc).contiguous(), idx_BA.contiguous(),
                                      V_FC.to(acc).contiguous(), J_FC.contiguous(),
-                                     cand_BN.contiguous(), n_up)
+                                     cand_BN.contiguous(), n_up, transposed)
     return out_BN.to(V_FC.dtype)
 
 
 def connection_contrib_all(
-    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, n_up: int
+    vals_BA: Tensor, idx_BA: Tensor, V_FC: Tensor, J_FC: Tensor, n_up: int,
+    transposed: TransposedConnections | None = None,
 ) -> Tensor:
-    """Connection term for every downstream feature, [B, F], via embedding_bag over token chunks.
+    """Connection term for every downstream feature, [B, F] (inputs as
+    `connection_contrib_candidates`).
 
-    Each downstream feature is one bag (its connections, weighted by V) over the table of upstream
-    activations transposed to [n_up + 1, tokens]: no [B, F, C] tensor is formed.
+    Without gradient on the CPU in fp32: csrc/connection_term.c, from each token's active
+    upstream features over `transposed` (made here when not given). Else embedding_bag over
+    token chunks: each downstream feature is one bag (its connections, weighted by V) over the
+    table of upstream activations transposed to [n_up + 1, tokens]; no [B, F, C] tensor is
+    formed.
     """
     B = vals_BA.shape[0]
     F = J_FC.shape[0]
     acc = accumulation_dtype(V_FC.dtype)
     if J_FC.shape[1] == 0:
         return V_FC.new_zeros(B, F) + 0 * vals_BA.sum()
+    grad = torch.is_grad_enabled() and (vals_BA.requires_grad or V_FC.requires_grad)
+    vals_acc, V_acc = vals_BA.to(acc).contiguous(), V_FC.to(acc).contiguous()
+    lib = None if grad else _connection_kernel(vals_acc, idx_BA, V_acc)
+    if lib is not None:
+        tc = transposed if transposed is not None else transpose_connections(J_FC, n_up)
+        return _all_c(lib, vals_acc, idx_BA, V_acc, n_up, tc).to(V_FC.dtype)
     if not kernel_available("embedding_bag", V_FC.device.type, acc):
         all_BF = torch.arange(F, device=J_FC.device).expand(B, F)
         return connection_contrib_candidates(vals_BA, idx_BA, V_FC, J_FC, all_BF, n_up)

@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from dictionary_learning.candidates import select_candidates
 from dictionary_learning.arch import SuiteArch, architecture, centre, check_same
 from dictionary_learning.connections import (
     CompiledConnections,
@@ -34,9 +35,9 @@ from dictionary_learning.names import (
 from dictionary_learning.sparse_ops import (
     connection_contrib_all,
     connection_contrib_candidates,
-    csr_virtual_weights,
     dot_at_candidates,
     take_rows,
+    virtual_weights,
 )
 from dictionary_learning.suite_io import load_suite, save_suite
 from dictionary_learning.validate import check_candidates
@@ -81,38 +82,6 @@ class PrunedTerms(NamedTuple):
     """Their indices in the global upstream space G."""
     sigma_B1: Tensor
     """The MLP-input norm's scale sigma per token."""
-
-
-def random_others(
-    top_BM: Tensor, n_features: int, n: int, generator: torch.Generator | None = None
-) -> Tensor:
-    """n distinct features per row drawn uniformly from those not in the row of top_BM, [B, n].
-
-    The first n distinct draws outside the row's top set, from iid uniform draws: a uniform
-    random n-subset, from a sort of 2 (n + M) + 32 draws per row instead of a random score per
-    feature and a top-n over them ([B, F]: 4x slower at F 12288). Where F is under four times the
-    draws (the scores are then as fast), and in the rare batch where a row falls short of n
-    usable draws, the random scores are used.
-    """
-    B, M = top_BM.shape
-    dev = top_BM.device
-    n_draws = 2 * (n + M) + 32
-    if n_features >= 4 * n_draws:
-        draws_BR = torch.randint(n_features, (B, n_draws), generator=generator, device=dev)
-        # usable: not a repeat of an earlier draw of the row, and not in the row's top set
-        sorted_BR, order_BR = draws_BR.sort(dim=1, stable=True)
-        repeat_BR = torch.zeros_like(sorted_BR, dtype=torch.bool)
-        repeat_BR[:, 1:] = sorted_BR[:, 1:] == sorted_BR[:, :-1]
-        top_sorted_BM = top_BM.sort(dim=1).values
-        at_BR = torch.searchsorted(top_sorted_BM, sorted_BR).clamp_max(M - 1)
-        in_top_BR = top_sorted_BM.gather(1, at_BR) == sorted_BR
-        usable_BR = torch.empty_like(repeat_BR).scatter_(1, order_BR, ~(repeat_BR | in_top_BR))
-        take_BR = usable_BR & (usable_BR.cumsum(1) <= n)
-        if bool((take_BR.sum(1) == n).all()):
-            return draws_BR[take_BR].view(B, n)
-    scores_BF = torch.rand(B, n_features, generator=generator, device=dev)
-    scores_BF.scatter_(1, top_BM, -1.0)
-    return scores_BF.topk(n, dim=1, sorted=False).indices
 
 
 class SCAESuite(nn.Module):
@@ -286,17 +255,21 @@ class SCAESuite(nn.Module):
         the vanilla top K, the next n_threshold and n_random random features (training), or the
         candidates already in `vanilla[m].cand_BN`. `pruned_top` (candidates mode) adds the pruned
         pass's own top K, computed without gradient over all features: the K features chosen are
-        then exactly those of mode="all" (docs/method.md §3).
+        then exactly those of mode="all" (docs/method.md §3). Without `vanilla`, the vanilla passes
+        it needs are run: the attention SAEs' (the upstream features), and in the candidates mode
+        the transcoders' (their pre-activations choose the candidates).
         """
         if vanilla is None:
-            vanilla = self.vanilla_forward(batch)
+            self._check_batch(batch)
+            vanilla = {n: self.vanilla_one(n, batch) for n in self.names
+                       if mode == "candidates" or not is_transcoder(n)}
         up_feats: dict[str, Features] = {}
         out = {}
         for layer in range(self.n_layers):
             a, m = f"attn_{layer}", f"mlp_{layer}"
             up_feats[a] = vanilla[a].feats
             out[m] = self._pruned_transcoder(
-                m, batch, vanilla[m], up_feats, mode, n_threshold, n_random, generator,
+                m, batch, vanilla.get(m), up_feats, mode, n_threshold, n_random, generator,
                 pruned_top,
             )
             up_feats[m] = out[m].feats
@@ -307,35 +280,20 @@ class SCAESuite(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """cand_BN, N = K + n_threshold + n_random: vanilla top K, the next n_threshold, then random
-        others."""
+        others (`select_candidates`)."""
         ae = self.dicts[name]
         check_candidates(name, ae.k, n_threshold, n_random, ae.dict_size)
-        n_top = ae.k + n_threshold
-        pre_BF = vanilla_pre_BF.detach()
-        top_BM = pre_BF.topk(n_top, dim=1, sorted=True).indices
-        if n_random == 0:
-            return top_BM
-        return torch.cat([top_BM, random_others(top_BM, ae.dict_size, n_random, generator)], 1)
+        return select_candidates(vanilla_pre_BF.detach(), ae.k + n_threshold, n_random, generator)
 
     def virtual_weights(self, name: str) -> Tensor:
         """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
-        its c-th connection (zero at padding); one sampled product per upstream module."""
+        its c-th connection (zero at padding)."""
         comp = self.compiled(name)
         Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
-        F, C = comp.J_FC.shape
-        V_parts, pos_parts = [], []
-        for j, u in enumerate(comp.ups):
-            if comp.pos[j].numel() == 0:
-                continue
-            V_parts.append(csr_virtual_weights(
-                Wc_FD, self.dicts[u].decoder.weight, comp.crow[j], comp.cols[j], comp.tcrow[j],
-                comp.tcol[j], comp.tperm[j],
-            ))
-            pos_parts.append(comp.pos[j])
-        V_flat = Wc_FD.new_zeros(F * C)
-        if V_parts:
-            V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
-        return V_flat.view(F, C)
+        # decoder rows d_j: the transpose of a feature-major decoder is contiguous (no copy)
+        dec_UDs = [self.dicts[u].decoder.weight.T for u in comp.ups]
+        return virtual_weights(Wc_FD, dec_UDs, comp.J_FC, comp.offsets, comp.pos, comp.cols,
+                               comp.crow, comp.tcrow, comp.tcol, comp.tperm)
 
     def _pruned_terms(self, name: str, batch, up_feats: dict[str, Features]) -> PrunedTerms:
         """The parts of transcoder `name`'s pruned pre-activation (docs/method.md (3.2)) that do
@@ -381,7 +339,7 @@ class SCAESuite(nn.Module):
             base_BF = torch.addmm(t.bias_F, t.x0_BD, t.Wc_FD.T)
             if connected:
                 base_BF = base_BF + connection_contrib_all(
-                    t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up
+                    t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up, comp.transposed
                 )
             return torch.addcdiv(b_enc_F, base_BF, t.sigma_B1)
         # At the candidates only: x0 . P w_i by `dot_at_candidates` (sampled where N << F); the
@@ -389,12 +347,12 @@ class SCAESuite(nn.Module):
         base_BN = dot_at_candidates(t.x0_BD, t.Wc_FD, cand_BN) + take_rows(t.bias_F, cand_BN)
         if connected:
             base_BN = base_BN + connection_contrib_candidates(
-                t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up
+                t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, cand_BN, comp.n_up, comp.transposed
             )
         return torch.addcdiv(take_rows(b_enc_F, cand_BN), base_BN, t.sigma_B1)
 
     def _pruned_transcoder(
-        self, name, batch, vanilla_out: DictOutput, up_feats, mode, n_threshold, n_random,
+        self, name, batch, vanilla_out: DictOutput | None, up_feats, mode, n_threshold, n_random,
         generator, pruned_top=False,
     ) -> DictOutput:
         ae = self.dicts[name]
@@ -404,6 +362,9 @@ class SCAESuite(nn.Module):
             return DictOutput(feats, ae.decode(feats), pre_BF)
         if mode != "candidates":
             raise ValueError(f"mode must be 'all' or 'candidates', got {mode!r}")
+        if vanilla_out is None:
+            raise KeyError(f"`vanilla` has no entry for {name!r}: the candidates mode chooses from "
+                           f"each transcoder's vanilla pass; pass suite.vanilla_forward(batch)")
         cand_BN = vanilla_out.cand_BN
         if cand_BN is None:
             cand_BN = self.candidates(name, vanilla_out.pre_BF, n_threshold, n_random, generator)

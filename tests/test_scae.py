@@ -179,7 +179,7 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
 
 @pytest.mark.parametrize("F", [400, 40])  # the draws sampler, and the random scores (small F)
 def test_random_candidates_are_a_uniform_subset_outside_the_top(F):
-    from dictionary_learning.suite import random_others
+    from dictionary_learning.candidates import random_others
 
     B, M, n = 10000, 10, 5
     g = torch.Generator().manual_seed(0)
@@ -241,15 +241,17 @@ def test_fused_candidate_kernel_gradients_match_plain_reference(chunk, max_token
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_candidate_c_kernel_matches_plain_reference(threads, monkeypatch):
-    """csrc/candidate_contrib.c (fp32 on the CPU) against the plain reference in float64: values
-    and both gradients, with the padding index in J and in the upstream slots, candidates that
-    repeat within a token, and gradients asked for one input at a time."""
-    if sparse_ops.native.load("candidate_contrib") is None:
-        pytest.skip("no C compiler builds dictionary_learning/csrc/candidate_contrib.c here")
+def test_connection_c_kernels_match_plain_reference(threads, monkeypatch):
+    """csrc/connection_term.c (fp32 on the CPU) against the plain reference in float64: the
+    candidates' term and both its gradients, and the all-features term, with padding in J (where
+    V is zero, as the virtual weights are) and in the upstream slots, upstream features that
+    connect to nothing, candidates that repeat within a token, and gradients asked for one input
+    at a time."""
+    if sparse_ops.native.load("connection_term") is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/connection_term.c here")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     calls = []
-    for name in ("_candidate_forward_c", "_candidate_backward_c"):
+    for name in ("_candidates_c", "_candidates_backward_c", "_all_c"):
         real = getattr(sparse_ops, name)
         monkeypatch.setattr(sparse_ops, name,
                             lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
@@ -258,10 +260,10 @@ def test_candidate_c_kernel_matches_plain_reference(threads, monkeypatch):
     vals = torch.rand(B, A, generator=g) + 0.1
     idx = torch.stack([torch.randperm(n_up, generator=g)[:A] for _ in range(B)])
     idx[:3, -1] = n_up  # an empty upstream slot (value 0) on the padding index
-    vals.detach()[:3, -1] = 0
-    J = torch.randint(0, n_up + 1, (F, C), generator=g)
+    vals[:3, -1] = 0
+    J = torch.randint(0, n_up - 5, (F, C), generator=g)  # features n_up-5.. connect to nothing
     J[:, -2:] = n_up
-    V = torch.randn(F, C, generator=g)
+    V = torch.randn(F, C, generator=g).masked_fill(J == n_up, 0.0)
     cand = torch.randint(0, F, (B, N), generator=g)  # repeats within a token
     g_BN = torch.randn(B, N, generator=g)
     for need in ((True, True), (True, False), (False, True)):
@@ -275,7 +277,13 @@ def test_candidate_c_kernel_matches_plain_reference(threads, monkeypatch):
         for a, b in zip(torch.autograd.grad(got, ins32, g_BN),
                         torch.autograd.grad(want, ins64, g_BN.double()), strict=True):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-    assert calls.count("_candidate_forward_c") == 3 and calls.count("_candidate_backward_c") == 3
+    with torch.no_grad():
+        got_all = sparse_ops.connection_contrib_all(vals, idx, V, J, n_up)
+        want_all = sparse_ops.connection_contrib_plain(
+            vals.double(), idx, V.double(), J, torch.arange(F).expand(B, F), n_up)
+    torch.testing.assert_close(got_all.double(), want_all, rtol=1e-5, atol=1e-5)
+    assert calls.count("_candidates_c") == 3 and calls.count("_candidates_backward_c") == 3
+    assert calls.count("_all_c") == 1
 
 
 @pytest.mark.parametrize("F", [17, 400])  # the dense product, the sampled kernel

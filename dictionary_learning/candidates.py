@@ -1,0 +1,128 @@
+"""The candidate features of the pruned pass's training mode (docs/method.md §3).
+
+Each token's candidates are its vanilla top K + n_threshold features (in rank order) and n_random
+others drawn uniformly from the rest: the pruned pre-activations are computed at these only.
+The random others are the first n distinct draws outside the top set from iid uniform draws; on
+the CPU the selection from the draws is csrc/candidates.c (the same features as the torch code,
+which sorts the draws: 0.11 s against ~5 ms per transcoder at F 12288 and 4096 tokens).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from . import native
+
+
+def select_candidates(
+    pre_BF: Tensor, n_top: int, n_random: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """cand_BN, N = n_top + n_random: the n_top highest of each row of pre_BF, highest first, then
+    n_random distinct features outside them, uniformly at random (`random_others`)."""
+    B, F = pre_BF.shape
+    lib = (_kernel(pre_BF) if pre_BF.dtype == torch.float32 and pre_BF.is_contiguous()
+           and F < 2**31 else None)
+    if lib is None:
+        top_BM = pre_BF.topk(n_top, dim=1, sorted=True).indices
+        if n_random == 0:
+            return top_BM
+        return torch.cat([top_BM, random_others(top_BM, F, n_random, generator)], 1)
+    cand_BN = torch.empty(B, n_top + n_random, dtype=torch.int64)
+    ranges = _row_ranges(B)
+    # per thread: the histogram, and the ranks of the kept and the selected features, scratch
+    hists = torch.empty(len(ranges), 1 << 11, dtype=torch.int64)
+    ranks = torch.empty(len(ranges), 3 * F, dtype=torch.int64)
+
+    def run(lo: int, hi: int, w: int) -> None:
+        lib.top_features(lo, hi, F, n_top, n_top + n_random, pre_BF.data_ptr(),
+                         hists[w].data_ptr(), ranks[w].data_ptr(), cand_BN.data_ptr())
+
+    native.parallel(run, ranges)
+    if n_random:
+        cand_BN[:, n_top:] = random_others(cand_BN[:, :n_top], F, n_random, generator)
+    return cand_BN
+
+
+def random_others(
+    top_BM: Tensor, n_features: int, n: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """n distinct features per row drawn uniformly from those not in the row of top_BM, [B, n].
+
+    The first n distinct draws outside the row's top set, from iid uniform draws: a uniform
+    random n-subset, from 2 (n + M) + 32 draws per row instead of a random score per feature and
+    a top-n over them ([B, F]: 4x slower at F 12288). Where F is under four times the draws (the
+    scores are then as fast), and in the rare batch where a row falls short of n usable draws,
+    the random scores are used.
+    """
+    B, M = top_BM.shape
+    n_draws = 2 * (n + M) + 32
+    if n_features >= 4 * n_draws:
+        draws_BR = torch.randint(n_features, (B, n_draws), generator=generator,
+                                 device=top_BM.device)
+        lib = _kernel(top_BM, draws_BR) if top_BM.dtype == torch.int64 else None
+        found = (_first_usable_c(lib, top_BM, draws_BR, n_features, n) if lib is not None
+                 else _first_usable(top_BM, draws_BR, n))
+        if found is not None:
+            return found
+    scores_BF = torch.rand(B, n_features, generator=generator, device=top_BM.device)
+    scores_BF.scatter_(1, top_BM, -1.0)
+    return scores_BF.topk(n, dim=1, sorted=False).indices
+
+
+def _first_usable(top_BM: Tensor, draws_BR: Tensor, n: int) -> Tensor | None:
+    """Each row's first n draws that repeat no earlier draw and are not in its top set, [B, n];
+    None if a row has fewer."""
+    M = top_BM.shape[1]
+    sorted_BR, order_BR = draws_BR.sort(dim=1, stable=True)
+    repeat_BR = torch.zeros_like(sorted_BR, dtype=torch.bool)
+    repeat_BR[:, 1:] = sorted_BR[:, 1:] == sorted_BR[:, :-1]
+    top_sorted_BM = top_BM.sort(dim=1).values
+    at_BR = torch.searchsorted(top_sorted_BM, sorted_BR).clamp_max(M - 1)
+    in_top_BR = top_sorted_BM.gather(1, at_BR) == sorted_BR
+    usable_BR = torch.empty_like(repeat_BR).scatter_(1, order_BR, ~(repeat_BR | in_top_BR))
+    take_BR = usable_BR & (usable_BR.cumsum(1) <= n)
+    if not bool((take_BR.sum(1) == n).all()):
+        return None
+    return draws_BR[take_BR].view(-1, n)
+
+
+def _first_usable_c(lib: ctypes.CDLL, top_BM: Tensor, draws_BR: Tensor, n_features: int,
+                    n: int) -> Tensor | None:
+    """`_first_usable` by csrc/candidates.c, one range of rows per thread."""
+    (B, M), R = top_BM.shape, draws_BR.shape[1]
+    out_Bn = torch.empty(B, n, dtype=torch.int64)
+    ranges = _row_ranges(B)
+    marks = torch.zeros(len(ranges), n_features, dtype=torch.uint8)
+    short = [0] * len(ranges)
+
+    def run(lo: int, hi: int, w: int) -> None:
+        short[w] = lib.random_others(lo, hi, M, top_BM.data_ptr(), top_BM.stride(0), R,
+                                     draws_BR.data_ptr(), n, marks[w].data_ptr(),
+                                     out_Bn.data_ptr())
+
+    native.parallel(run, ranges)
+    return None if sum(short) else out_Bn
+
+
+def _row_ranges(B: int) -> list[tuple[int, int, int]]:
+    """(first, end, thread) of about equal ranges of rows, one per kernel thread."""
+    n = max(1, min(B, native.workers()))
+    cuts = [B * w // n for w in range(n + 1)]
+    return [(cuts[w], cuts[w + 1], w) for w in range(n) if cuts[w] < cuts[w + 1]]
+
+
+def _kernel(*tensors: Tensor) -> ctypes.CDLL | None:
+    """csrc/candidates.c where it applies (on the CPU, rows of contiguous elements, a C
+    compiler), else None."""
+    if not all(t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors):
+        return None
+    lib = native.load("candidates")
+    if lib is not None and lib.random_others.argtypes is None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.top_features.argtypes = [i64] * 5 + [p] * 4
+        lib.random_others.argtypes = [i64] * 3 + [p, i64, i64, p, i64, p, p]
+        lib.random_others.restype = i64
+    return lib

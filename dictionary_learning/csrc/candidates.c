@@ -1,0 +1,115 @@
+/* The training step's candidate features (dictionary_learning/candidates.py; docs/method.md §3)
+ * for a range of tokens b_lo..b_hi. Plain C called through ctypes, one call per thread on its own
+ * tokens.
+ *
+ * top_features: each token's M highest pre-activations (fp32) in rank order: the larger value
+ * first, NaN above every number, -0 as +0, the lower feature first on ties. A radix select: a
+ * histogram of the values' top 11 bits, then the features above the bin that holds the M-th and
+ * a sort of that bin's; two reads of the row, where torch's topk keeps a heap (~4x slower here).
+ *
+ * random_others: the first n distinct draws outside the token's top M, in draw order, found with
+ * a mark row of F bytes (zeros on entry and on return); the torch code beside it (which sorts the
+ * draws) takes the same features from the same draws. */
+#include <stdint.h>
+#include <string.h>
+
+#define BIN_SHIFT 21 /* 2^11 bins */
+
+/* The value's bits made to sort as the floats do (-0 as +0, NaN above +inf). */
+static inline uint32_t value_key(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if (v != v) u = 0x7fc00000u;
+    if (u == 0x80000000u) u = 0;
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+
+/* A feature's rank as one integer: its value's key, then the complement of its index. */
+static inline uint64_t rank_key(float v, int64_t f) {
+    return (uint64_t)value_key(v) << 32 | (uint32_t)~(uint32_t)f;
+}
+
+/* The float whose value_key is k (NaN where k is a NaN's key or below every number's). */
+static inline float key_value(uint32_t k) {
+    uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* a[0..n) in descending order: an LSD radix sort by bytes (no comparisons to mispredict) */
+static void sort_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
+    uint64_t *src = a, *dst = tmp;
+    int64_t count[256];
+    for (int shift = 0; shift < 64; shift += 8) {
+        memset(count, 0, sizeof count);
+        for (int64_t i = 0; i < n; i++) count[(~src[i] >> shift) & 255]++;
+        int64_t sum = 0, one_digit = 0;
+        for (int d = 0; d < 256; d++) {
+            int64_t c = count[d];
+            one_digit |= c == n;
+            count[d] = sum;
+            sum += c;
+        }
+        if (one_digit) continue;
+        for (int64_t i = 0; i < n; i++) dst[count[(~src[i] >> shift) & 255]++] = src[i];
+        uint64_t *t = src;
+        src = dst, dst = t;
+    }
+    if (src != a) memcpy(a, src, n * sizeof *a);
+}
+
+/* out[b, :M] (row stride N); scratch: hist [2048] int64, ranks [3 F] uint64. Requires
+ * 1 <= M <= F < 2^32. */
+void top_features(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N, const float *pre,
+                  int64_t *hist, uint64_t *ranks, int64_t *out) {
+    const int64_t n_bins = (int64_t)1 << (32 - BIN_SHIFT);
+    uint64_t *kept = ranks, *sel = ranks + F, *tmp = ranks + 2 * F;
+    /* A floor below the M-th highest, from the token before (tokens' rows are alike): only the
+     * features at or above it are kept, one comparison each, and the work below is on those. A
+     * floor too high keeps fewer than M: the row is read again without it. NaN: no floor. */
+    float floor = 0.0f / 0.0f;
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        const float *p = pre + b * F;
+        int64_t n_kept = 0;
+        for (int pass = 0; pass < 2 && n_kept < M; pass++) {
+            n_kept = 0;
+            for (int64_t f = 0; f < F; f++)
+                if (!(p[f] < floor)) kept[n_kept++] = rank_key(p[f], f);
+            floor = 0.0f / 0.0f;
+        }
+        memset(hist, 0, n_bins * sizeof *hist);
+        for (int64_t q = 0; q < n_kept; q++) hist[kept[q] >> (32 + BIN_SHIFT)]++;
+        /* cut: the bin of the M-th highest; the features in it and above, sorted, hold the M */
+        int64_t cut = n_bins - 1, above = 0;
+        while (above + hist[cut] < M) above += hist[cut--];
+        int64_t n_sel = 0;
+        for (int64_t q = 0; q < n_kept; q++)
+            if ((int64_t)(kept[q] >> (32 + BIN_SHIFT)) >= cut) sel[n_sel++] = kept[q];
+        sort_desc(sel, n_sel, tmp);
+        for (int64_t m = 0; m < M; m++) out[b * N + m] = (uint32_t)~(uint32_t)sel[m];
+        /* the next token's floor: one bin below this one's cut bin */
+        floor = cut > 0 ? key_value((uint32_t)(cut - 1) << BIN_SHIFT) : floor;
+    }
+}
+
+/* out[b, :n] from the top features top[b * top_stride + m], m < M; returns the number of tokens
+ * whose R draws held fewer than n usable ones (the rest of their row is unset). */
+int64_t random_others(int64_t b_lo, int64_t b_hi, int64_t M, const int64_t *top, int64_t top_stride,
+                      int64_t R, const int64_t *draws, int64_t n, uint8_t *mark, int64_t *out) {
+    int64_t short_rows = 0;
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        const int64_t *t = top + b * top_stride, *d = draws + b * R;
+        int64_t *o = out + b * n, got = 0;
+        for (int64_t m = 0; m < M; m++) mark[t[m]] = 1;
+        for (int64_t r = 0; r < R && got < n; r++) {
+            if (mark[d[r]]) continue;
+            mark[d[r]] = 1;
+            o[got++] = d[r];
+        }
+        for (int64_t m = 0; m < M; m++) mark[t[m]] = 0;
+        for (int64_t g = 0; g < got; g++) mark[o[g]] = 0;
+        short_rows += got < n;
+    }
+    return short_rows;
+}
