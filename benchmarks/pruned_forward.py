@@ -16,9 +16,10 @@ mode "all" (evaluation, forward only, no_grad, "backward": false):
 
 Timings are the median of --repeats runs after one warm-up, in one process, the vanilla and
 the pruned step taking turns. Peak memory is
-measured on CPU in a fresh subprocess per (case, mode, pass), whose kernel high-water mark VmHWM
-is reset (/proc/self/clear_refs) after building the suite and the batch, the peak being
-VmHWM - VmRSS at that point; on CUDA in this process after a warm-up run of the same pass,
+measured on CPU in a fresh subprocess per (case, mode, pass), with glibc's mmap threshold fixed
+(freed tensors leave RSS at once), whose kernel high-water mark VmHWM is reset
+(/proc/self/clear_refs) after building the suite and the batch, the peak being VmHWM - VmRSS at
+that point; on CUDA in this process after a warm-up run of the same pass,
 torch.cuda.max_memory_allocated after reset_peak_memory_stats minus the allocation before.
 
 Suites are random (weights, connections spread over the upstream modules like a top-C choice,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -210,7 +212,12 @@ def peak_mb(case: str, which: str, mode: str, device, dtype_name: str) -> float:
     """Run peak_mb_here in a fresh subprocess (so earlier runs do not hide the peak)."""
     cmd = [sys.executable, __file__, "--_peak", f"{case}:{which}:{mode}", "--device", str(device),
            "--dtype", dtype_name]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # glibc raises its mmap threshold each time a large block is freed, so later blocks come
+    # from the heap and may stay in RSS after they are freed: peaks then moved ±20 % between
+    # identical runs. A fixed threshold returns every freed tensor at once (RSS = live memory):
+    # the same peak to 0.1 % run to run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -39,10 +39,10 @@ CANDIDATE_MAX_TOKENS = 64
 # the candidates: a GEMM does ~20x more multiply-adds per second than the sampled kernel on the
 # CPU of benchmarks/RESULTS.md, and the sampled kernel also sorts the candidates.
 SAMPLED_MIN_RATIO = 16
-# Bytes of the table blocks of csrc/sparse_rows.c: about a third of the L3 cache (32 MiB) of the
-# CPU of benchmarks/RESULTS.md. For the virtual weights at F 12288 (three decoders, 113 MB),
-# 12 MiB blocks took 0.075 s, 3 and 6 MiB 0.10 and 0.08 s, one block per decoder 0.15 s.
-TABLE_BLOCK_BYTES = 12 << 20
+# Bytes of the table blocks of csrc/sparse_rows.c: a quarter of the L3 cache (32 MiB) of the CPU
+# of benchmarks/RESULTS.md. The g12k-4k training step (four runs each, taking turns) took a
+# median 4.92 / 4.53 / 4.44 / 4.71 s with 2 / 4 / 8 / 12 MiB blocks.
+TABLE_BLOCK_BYTES = 8 << 20
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -208,14 +208,20 @@ def csr_virtual_weights(
 ) -> Tensor:
     """Virtual weights W[i] . dec[:, j] for the pairs of a CSR pattern [F, U] (values in CSR order).
 
-    tcrow/tcol/tperm describe the transposed pattern (see CompiledConnections). torch's sparse
-    kernels take no half precision: bf16/fp16 inputs are computed in fp32 and cast back.
-    Falls back to the gather kernel `sampled_dot` where the sparse kernels are unavailable
-    (see `kernel_available`).
+    tcrow/tcol/tperm describe the transposed pattern (see CompiledConnections); columns ascend
+    within the rows of both (as `compile_connections` makes them). On the CPU in fp32 by the
+    blocked C kernel (`_BlockedDot`: the decoder, and for its gradient W, read in cache-sized
+    blocks); else torch's sparse kernels, which take no half precision: bf16/fp16 inputs are
+    computed in fp32 and cast back. Falls back to the gather kernel `sampled_dot` where the
+    sparse kernels are unavailable (see `kernel_available`).
     """
     out_dtype, acc = W_FD.dtype, accumulation_dtype(W_FD.dtype)
     W_FD, dec_DU = W_FD.to(acc), dec_DU.to(acc)
-    if W_FD.layout != torch.strided or not kernel_available("csr", W_FD.device.type, acc):
+    if _blocked_kernel(W_FD, dec_DU.T) is not None:
+        pattern = BlockedPattern(crow, col, None, col.shape[0],
+                                 TransposedPattern(tcrow, tcol, tperm, True))
+        V = _BlockedDot.apply(pattern, W_FD, dec_DU.T)
+    elif W_FD.layout != torch.strided or not kernel_available("csr", W_FD.device.type, acc):
         rows = torch.repeat_interleave(torch.arange(W_FD.shape[0], device=W_FD.device), crow.diff())
         V = sampled_dot(W_FD, dec_DU.T, rows, col)
     else:
@@ -228,10 +234,9 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     candidates (which may repeat).
 
     Where the candidates are a small part of the features (F > SAMPLED_MIN_RATIO N), without the
-    dense [B, F] product: a sampled product over the candidates' pattern, taken feature by feature
-    (the transposed pattern [F, B]: each row of W read once, x's rows from the cache), by the
-    blocked C kernel where it applies, else by `csr_virtual_weights`. Otherwise the dense product
-    is the cheaper.
+    dense [B, F] product: a sampled product over the candidates' pattern, by the blocked C kernel
+    feature by feature where it applies (each row of W read once, x's rows from the cache), else
+    by `csr_virtual_weights` token by token. Otherwise the dense product is the cheaper.
     """
     B, N = cand_BN.shape
     if W_FD.shape[0] <= SAMPLED_MIN_RATIO * N:
@@ -241,58 +246,49 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     tperm = torch.argsort(col, stable=True)
     tcrow = csr_pointers(col, W_FD.shape[0])
     tok = tperm // N
-    if _blocked_kernel(x_BD, W_FD) is not None:
-        crow = torch.arange(0, B * N + 1, N, device=col.device)
-        pattern = BlockedPattern(tcrow, tok, tperm, B * N, (0,),
-                                 (TransposedPattern(crow, col, None, False),))
-        return _BlockedDot.apply(pattern, W_FD, x_BD).view(B, N)
     crow = torch.arange(0, B * N + 1, N, device=col.device)
+    if _blocked_kernel(x_BD, W_FD) is not None:
+        # (x's gradient, rarely asked for: tokens by candidate, in no order, one block)
+        pattern = BlockedPattern(tcrow, tok, tperm, B * N,
+                                 TransposedPattern(crow, col, None, False))
+        return _BlockedDot.apply(pattern, W_FD, x_BD).view(B, N)
     return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tok, tperm).view(B, N)
 
 
 def virtual_weights(
-    W_FD: Tensor, dec_UDs: Sequence[Tensor], J_FC: Tensor, offsets: Sequence[int],
-    pos: Sequence[Tensor], cols: Sequence[Tensor], crow: Sequence[Tensor],
-    tcrow: Sequence[Tensor], tcol: Sequence[Tensor], tperm: Sequence[Tensor],
+    W_FD: Tensor, dec_UDs: Sequence[Tensor], J_FC: Tensor, pos: Sequence[Tensor],
+    cols: Sequence[Tensor], crow: Sequence[Tensor], tcrow: Sequence[Tensor],
+    tcol: Sequence[Tensor], tperm: Sequence[Tensor],
 ) -> Tensor:
-    """V [F, C]: V[i, c] = W[i] . dec_u[J[i, c] - offset_u], zero at padding: the virtual weights
-    of a transcoder's connections (docs/method.md (3.3)), from the encoder rows W and each
-    upstream dictionary's decoder rows dec_u [F_u, D] (the global upstream space of J: offsets).
+    """V [F, C]: V[i, c] = W[i] . d_{J[i, c]}, zero at padding: the virtual weights of a
+    transcoder's connections (docs/method.md (3.3)), from the encoder rows W and each upstream
+    dictionary's decoder rows dec_u [F_u, D]; the per-module arguments are those of
+    `CompiledConnections`.
 
-    The per-module arguments are those of `CompiledConnections`. By the blocked C kernel where it
-    applies (fp32 on the CPU: one pass over J, the decoders read in cache-sized blocks), else one
-    `csr_virtual_weights` per upstream module, scattered into [F, C].
+    One `csr_virtual_weights` per upstream module, scattered into [F, C]: one autograd node per
+    module, so the backward holds one decoder's gradient at a time (23 of them, 75 MB each, for
+    gpt2-small's last transcoder at F 24576).
     """
     F, C = J_FC.shape
-    out_dtype, acc = W_FD.dtype, accumulation_dtype(W_FD.dtype)
-    W_FD = W_FD.to(acc)
-    decs = [d.to(acc) for d in dec_UDs]
-    if _blocked_kernel(W_FD, *decs) is not None and J_FC.is_contiguous():
-        row_ptr = torch.arange(0, F * C + 1, max(C, 1), device=J_FC.device)[: F + 1]
-        pattern = BlockedPattern(
-            row_ptr, J_FC.flatten(), None, F * C, tuple(offsets),
-            tuple(TransposedPattern(tr, tc, p[o], True)
-                  for tr, tc, p, o in zip(tcrow, tcol, pos, tperm, strict=True)),
-        )
-        return _BlockedDot.apply(pattern, W_FD, *decs).view(F, C).to(out_dtype)
     V_parts, pos_parts = [], []
-    for dec, p, c, cr, tr, tc, tp in zip(decs, pos, cols, crow, tcrow, tcol, tperm, strict=True):
+    for dec, p, c, cr, tr, tc, tp in zip(dec_UDs, pos, cols, crow, tcrow, tcol, tperm,
+                                         strict=True):
         if p.numel():
             V_parts.append(csr_virtual_weights(W_FD, dec.T, cr, c, tr, tc, tp))
             pos_parts.append(p)
     V_flat = W_FD.new_zeros(F * C)
     if V_parts:
         V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
-    return V_flat.view(F, C).to(out_dtype)
+    return V_flat.view(F, C)
 
 
 class TransposedPattern(NamedTuple):
-    """A table's side of a `BlockedPattern`: its rows' entries, for the table's gradient."""
+    """The table's side of a `BlockedPattern`: its rows' entries, for the table's gradient."""
 
     row_ptr: Tensor
-    """CSR row pointers over the table's rows (columns of the pattern, less the offset)."""
+    """CSR row pointers over the table's rows."""
     cols: Tensor
-    """The pattern row (a row of A) of each entry."""
+    """The row of A of each entry."""
     g_pos: Tensor | None
     """Where each entry's gradient is in the output (None: in order)."""
     ascending: bool
@@ -305,51 +301,43 @@ class BlockedPattern(NamedTuple):
     row_ptr: Tensor
     """CSR row pointers [R + 1] over the rows of A."""
     cols: Tensor
-    """The column of each entry, ascending within a row; columns no table covers are skipped
-    (their output stays 0)."""
+    """The table row of each entry, ascending within a row of A."""
     out_pos: Tensor | None
     """Where each entry goes in the output (None: in order)."""
     n_out: int
     """Length of the output."""
-    offsets: tuple[int, ...]
-    """The column of row 0 of each table."""
-    transposed: tuple[TransposedPattern, ...]
-    """Per table, the entries by table row (for its gradient)."""
+    transposed: TransposedPattern
+    """The entries by table row (for the table's gradient)."""
 
 
 class _BlockedDot(torch.autograd.Function):
-    """out[q] = A[r] . T[cols[q]] over a `BlockedPattern`, with the columns spread over several
-    tables T_k (rows off_k .. off_k + len(T_k)). Forward and both gradients are csrc/sparse_rows.c
-    (`rows_dot`, `rows_axpy`), each output row written by one thread in a fixed order."""
+    """out[q] = A[r] . T[cols[q]] over a `BlockedPattern`. Forward and both gradients are
+    csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one thread in a
+    fixed order."""
 
     @staticmethod
-    def forward(ctx, pattern: BlockedPattern, A_RD: Tensor, *T_UDs: Tensor) -> Tensor:
-        ctx.save_for_backward(A_RD, *T_UDs)
+    def forward(ctx, pattern: BlockedPattern, A_RD: Tensor, T_UD: Tensor) -> Tensor:
+        ctx.save_for_backward(A_RD, T_UD)
         ctx.pattern = pattern
         out = A_RD.new_zeros(pattern.n_out)
-        _rows_call("rows_dot", A_RD, pattern.row_ptr, pattern.cols, pattern.out_pos,
-                   list(zip(T_UDs, pattern.offsets, strict=True)), out, True)
+        _rows_call("rows_dot", A_RD, pattern.row_ptr, pattern.cols, pattern.out_pos, T_UD, out,
+                   True)
         return out
 
     @staticmethod
     def backward(ctx, g_Q: Tensor):
-        A_RD, *T_UDs = ctx.saved_tensors
+        A_RD, T_UD = ctx.saved_tensors
         p: BlockedPattern = ctx.pattern
         g_Q = g_Q.contiguous()
-        g_A = g_Ts = None
+        g_A = g_T = None
         if ctx.needs_input_grad[1]:
             g_A = torch.empty_like(A_RD)
-            _rows_call("rows_axpy", g_Q, p.row_ptr, p.cols, p.out_pos,
-                       list(zip(T_UDs, p.offsets, strict=True)), g_A, True)
-        g_Ts = []
-        for k, (T, t) in enumerate(zip(T_UDs, p.transposed, strict=True)):
-            g_T = None
-            if ctx.needs_input_grad[2 + k]:
-                g_T = torch.empty_like(T)
-                _rows_call("rows_axpy", g_Q, t.row_ptr, t.cols, t.g_pos, [(A_RD, 0)], g_T,
-                           t.ascending)
-            g_Ts.append(g_T)
-        return None, g_A, *g_Ts
+            _rows_call("rows_axpy", g_Q, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
+        if ctx.needs_input_grad[2]:
+            t = p.transposed
+            g_T = torch.empty_like(T_UD)
+            _rows_call("rows_axpy", g_Q, t.row_ptr, t.cols, t.g_pos, A_RD, g_T, t.ascending)
+        return None, g_A, g_T
 
 
 def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -361,45 +349,32 @@ def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     if lib is not None and lib.rows_dot.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.rows_dot, lib.rows_axpy):
-            fn.argtypes = [i64] * 3 + [p] * 4 + [i64] + [p] * 6
+            fn.argtypes = [i64] * 3 + [p] * 5 + [i64] * 2 + [p] * 2
     return lib
 
 
-def _table_blocks(tables: Sequence[tuple[Tensor, int]], blocked: bool) -> Tensor:
-    """[4, n] int64: (lo, hi, offset, address) of each block of rows of the tables (all rows of
-    each table in one block when not `blocked`)."""
-    rows = []
-    for T, off in tables:
-        step = max(1, TABLE_BLOCK_BYTES // max(1, T.shape[1] * T.element_size())) if blocked \
-            else max(1, T.shape[0])
-        rows += [(off + s, off + min(T.shape[0], s + step), off, T.data_ptr())
-                 for s in range(0, T.shape[0], step)]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).T.contiguous()
-
-
 def _rows_call(fn: str, X: Tensor, row_ptr: Tensor, cols: Tensor, pos: Tensor | None,
-               tables: Sequence[tuple[Tensor, int]], out: Tensor, blocked: bool) -> None:
-    """csrc/sparse_rows.c's `fn` over all rows, the rows split into one range per thread of
-    about equal entries. X: A [R, D] (rows_dot) or g (rows_axpy)."""
-    lib = _blocked_kernel(X, out, *(T for T, _ in tables))
+               T_UD: Tensor, out: Tensor, blocked: bool) -> None:
+    """csrc/sparse_rows.c's `fn` over all rows, one range of rows of about equal entries per
+    thread. X: A [R, D] (rows_dot) or g (rows_axpy); T_UD read in TABLE_BLOCK_BYTES blocks if
+    `blocked` (columns ascend within rows), else in one."""
+    lib = _blocked_kernel(X, out, T_UD)
     row_ptr, cols = row_ptr.contiguous(), cols.contiguous()
     pos = pos.contiguous() if pos is not None else None
-    R, D = row_ptr.shape[0] - 1, tables[0][0].shape[1]
-    blk = _table_blocks(tables, blocked)
+    (U, D), R = T_UD.shape, row_ptr.shape[0] - 1
+    block = max(1, TABLE_BLOCK_BYTES // max(1, D * T_UD.element_size())) if blocked else U
     cursor = torch.empty(R, dtype=torch.int64)
     n = max(1, min(R, native.workers()))
     cuts = torch.searchsorted(row_ptr, torch.linspace(0, int(row_ptr[-1]), n + 1)[1:-1]
                               .round().to(torch.int64)).tolist()
-    edges = [0, *cuts, R]
     kernel = getattr(lib, fn)
 
     def run(lo: int, hi: int) -> None:
         kernel(lo, hi, D, row_ptr.data_ptr(), cols.data_ptr(),
-               pos.data_ptr() if pos is not None else None, X.data_ptr(), blk.shape[1],
-               blk[0].data_ptr(), blk[1].data_ptr(), blk[2].data_ptr(), blk[3].data_ptr(),
-               cursor.data_ptr(), out.data_ptr())
+               pos.data_ptr() if pos is not None else None, X.data_ptr(), T_UD.data_ptr(), U,
+               max(1, block), cursor.data_ptr(), out.data_ptr())
 
-    native.parallel(run, [(a, b) for a, b in itertools.pairwise(edges) if a < b]
+    native.parallel(run, [(a, b) for a, b in itertools.pairwise([0, *cuts, R]) if a < b]
                     or [(0, R)])
 
 

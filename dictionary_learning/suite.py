@@ -9,6 +9,7 @@ trainer (trainers/scae.py), connection search, evaluation and circuits all use t
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal, NamedTuple
 
@@ -122,6 +123,8 @@ class SCAESuite(nn.Module):
         """Settings the suite was saved with (model name, buffer, training)."""
         self.dicts = nn.ModuleDict({n: dicts[n] for n in expected})
         self._compiled: dict[str, CompiledConnections] = {}
+        # encoder rows P w_i made during a pruned pass: storage address -> (rows, parameter W)
+        self._made_rows: dict[int, tuple[Tensor, Tensor]] | None = None
         if connections is not None:
             self.set_connections(connections)
 
@@ -265,14 +268,15 @@ class SCAESuite(nn.Module):
                        if mode == "candidates" or not is_transcoder(n)}
         up_feats: dict[str, Features] = {}
         out = {}
-        for layer in range(self.n_layers):
-            a, m = f"attn_{layer}", f"mlp_{layer}"
-            up_feats[a] = vanilla[a].feats
-            out[m] = self._pruned_transcoder(
-                m, batch, vanilla.get(m), up_feats, mode, n_threshold, n_random, generator,
-                pruned_top,
-            )
-            up_feats[m] = out[m].feats
+        with self._rows_recomputed_in_backward():
+            for layer in range(self.n_layers):
+                a, m = f"attn_{layer}", f"mlp_{layer}"
+                up_feats[a] = vanilla[a].feats
+                out[m] = self._pruned_transcoder(
+                    m, batch, vanilla.get(m), up_feats, mode, n_threshold, n_random, generator,
+                    pruned_top,
+                )
+                up_feats[m] = out[m].feats
         return out
 
     def candidates(
@@ -285,21 +289,59 @@ class SCAESuite(nn.Module):
         check_candidates(name, ae.k, n_threshold, n_random, ae.dict_size)
         return select_candidates(vanilla_pre_BF.detach(), ae.k + n_threshold, n_random, generator)
 
-    def virtual_weights(self, name: str) -> Tensor:
+    def encoder_rows(self, name: str) -> Tensor:
+        """The rows P w_i [F, D] of transcoder `name`'s encoder (docs/method.md §2)."""
+        W_FD = self.dicts[name].encoder.weight
+        Wc_FD = self.centre(W_FD)
+        if self._made_rows is not None and Wc_FD is not W_FD:
+            self._made_rows[Wc_FD.untyped_storage().data_ptr()] = (Wc_FD, W_FD)
+        return Wc_FD
+
+    @contextlib.contextmanager
+    def _rows_recomputed_in_backward(self):
+        """Within it, autograd saves the encoder rows P w_i (a copy of each transcoder's encoder
+        under LayerNorm's centring) as a recipe: their parameter W, the rows made again from it
+        when the backward needs them. Several kernels save them, so each transcoder's [F, D] copy
+        would otherwise stay alive from its forward to the end of its backward (peak memory of
+        the training step)."""
+        made: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def pack(t: Tensor):
+            if t.layout != torch.strided or t.device.type == "meta":
+                return t
+            hit = made.get(t.untyped_storage().data_ptr())
+            if hit is None:
+                return t
+            return hit[1], t.shape, t.stride(), t.storage_offset()
+
+        def unpack(saved):
+            if isinstance(saved, Tensor):
+                return saved
+            W_FD, shape, stride, offset = saved
+            return self.centre(W_FD.detach()).as_strided(shape, stride, offset)
+
+        self._made_rows = made
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            self._made_rows = None
+
+    def virtual_weights(self, name: str, Wc_FD: Tensor | None = None) -> Tensor:
         """V [F, C]: V[i, c] = (P w_i) . d_{J[i, c]}, the weight of transcoder `name`'s feature i on
-        its c-th connection (zero at padding)."""
+        its c-th connection (zero at padding). Wc_FD: the rows P w_i, if already made."""
         comp = self.compiled(name)
-        Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
+        Wc_FD = self.encoder_rows(name) if Wc_FD is None else Wc_FD
         # decoder rows d_j: the transpose of a feature-major decoder is contiguous (no copy)
         dec_UDs = [self.dicts[u].decoder.weight.T for u in comp.ups]
-        return virtual_weights(Wc_FD, dec_UDs, comp.J_FC, comp.offsets, comp.pos, comp.cols,
-                               comp.crow, comp.tcrow, comp.tcol, comp.tperm)
+        return virtual_weights(Wc_FD, dec_UDs, comp.J_FC, comp.pos, comp.cols, comp.crow,
+                               comp.tcrow, comp.tcol, comp.tperm)
 
     def _pruned_terms(self, name: str, batch, up_feats: dict[str, Features]) -> PrunedTerms:
         """The parts of transcoder `name`'s pruned pre-activation (docs/method.md (3.2)) that do
         not depend on which features are computed."""
         comp = self.compiled(name)
-        Wc_FD = self.centre(self.dicts[name].encoder.weight)  # rows P w_i
+        Wc_FD = self.encoder_rows(name)
         sigma_B1 = batch.layernorm_scale[name][:, None]
         if not comp.ups:
             # mlp_0 of parallel blocks reads x0 alone: no upstream dictionary, no connection
@@ -314,8 +356,8 @@ class SCAESuite(nn.Module):
         # (x0 + sum_u b_dec_u) . P w_i is computed as x0 . P w_i + bias_F, so that the gradient
         # of the biases needs no [B, F] @ [F, D] product (x0 is data).
         bias_F = Wc_FD @ sum(self.dicts[u].b_dec for u in comp.ups)
-        return PrunedTerms(batch.initial, Wc_FD, bias_F, self.virtual_weights(name), vals_BA,
-                           idx_BA, sigma_B1)
+        return PrunedTerms(batch.initial, Wc_FD, bias_F, self.virtual_weights(name, Wc_FD),
+                           vals_BA, idx_BA, sigma_B1)
 
     def _pruned_pre(
         self,

@@ -71,6 +71,7 @@ void connection_candidates_backward(int64_t b_lo, int64_t b_hi, int64_t A, int64
                 float v = vals[b * A + a];
                 for (int64_t q = tcrow[j]; q < tcrow[j + 1]; q++) {
                     float gr = grow[trow[q]];
+                    if (gr == 0) continue; /* not a candidate, or no gradient: adds nothing */
                     s += Vt[q] * gr;
                     if (g_Vt) g_Vt[q] += v * gr;
                 }

@@ -1,21 +1,18 @@
 /* Sampled products over a CSR pattern with the table read in cache-sized blocks, fp32
- * (dictionary_learning/sparse_ops.py: blocked_dot, the virtual weights and the candidates' x0
- * term of the pruned pass; docs/method.md §3). Plain C called through ctypes, one call per thread
- * on its own rows; each output row or entry is written by one thread in a fixed order, so the
- * results do not depend on the thread count.
+ * (dictionary_learning/sparse_ops.py: _BlockedDot, for the virtual weights and the candidates'
+ * x0 term of the pruned pass; docs/method.md §3). Plain C called through ctypes, one call per
+ * thread on its own rows; each output entry or row is written by one thread in a fixed order, so
+ * the results do not depend on the thread count.
  *
- *   rows_dot:   out[q]  = A[r] . T[cols[q]]           for the entries q of row r
- *   rows_axpy:  out[r]  = sum over q of g[q] T[cols[q]]
+ *   rows_dot:   out[q] = A[r] . T[cols[q]]             for the entries q of row r
+ *   rows_axpy:  out[r] = sum over q of g[q] T[cols[q]]  (entries with g[q] = 0 skipped)
  *
- * Why blocks: the table T (an upstream decoder, 37-113 MB at gpt2-small widths) does not fit the
- * cache, and random rows of it cost a trip to memory each (memory-bound: ~23 GB/s here). The
- * table comes in blocks of rows [lo, hi) that fit the L3 cache; every row's entries in that block
- * are done before the next block, a per-row cursor keeping its place (columns ascend within a
- * row). T is read from memory once per call and A once per block.
- *
- * Blocks may come from several tensors (one per upstream dictionary): block k covers the
- * columns [lo_k, hi_k) of the pattern, found at blk_table[k] + (col - blk_off[k]) * D. Columns
- * in no block (the padding index) are skipped: their out entries stay as the caller set them. */
+ * Why blocks: the table T (an upstream decoder, 37-75 MB at gpt2-small widths) does not fit the
+ * cache, and a random row of it costs a trip to memory (~23 GB/s here, against ~40 from L3). T is
+ * taken in blocks of block_rows rows; every row's entries in a block are done before the next
+ * block, a per-row cursor keeping its place (columns ascend within a row). T is then read from
+ * memory once per call and A (or out) once per block. One block of all rows: columns in any
+ * order. */
 #include <stdint.h>
 
 #define LANES 16
@@ -42,44 +39,42 @@ static inline float dot(const float *a, const float *b, int64_t D) {
 
 CLONES
 void rows_dot(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr, const int64_t *cols,
-              const int64_t *out_pos, const float *A, int64_t nb, const int64_t *blk_lo,
-              const int64_t *blk_hi, const int64_t *blk_off, const float *const *blk_table,
-              int64_t *cursor, float *out) {
+              const int64_t *out_pos, const float *A, const float *T, int64_t n_T,
+              int64_t block_rows, int64_t *cursor, float *out) {
     for (int64_t r = r_lo; r < r_hi; r++) cursor[r] = row_ptr[r];
-    for (int64_t k = 0; k < nb; k++) {
-        int64_t lo = blk_lo[k], hi = blk_hi[k], off = blk_off[k];
-        const float *T = blk_table[k];
+    for (int64_t lo = 0; lo < n_T; lo += block_rows) {
+        int64_t hi = lo + block_rows;
         for (int64_t r = r_lo; r < r_hi; r++) {
             const float *a = A + r * D;
             int64_t q = cursor[r], end = row_ptr[r + 1];
             for (; q < end && cols[q] < hi; q++)
-                if (cols[q] >= lo) out[out_pos ? out_pos[q] : q] = dot(a, T + (cols[q] - off) * D, D);
+                out[out_pos ? out_pos[q] : q] = dot(a, T + cols[q] * D, D);
             cursor[r] = q;
         }
     }
 }
 
-/* out[r] (D floats, written here: rows without entries become 0) = sum over the row's entries q
- * in order of g[g_pos ? g_pos[q] : q] * T[cols[q]]. */
+/* out[r] (D floats, written here: rows without entries become 0) = the sum over the row's
+ * entries q, in order, of g[g_pos ? g_pos[q] : q] * T[cols[q]]. */
 CLONES
 void rows_axpy(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr, const int64_t *cols,
-               const int64_t *g_pos, const float *g, int64_t nb, const int64_t *blk_lo,
-               const int64_t *blk_hi, const int64_t *blk_off, const float *const *blk_table,
-               int64_t *cursor, float *out) {
+               const int64_t *g_pos, const float *g, const float *T, int64_t n_T,
+               int64_t block_rows, int64_t *cursor, float *out) {
     for (int64_t r = r_lo; r < r_hi; r++) {
         cursor[r] = row_ptr[r];
         for (int64_t d = 0; d < D; d++) out[r * D + d] = 0;
     }
-    for (int64_t k = 0; k < nb; k++) {
-        int64_t lo = blk_lo[k], hi = blk_hi[k], off = blk_off[k];
-        const float *T = blk_table[k];
+    for (int64_t lo = 0; lo < n_T; lo += block_rows) {
+        int64_t hi = lo + block_rows;
         for (int64_t r = r_lo; r < r_hi; r++) {
             float *restrict o = out + r * D;
             int64_t q = cursor[r], end = row_ptr[r + 1];
             for (; q < end && cols[q] < hi; q++) {
-                if (cols[q] < lo) continue;
                 const float gq = g[g_pos ? g_pos[q] : q];
-                const float *restrict t = T + (cols[q] - off) * D;
+                /* most gradients are 0 (candidates not chosen, connections to upstream features
+                 * that never fired with the feature): they add nothing, skip their rows */
+                if (gq == 0) continue;
+                const float *restrict t = T + cols[q] * D;
                 for (int64_t d = 0; d < D; d++) o[d] += gq * t[d];
             }
             cursor[r] = q;
