@@ -177,7 +177,7 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
     torch.testing.assert_close(pen, expected)
 
 
-@pytest.mark.parametrize("F", [400, 40])  # the draws sampler, and the random scores (small F)
+@pytest.mark.parametrize("F", [400, 25])  # the draws sampler, and the random scores (F < 2 (n + M))
 def test_random_candidates_are_a_uniform_subset_outside_the_top(F):
     from dictionary_learning.candidates import random_others
 
@@ -193,6 +193,42 @@ def test_random_candidates_are_a_uniform_subset_outside_the_top(F):
     chances = B - torch.bincount(top.flatten(), minlength=F).double()
     expected = chances * n / (F - M)
     assert ((hits - expected).abs() < 5 * expected.sqrt() + 1).all()
+
+
+def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random_others():
+    """csrc/candidates.c: the top M of each row equal a stable descending sort's first M (ties:
+    the lower feature first; NaN above every number; -0 as +0; rows of other scales than the row
+    before, which the kernel's floor must survive), and the random others the torch route's, from
+    the same draws (a row short of usable draws: None from both)."""
+    from dictionary_learning import candidates
+
+    if candidates.native.load("candidates") is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/candidates.c here")
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 500, generator=g) * torch.logspace(-3, 3, 64)[:, None]
+    pre[5] = 0.0
+    pre[6, ::3] = float("nan")
+    pre[7] = -torch.rand(500, generator=g)
+    pre[8, ::2] = -0.0
+    pre[9] = torch.randint(0, 3, (500,), generator=g).float()  # ties at the cut
+    want = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :40]
+    got = candidates.select_candidates(pre, 40, 0)
+    assert torch.equal(got, want)
+
+    top = got
+    draws = torch.randint(500, (64, 2 * (40 + 30) + 32), generator=g)
+    lib = candidates._kernel(top, draws)
+    assert torch.equal(candidates._first_usable_c(lib, top, draws, 500, 30),
+                       candidates._first_usable(top, draws, 30))
+    few = draws[:, :25]  # 25 draws cannot hold 30 usable ones (a strided view, too)
+    assert candidates._first_usable_c(lib, top, few, 500, 30) is None
+    assert candidates._first_usable(top, few, 30) is None
+    # the whole selection: the same candidates with and without the kernel
+    cand = candidates.select_candidates(pre[10:], 40, 30, torch.Generator().manual_seed(1))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCAE_NATIVE", "0")
+        plain = candidates.select_candidates(pre[10:], 40, 30, torch.Generator().manual_seed(1))
+    assert torch.equal(cand, plain)
 
 
 def test_gradients_reach_every_dictionary_upstream_of_the_pruned_loss():
