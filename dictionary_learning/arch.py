@@ -50,6 +50,24 @@ def centre(x: Tensor, centred: bool) -> Tensor:
     return x - x.mean(dim=-1, keepdim=True) if centred else x
 
 
+class _Centre(torch.autograd.Function):
+    """P x with a backward of one allocation: P g (P is symmetric). autograd's own backward of
+    x - mean(x) holds two [F, D] tensors at once (peak memory of the pruned training step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x - x.mean(dim=-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g - g.mean(dim=-1, keepdim=True)
+
+
+def centre_rows(W: Tensor, centred: bool) -> Tensor:
+    """`centre` for a weight matrix's rows (the encoder rows P w_i), lighter in the backward."""
+    return _Centre.apply(W) if centred else W
+
+
 def norm_scale(x: Tensor, centred: bool, eps: float) -> Tensor:
     """sigma(x) per row: sqrt(biased var + eps) (LayerNorm) or sqrt(mean square + eps) (RMSNorm),
     in x's dtype. The number the norm divides P x by."""

@@ -16,7 +16,7 @@ import ctypes
 import functools
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -241,18 +241,25 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     B, N = cand_BN.shape
     if W_FD.shape[0] <= SAMPLED_MIN_RATIO * N:
         return (x_BD @ W_FD.T).gather(1, cand_BN)
-    col = cand_BN.flatten()
-    # the pattern [F, B] (features by tokens): tokens ascend within a feature (stable sort)
-    tperm = torch.argsort(col, stable=True)
-    tcrow = csr_pointers(col, W_FD.shape[0])
-    tok = tperm // N
-    crow = torch.arange(0, B * N + 1, N, device=col.device)
     if _blocked_kernel(x_BD, W_FD) is not None:
-        # (x's gradient, rarely asked for: tokens by candidate, in no order, one block)
-        pattern = BlockedPattern(tcrow, tok, tperm, B * N,
-                                 TransposedPattern(crow, col, None, False))
-        return _BlockedDot.apply(pattern, W_FD, x_BD).view(B, N)
-    return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tok, tperm).view(B, N)
+        return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, W_FD.shape[0]),
+                                 W_FD, x_BD).view(B, N)
+    col = cand_BN.flatten()
+    tperm = torch.argsort(col, stable=True)
+    crow = torch.arange(0, B * N + 1, N, device=col.device)
+    tcrow = csr_pointers(col, W_FD.shape[0])
+    return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tperm // N, tperm).view(B, N)
+
+
+def _candidate_pattern(cand_BN: Tensor, F: int) -> BlockedPattern:
+    """The candidates' pattern by feature ([F, B]: tokens ascend within a feature, a stable sort),
+    for `_BlockedDot`; x's side (tokens by candidate, in no order) read in one block."""
+    B, N = cand_BN.shape
+    col = cand_BN.flatten()
+    tperm = torch.argsort(col, stable=True)
+    crow = torch.arange(0, B * N + 1, N, device=col.device)
+    return BlockedPattern(csr_pointers(col, F), tperm // N, tperm, B * N,
+                          TransposedPattern(crow, col, None, False))
 
 
 def virtual_weights(
@@ -277,8 +284,9 @@ def virtual_weights(
             V_parts.append(csr_virtual_weights(W_FD, dec.T, cr, c, tr, tc, tp))
             pos_parts.append(p)
     V_flat = W_FD.new_zeros(F * C)
-    if V_parts:
-        V_flat = V_flat.index_put((torch.cat(pos_parts),), torch.cat(V_parts))
+    # in place, module by module: the backward keeps the compiled positions, no new index
+    for p, V_P in zip(pos_parts, V_parts, strict=True):
+        V_flat.index_put_((p,), V_P)
     return V_flat.view(F, C)
 
 
@@ -311,14 +319,17 @@ class BlockedPattern(NamedTuple):
 
 
 class _BlockedDot(torch.autograd.Function):
-    """out[q] = A[r] . T[cols[q]] over a `BlockedPattern`. Forward and both gradients are
+    """out[q] = A[r] . T[cols[q]] over a `BlockedPattern`, or a function making it (made again
+    in the backward instead of kept between the passes). Forward and both gradients are
     csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one thread in a
     fixed order."""
 
     @staticmethod
-    def forward(ctx, pattern: BlockedPattern, A_RD: Tensor, T_UD: Tensor) -> Tensor:
+    def forward(ctx, pattern: BlockedPattern | Callable[[], BlockedPattern], A_RD: Tensor,
+                T_UD: Tensor) -> Tensor:
         ctx.save_for_backward(A_RD, T_UD)
         ctx.pattern = pattern
+        pattern = pattern() if callable(pattern) else pattern
         out = A_RD.new_zeros(pattern.n_out)
         _rows_call("rows_dot", A_RD, pattern.row_ptr, pattern.cols, pattern.out_pos, T_UD, out,
                    True)
@@ -327,7 +338,7 @@ class _BlockedDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_Q: Tensor):
         A_RD, T_UD = ctx.saved_tensors
-        p: BlockedPattern = ctx.pattern
+        p: BlockedPattern = ctx.pattern() if callable(ctx.pattern) else ctx.pattern
         g_Q = g_Q.contiguous()
         g_A = g_T = None
         if ctx.needs_input_grad[1]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dictionary_learning.candidates import select_candidates
-from dictionary_learning.arch import SuiteArch, architecture, centre, check_same
+from dictionary_learning.arch import SuiteArch, architecture, centre, centre_rows, check_same
 from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
@@ -292,7 +292,7 @@ class SCAESuite(nn.Module):
     def encoder_rows(self, name: str) -> Tensor:
         """The rows P w_i [F, D] of transcoder `name`'s encoder (docs/method.md §2)."""
         W_FD = self.dicts[name].encoder.weight
-        Wc_FD = self.centre(W_FD)
+        Wc_FD = centre_rows(W_FD, self.arch.centred)
         if self._made_rows is not None and Wc_FD is not W_FD:
             self._made_rows[Wc_FD.untyped_storage().data_ptr()] = (Wc_FD, W_FD)
         return Wc_FD
