@@ -304,7 +304,7 @@ class TransposedPattern(NamedTuple):
 
 
 class BlockedPattern(NamedTuple):
-    """The entries of out[q] = A[r] . T[cols[q]] for `_BlockedDot` (csrc/sparse_rows.c)."""
+    """The entries of out[p] = A[r] . T[cols[p]] for `_BlockedDot` (csrc/sparse_rows.c)."""
 
     row_ptr: Tensor
     """CSR row pointers [R + 1] over the rows of A."""
@@ -319,35 +319,39 @@ class BlockedPattern(NamedTuple):
 
 
 class _BlockedDot(torch.autograd.Function):
-    """out[q] = A[r] . T[cols[q]] over a `BlockedPattern`, or a function making it (made again
-    in the backward instead of kept between the passes). Forward and both gradients are
+    """out[p] = A[r] . T[cols[p]] over a `BlockedPattern`, or a function making it (made again
+    in the backward instead of kept between the passes). A_FD: encoder rows; T_UD: the table (an
+    upstream decoder's rows, or the tokens' x0). Forward and both gradients are
     csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one thread in a
     fixed order."""
 
     @staticmethod
-    def forward(ctx, pattern: BlockedPattern | Callable[[], BlockedPattern], A_RD: Tensor,
+    def forward(ctx, pattern: BlockedPattern | Callable[[], BlockedPattern], A_FD: Tensor,
                 T_UD: Tensor) -> Tensor:
-        ctx.save_for_backward(A_RD, T_UD)
+        # each input only for the other's gradient (A_FD may be made again to be read)
+        ctx.save_for_backward(A_FD if ctx.needs_input_grad[2] else None,
+                              T_UD if ctx.needs_input_grad[1] else None)
+        ctx.shapes = A_FD.shape, T_UD.shape
         ctx.pattern = pattern
         pattern = pattern() if callable(pattern) else pattern
-        out = A_RD.new_zeros(pattern.n_out)
-        _rows_call("rows_dot", A_RD, pattern.row_ptr, pattern.cols, pattern.out_pos, T_UD, out,
+        out = A_FD.new_zeros(pattern.n_out)
+        _rows_call("rows_dot", A_FD, pattern.row_ptr, pattern.cols, pattern.out_pos, T_UD, out,
                    True)
         return out
 
     @staticmethod
-    def backward(ctx, g_Q: Tensor):
-        A_RD, T_UD = ctx.saved_tensors
+    def backward(ctx, g_P: Tensor):
+        A_FD, T_UD = ctx.saved_tensors
         p: BlockedPattern = ctx.pattern() if callable(ctx.pattern) else ctx.pattern
-        g_Q = g_Q.contiguous()
+        g_P = g_P.contiguous()
         g_A = g_T = None
         if ctx.needs_input_grad[1]:
-            g_A = torch.empty_like(A_RD)
-            _rows_call("rows_axpy", g_Q, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
+            g_A = g_P.new_empty(ctx.shapes[0])
+            _rows_call("rows_axpy", g_P, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
         if ctx.needs_input_grad[2]:
             t = p.transposed
-            g_T = torch.empty_like(T_UD)
-            _rows_call("rows_axpy", g_Q, t.row_ptr, t.cols, t.g_pos, A_RD, g_T, t.ascending)
+            g_T = g_P.new_empty(ctx.shapes[1])
+            _rows_call("rows_axpy", g_P, t.row_ptr, t.cols, t.g_pos, A_FD, g_T, t.ascending)
         return None, g_A, g_T
 
 
@@ -503,13 +507,13 @@ def _candidates_c(lib, vals_BA, idx_BA, V_FC, cand_BN, n_up: int,
                   tc: TransposedConnections) -> Tensor:
     (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
     out_BN = V_FC.new_empty(B, N)
-    Vt_Q = V_FC.flatten()[tc.tpos]
+    Vt_P = V_FC.flatten()[tc.tpos]
     ranges = _token_ranges(B)
     rows = V_FC.new_zeros(len(ranges), F)  # a scratch row per thread, zeros between tokens
 
     def run(lo: int, hi: int, w: int) -> None:
         lib.connection_candidates(lo, hi, A, N, F, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(),
-                                  tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_Q.data_ptr(),
+                                  tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
                                   cand_BN.data_ptr(), rows[w].data_ptr(), out_BN.data_ptr())
 
     native.parallel(run, ranges)
@@ -522,16 +526,16 @@ def _candidates_backward_c(lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, n_up: int,
     """Gradients of vals and V: each thread sums g_V over its tokens in its own copy, added up
     after (so the result depends on the thread count in the last bits, not on timing)."""
     (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
-    Vt_Q = V_FC.flatten()[tc.tpos]
+    Vt_P = V_FC.flatten()[tc.tpos]
     ranges = _token_ranges(B)
     g_vals_BA = torch.empty_like(vals_BA) if need_vals else None
-    g_Vt_parts = V_FC.new_zeros(len(ranges), Vt_Q.shape[0]) if need_V else None
+    g_Vt_parts = V_FC.new_zeros(len(ranges), Vt_P.shape[0]) if need_V else None
     rows = V_FC.new_zeros(len(ranges), F)
 
     def run(lo: int, hi: int, w: int) -> None:
         lib.connection_candidates_backward(
             lo, hi, A, N, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(), tc.tcrow.data_ptr(),
-            tc.trow.data_ptr(), Vt_Q.data_ptr(), cand_BN.data_ptr(), g_BN.data_ptr(),
+            tc.trow.data_ptr(), Vt_P.data_ptr(), cand_BN.data_ptr(), g_BN.data_ptr(),
             rows[w].data_ptr(), g_Vt_parts[w].data_ptr() if need_V else None,
             g_vals_BA.data_ptr() if need_vals else None)
 
@@ -546,11 +550,11 @@ def _candidates_backward_c(lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, n_up: int,
 def _all_c(lib, vals_BA, idx_BA, V_FC, n_up: int, tc: TransposedConnections) -> Tensor:
     B, A, F = vals_BA.shape[0], vals_BA.shape[1], V_FC.shape[0]
     out_BF = V_FC.new_empty(B, F)
-    Vt_Q = V_FC.flatten()[tc.tpos]
+    Vt_P = V_FC.flatten()[tc.tpos]
 
     def run(lo: int, hi: int, w: int) -> None:
         lib.connection_all(lo, hi, A, F, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(),
-                           tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_Q.data_ptr(),
+                           tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
                            out_BF.data_ptr())
 
     native.parallel(run, _token_ranges(B))

@@ -354,8 +354,10 @@ class SCAESuite(nn.Module):
             dim=1,
         )
         # (x0 + sum_u b_dec_u) . P w_i is computed as x0 . P w_i + bias_F, so that the gradient
-        # of the biases needs no [B, F] @ [F, D] product (x0 is data).
-        bias_F = Wc_FD @ sum(self.dicts[u].b_dec for u in comp.ups)
+        # of the biases needs no [B, F] @ [F, D] product (x0 is data); as w_i . P b (P is
+        # symmetric), so that its backward reads the parameter, not the rows P w_i.
+        W_FD = self.dicts[name].encoder.weight
+        bias_F = W_FD @ self.centre(sum(self.dicts[u].b_dec for u in comp.ups))
         return PrunedTerms(batch.initial, Wc_FD, bias_F, self.virtual_weights(name, Wc_FD),
                            vals_BA, idx_BA, sigma_B1)
 

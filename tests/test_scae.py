@@ -129,6 +129,29 @@ def test_candidates_mode_equals_all_mode_when_candidates_cover_everything():
         torch.testing.assert_close(cand_out[m].recon_BD, all_out[m].recon_BD)
 
 
+def test_pruned_pass_runs_only_the_vanilla_passes_it_needs(monkeypatch):
+    """Without `vanilla`, the all-features mode encodes the attention SAEs only (the transcoders'
+    vanilla pass is not part of the pruned model) and gives the outputs it gives with the full
+    vanilla pass; the candidates mode needs each transcoder's vanilla pass and says so when
+    `vanilla` lacks one."""
+    suite = random_suite(n_layers=3, F=10, k=3)
+    suite.set_connections(random_connections(suite, C=5))
+    batch = random_batch(n_layers=3)
+    want = suite.pruned_forward(batch, suite.vanilla_forward(batch), mode="all")
+    encoded = []
+    real = SCAESuite.vanilla_one
+    monkeypatch.setattr(SCAESuite, "vanilla_one",
+                        lambda self, n, b: encoded.append(n) or real(self, n, b))
+    got = suite.pruned_forward(batch, mode="all")
+    assert encoded == ["attn_0", "attn_1", "attn_2"]
+    for m in suite.transcoder_names:
+        torch.testing.assert_close(got[m].recon_BD, want[m].recon_BD, rtol=0, atol=0)
+        torch.testing.assert_close(got[m].pre_BF, want[m].pre_BF, rtol=0, atol=0)
+    attn_only = {n: real(suite, n, batch) for n in ("attn_0", "attn_1", "attn_2")}
+    with pytest.raises(KeyError, match="no entry for 'mlp_0'.*vanilla_forward"):
+        suite.pruned_forward(batch, attn_only, mode="candidates", n_threshold=2)
+
+
 def test_pruned_top_candidates_choose_the_features_of_the_all_features_pass():
     """With pruned_top, the candidates mode picks exactly the all-features pass's top K, even
     where the pruned top K lies outside the vanilla candidates; a feature in both sets counts

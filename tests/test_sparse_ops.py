@@ -35,6 +35,53 @@ def test_csr_virtual_weights_match_sampled_dot_and_gradcheck():
     )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block_rows", [3, 1000])  # many table blocks, one
+def test_blocked_c_kernel_matches_plain_reference(threads, block_rows, monkeypatch):
+    """csrc/sparse_rows.c (fp32 on the CPU) against float64 references: the virtual weights
+    (`csr_virtual_weights`: a row without connections, tables read in blocks of 3 rows or in
+    one) and the x0 term at candidates (`dot_at_candidates`, candidates repeated within a token,
+    x's gradient through the unsorted side); values and the gradients of both inputs, with
+    gradients that are exactly 0 for most entries (skipped by the kernel); the kernel is checked
+    to have run."""
+    if sparse_ops.native.load("sparse_rows") is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/sparse_rows.c here")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(sparse_ops, "TABLE_BLOCK_BYTES", block_rows * 37 * 4)
+    calls = []
+    real = sparse_ops._rows_call
+    monkeypatch.setattr(sparse_ops, "_rows_call", lambda *a: calls.append(a[0]) or real(*a))
+    g = torch.Generator().manual_seed(threads)
+    rows, cols, pat = _pattern(F=21, U=40, seed=threads)
+    W = torch.randn(21, 37, generator=g)
+    dec = torch.randn(40, 37, generator=g).T  # feature-major, as a dictionary's decoder
+    g_P = torch.randn(rows.shape[0], generator=g) * (torch.rand(rows.shape[0], generator=g) < 0.3)
+    W32, dec32 = W.clone().requires_grad_(True), dec.T.clone().T.requires_grad_(True)
+    W64, dec64 = W.double().requires_grad_(True), dec.double().requires_grad_(True)
+    got = sparse_ops.csr_virtual_weights(W32, dec32, *pat)
+    want = sparse_ops.sampled_dot_plain(W64, dec64.T, rows, cols)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (W32, dec32), g_P),
+                    torch.autograd.grad(want, (W64, dec64), g_P.double()), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+    B, F, N = 13, 400, 9
+    x = torch.randn(B, 37, generator=g)
+    Wf = torch.randn(F, 37, generator=g)
+    cand = torch.randint(0, F, (B, N), generator=g)
+    cand[:, -1] = cand[:, 0]  # repeated candidates
+    g_BN = torch.randn(B, N, generator=g) * (torch.rand(B, N, generator=g) < 0.3)
+    x32, W32 = x.clone().requires_grad_(True), Wf.clone().requires_grad_(True)
+    x64, W64 = x.double().requires_grad_(True), Wf.double().requires_grad_(True)
+    got = sparse_ops.dot_at_candidates(x32, W32, cand)
+    want = (x64 @ W64.T).gather(1, cand)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (x32, W32), g_BN),
+                    torch.autograd.grad(want, (x64, W64), g_BN.double()), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert calls.count("rows_dot") == 2 and calls.count("rows_axpy") == 4
+
+
 def test_compiled_csr_layout_matches_the_slots():
     suite = random_suite(n_layers=3, F=11)
     conns = random_connections(suite, C=6)
