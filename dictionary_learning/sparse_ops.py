@@ -345,13 +345,15 @@ class _BlockedDot(torch.autograd.Function):
         p: BlockedPattern = ctx.pattern() if callable(ctx.pattern) else ctx.pattern
         g_P = g_P.contiguous()
         g_A = g_T = None
-        if ctx.needs_input_grad[1]:
-            g_A = g_P.new_empty(ctx.shapes[0])
-            _rows_call("rows_axpy", g_P, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
         if ctx.needs_input_grad[2]:
             t = p.transposed
             g_T = g_P.new_empty(ctx.shapes[1])
             _rows_call("rows_axpy", g_P, t.row_ptr, t.cols, t.g_pos, A_FD, g_T, t.ascending)
+        # A_FD (the encoder rows, made again for this backward) gone before g_A is made
+        del A_FD
+        if ctx.needs_input_grad[1]:
+            g_A = g_P.new_empty(ctx.shapes[0])
+            _rows_call("rows_axpy", g_P, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
         return None, g_A, g_T
 
 
