@@ -16,8 +16,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dictionary_learning.candidates import select_candidates
 from dictionary_learning.arch import SuiteArch, architecture, centre, centre_rows, check_same
+from dictionary_learning.candidates import select_candidates
 from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
@@ -312,12 +312,18 @@ class SCAESuite(nn.Module):
             hit = made.get(t.untyped_storage().data_ptr())
             if hit is None:
                 return t
-            return hit[1], t.shape, t.stride(), t.storage_offset()
+            W_FD = hit[1]
+            return W_FD, W_FD._version, t.shape, t.stride(), t.storage_offset()
 
         def unpack(saved):
             if isinstance(saved, Tensor):
                 return saved
-            W_FD, shape, stride, offset = saved
+            W_FD, version, shape, stride, offset = saved
+            if W_FD._version != version:
+                # (autograd's own check for a saved tensor changed in place, kept for the recipe)
+                raise RuntimeError(
+                    "an encoder weight of the suite was modified in place between the pruned "
+                    "pass and its backward; call backward() before the optimizer step")
             return self.centre(W_FD.detach()).as_strided(shape, stride, offset)
 
         self._made_rows = made

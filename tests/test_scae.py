@@ -152,6 +152,36 @@ def test_pruned_pass_runs_only_the_vanilla_passes_it_needs(monkeypatch):
         suite.pruned_forward(batch, attn_only, mode="candidates", n_threshold=2)
 
 
+def test_encoder_rows_are_remade_in_the_backward_and_guarded_against_changes():
+    """The rows P w_i are saved as a recipe (the parameter): the gradients equal those of a pass
+    that keeps them (no hooks), and an encoder changed in place before the backward is an error,
+    as autograd's own check would make it."""
+    suite = random_suite(n_layers=2, F=40, k=3)
+    suite.set_connections(random_connections(suite, C=5))
+    batch = random_batch(n_layers=2, B=16)
+
+    def grads(recipe: bool):
+        for p in suite.parameters():
+            p.grad = None
+        vanilla = suite.vanilla_forward(batch)
+        with pytest.MonkeyPatch.context() as mp:
+            if not recipe:
+                mp.setattr(SCAESuite, "_rows_recomputed_in_backward",
+                           lambda self: __import__("contextlib").nullcontext())
+            out = suite.pruned_forward(batch, vanilla, mode="candidates", n_threshold=5,
+                                       n_random=3, generator=torch.Generator().manual_seed(0))
+        sum(o.recon_BD.pow(2).sum() for o in out.values()).backward()
+        return [p.grad.clone() for p in suite.parameters() if p.grad is not None]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    out = suite.pruned_forward(batch, mode="candidates", n_threshold=5)
+    with torch.no_grad():
+        suite.dicts["mlp_1"].encoder.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place.*before the optimizer step"):
+        out["mlp_1"].recon_BD.sum().backward()
+
+
 def test_pruned_top_candidates_choose_the_features_of_the_all_features_pass():
     """With pruned_top, the candidates mode picks exactly the all-features pass's top K, even
     where the pruned top K lies outside the vanilla candidates; a feature in both sets counts
