@@ -33,7 +33,7 @@ def select_candidates(
     cand_BN = torch.empty(B, n_top + n_random, dtype=torch.int64)
     ranges = _row_ranges(B)
     # per thread: the histogram, and the ranks of the kept and the selected features, scratch
-    hists = torch.empty(len(ranges), 1 << 11, dtype=torch.int64)
+    hists = torch.zeros(len(ranges), 1 << 11, dtype=torch.int64)
     ranks = torch.empty(len(ranges), 3 * F, dtype=torch.int64)
 
     def run(lo: int, hi: int, w: int) -> None:

@@ -59,8 +59,8 @@ static void sort_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
     if (src != a) memcpy(a, src, n * sizeof *a);
 }
 
-/* out[b, :M] (row stride N); scratch: hist [2048] int64, ranks [3 F] uint64. Requires
- * 1 <= M <= F < 2^32. */
+/* out[b, :M] (row stride N); scratch: hist [2048] int64 (zeros on entry and on return), ranks
+ * [3 F] uint64. Requires 1 <= M <= F < 2^32. */
 void top_features(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N, const float *pre,
                   int64_t *hist, uint64_t *ranks, int64_t *out) {
     const int64_t n_bins = (int64_t)1 << (32 - BIN_SHIFT);
@@ -78,7 +78,6 @@ void top_features(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N, c
                 if (!(p[f] < floor)) kept[n_kept++] = rank_key(p[f], f);
             floor = 0.0f / 0.0f;
         }
-        memset(hist, 0, n_bins * sizeof *hist);
         for (int64_t q = 0; q < n_kept; q++) hist[kept[q] >> (32 + BIN_SHIFT)]++;
         /* cut: the bin of the M-th highest; the features in it and above, sorted, hold the M */
         int64_t cut = n_bins - 1, above = 0;
@@ -86,6 +85,7 @@ void top_features(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N, c
         int64_t n_sel = 0;
         for (int64_t q = 0; q < n_kept; q++)
             if ((int64_t)(kept[q] >> (32 + BIN_SHIFT)) >= cut) sel[n_sel++] = kept[q];
+        for (int64_t q = 0; q < n_kept; q++) hist[kept[q] >> (32 + BIN_SHIFT)] = 0;
         sort_desc(sel, n_sel, tmp);
         for (int64_t m = 0; m < M; m++) out[b * N + m] = (uint32_t)~(uint32_t)sel[m];
         /* the next token's floor: one bin below this one's cut bin */
