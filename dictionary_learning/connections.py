@@ -170,15 +170,14 @@ class CompiledConnections(NamedTuple):
     """Per upstream module: order of the module's slots in the transposed pattern
     (tvalues = values[tperm])."""
     transposed: TransposedConnections | None = None
-    """All of J's connections by global upstream feature (the connection term's C kernels)."""
+    """All of J's connections by global upstream feature, for the connection term's C kernels:
+    kept on the CPU whatever the suite's device (they run there only)."""
 
     def to(self, device) -> "CompiledConnections":
         mv = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
-        tc = self.transposed
         return self._replace(
             J_FC=self.J_FC.to(device), pos=mv(self.pos), cols=mv(self.cols), crow=mv(self.crow),
             tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm),
-            transposed=TransposedConnections(*mv(tc)) if tc is not None else None,
         )
 
 

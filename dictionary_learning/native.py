@@ -120,6 +120,13 @@ def workers() -> int:
     return max(1, torch.get_num_threads())
 
 
+def ranges(n: int) -> list[tuple[int, int, int]]:
+    """(first, end, thread) of about equal ranges of n rows, one per kernel thread."""
+    w = max(1, min(n, workers()))
+    cuts = [n * i // w for i in range(w + 1)]
+    return [(cuts[i], cuts[i + 1], i) for i in range(w) if cuts[i] < cuts[i + 1]]
+
+
 def parallel(fn: Callable[..., None], args: Sequence[tuple]) -> None:
     """fn(*a) for each a, on `workers()` threads (a kernel call each: ctypes releases the GIL);
     returns when all are done, and raises the first error."""

@@ -498,19 +498,12 @@ def _connection_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     return lib
 
 
-def _token_ranges(B: int) -> list[tuple[int, int, int]]:
-    """(first, end, worker) of about equal token ranges, one per kernel thread."""
-    n = max(1, min(B, native.workers()))
-    cuts = [B * w // n for w in range(n + 1)]
-    return [(cuts[w], cuts[w + 1], w) for w in range(n) if cuts[w] < cuts[w + 1]]
-
-
 def _candidates_c(lib, vals_BA, idx_BA, V_FC, cand_BN, n_up: int,
                   tc: TransposedConnections) -> Tensor:
     (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
     out_BN = V_FC.new_empty(B, N)
     Vt_P = V_FC.flatten()[tc.tpos]
-    ranges = _token_ranges(B)
+    ranges = native.ranges(B)
     rows = V_FC.new_zeros(len(ranges), F)  # a scratch row per thread, zeros between tokens
 
     def run(lo: int, hi: int, w: int) -> None:
@@ -529,7 +522,7 @@ def _candidates_backward_c(lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, n_up: int,
     after (so the result depends on the thread count in the last bits, not on timing)."""
     (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
     Vt_P = V_FC.flatten()[tc.tpos]
-    ranges = _token_ranges(B)
+    ranges = native.ranges(B)
     g_vals_BA = torch.empty_like(vals_BA) if need_vals else None
     g_Vt_parts = V_FC.new_zeros(len(ranges), Vt_P.shape[0]) if need_V else None
     rows = V_FC.new_zeros(len(ranges), F)
@@ -559,7 +552,7 @@ def _all_c(lib, vals_BA, idx_BA, V_FC, n_up: int, tc: TransposedConnections) -> 
                            tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
                            out_BF.data_ptr())
 
-    native.parallel(run, _token_ranges(B))
+    native.parallel(run, native.ranges(B))
     return out_BF
 
 
