@@ -239,15 +239,19 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     by `csr_virtual_weights` token by token. Otherwise the dense product is the cheaper.
     """
     B, N = cand_BN.shape
-    if W_FD.shape[0] <= SAMPLED_MIN_RATIO * N:
-        return (x_BD @ W_FD.T).gather(1, cand_BN)
+    F = W_FD.shape[0]
+    if F <= SAMPLED_MIN_RATIO * N:
+        # index_select on the flat product: its backward keeps the index, where gather's keeps
+        # the whole [B, F] product until the backward (most of the default suite's step memory)
+        at_P = (cand_BN + F * torch.arange(B, device=cand_BN.device)[:, None]).flatten()
+        return (x_BD @ W_FD.T).flatten().index_select(0, at_P).view(B, N)
     if _blocked_kernel(x_BD, W_FD) is not None:
-        return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, W_FD.shape[0]),
-                                 W_FD, x_BD).view(B, N)
+        return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, F), W_FD,
+                                 x_BD).view(B, N)
     col = cand_BN.flatten()
     tperm = torch.argsort(col, stable=True)
     crow = torch.arange(0, B * N + 1, N, device=col.device)
-    tcrow = csr_pointers(col, W_FD.shape[0])
+    tcrow = csr_pointers(col, F)
     return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tperm // N, tperm).view(B, N)
 
 
