@@ -248,11 +248,11 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     if _blocked_kernel(x_BD, W_FD) is not None:
         return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, F), W_FD,
                                  x_BD).view(B, N)
-    col = cand_BN.flatten()
-    tperm = torch.argsort(col, stable=True)
-    crow = torch.arange(0, B * N + 1, N, device=col.device)
-    tcrow = csr_pointers(col, F)
-    return csr_virtual_weights(x_BD, W_FD.T, crow, col, tcrow, tperm // N, tperm).view(B, N)
+    # token by token: the pattern's rows are x's side, its transpose the features'
+    p = _candidate_pattern(cand_BN, F)
+    t = p.transposed
+    return csr_virtual_weights(x_BD, W_FD.T, t.row_ptr, t.cols, p.row_ptr, p.cols,
+                               p.out_pos).view(B, N)
 
 
 def _candidate_pattern(cand_BN: Tensor, F: int) -> BlockedPattern:
@@ -281,16 +281,12 @@ def virtual_weights(
     gpt2-small's last transcoder at F 24576).
     """
     F, C = J_FC.shape
-    V_parts, pos_parts = [], []
+    V_flat = W_FD.new_zeros(F * C)
     for dec, p, c, cr, tr, tc, tp in zip(dec_UDs, pos, cols, crow, tcrow, tcol, tperm,
                                          strict=True):
         if p.numel():
-            V_parts.append(csr_virtual_weights(W_FD, dec.T, cr, c, tr, tc, tp))
-            pos_parts.append(p)
-    V_flat = W_FD.new_zeros(F * C)
-    # in place, module by module: the backward keeps the compiled positions, no new index
-    for p, V_P in zip(pos_parts, V_parts, strict=True):
-        V_flat.index_put_((p,), V_P)
+            # in place at the compiled positions: the backward keeps them, no new index
+            V_flat.index_put_((p,), csr_virtual_weights(W_FD, dec.T, cr, c, tr, tc, tp))
     return V_flat.view(F, C)
 
 
@@ -405,9 +401,10 @@ def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
 
 
 class _CandidateContrib(torch.autograd.Function):
-    """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]], chunked over tokens.
+    """out[b, n] = sum_c V[cand[b, n], c] * table[b, J[cand[b, n], c]]: by csrc/connection_term.c
+    where it applies (fp32 on the CPU), else by torch operators, chunked over tokens.
 
-    Each call allocates its chunk buffers once (the upstream table, the gathered connection
+    The torch route allocates its chunk buffers once (the upstream table, the gathered connection
     indices, upstream values and virtual weights) and reuses them for every chunk: fresh
     tensors of this size cost page faults on each chunk on CPU (benchmarks/RESULTS.md). The
     table is re-zeroed where it was written, at the chunk's A active features.
@@ -418,10 +415,11 @@ class _CandidateContrib(torch.autograd.Function):
                 tc: TransposedConnections | None):
         ctx.save_for_backward(vals_BA, idx_BA, V_FC, J_FC, cand_BN)
         ctx.n_up = n_up
-        lib = _connection_kernel(vals_BA, idx_BA, V_FC, cand_BN)
-        if lib is not None:
+        # the route, decided here for both passes: the C kernels where they apply
+        ctx.lib = _connection_kernel(vals_BA, idx_BA, V_FC, cand_BN)
+        if ctx.lib is not None:
             ctx.tc = tc if tc is not None else transpose_connections(J_FC, n_up)
-            return _candidates_c(lib, vals_BA, idx_BA, V_FC, cand_BN, n_up, ctx.tc)
+            return _candidates_c(ctx.lib, vals_BA, idx_BA, V_FC, cand_BN, n_up, ctx.tc)
         B, N = cand_BN.shape
         out_BN = V_FC.new_empty(B, N)
         buf = _ChunkBuffers(vals_BA, V_FC, J_FC, N, n_up)
@@ -437,10 +435,9 @@ class _CandidateContrib(torch.autograd.Function):
     def backward(ctx, g_BN):
         vals_BA, idx_BA, V_FC, J_FC, cand_BN = ctx.saved_tensors
         g_BN = g_BN.contiguous()
-        lib = _connection_kernel(vals_BA, idx_BA, V_FC, cand_BN, g_BN)
-        if lib is not None:
+        if ctx.lib is not None:
             g_vals_BA, g_V_FC = _candidates_backward_c(
-                lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, ctx.n_up, ctx.tc,
+                ctx.lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, ctx.n_up, ctx.tc,
                 ctx.needs_input_grad[0], ctx.needs_input_grad[2])
             return g_vals_BA, None, g_V_FC, None, None, None, None
         N = cand_BN.shape[1]
@@ -640,16 +637,15 @@ def connection_contrib_all(
     if not kernel_available("embedding_bag", V_FC.device.type, acc):
         all_BF = torch.arange(F, device=J_FC.device).expand(B, F)
         return connection_contrib_candidates(vals_BA, idx_BA, V_FC, J_FC, all_BF, n_up)
-    V_FC_acc = V_FC.to(acc)
-    out_BF = V_FC_acc.new_empty(B, F)
+    out_BF = V_acc.new_empty(B, F)
     starts, step = _chunks(B, n_up + F)
     for s in starts:
-        vals_bA, idx_bA = vals_BA[s : s + step].to(acc), idx_BA[s : s + step]
+        vals_bA, idx_bA = vals_acc[s : s + step], idx_BA[s : s + step]
         # The table built transposed (scatter along dim 0), not transposed after: a transposed
         # copy of [tokens, n_up + 1] cost more than the table's own scatter.
         table_Gb = vals_bA.new_zeros(n_up + 1, vals_bA.shape[0]).scatter_(0, idx_bA.T, vals_bA.T)
         out_BF[s : s + step] = F_.embedding_bag(
-            J_FC, table_Gb, per_sample_weights=V_FC_acc, mode="sum"
+            J_FC, table_Gb, per_sample_weights=V_acc, mode="sum"
         ).T
     return out_BF.to(V_FC.dtype)
 
