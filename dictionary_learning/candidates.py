@@ -34,16 +34,12 @@ def select_candidates(
             return top_BM
         return torch.cat([top_BM, random_others(top_BM, F, n_random, generator)], 1)
     cand_BN = torch.empty(B, n_top + n_random, dtype=torch.int64)
-    ranges = native.ranges(B)
-    # per thread: the histogram, and the ranks of the kept and the selected features, scratch
-    hists = torch.zeros(len(ranges), 1 << 11, dtype=torch.int64)
-    ranks = torch.empty(len(ranges), 3 * F, dtype=torch.int64)
-
-    def run(lo: int, hi: int, w: int) -> None:
-        lib.top_features(lo, hi, F, n_top, n_top + n_random, pre_BF.data_ptr(),
-                         hists[w].data_ptr(), ranks[w].data_ptr(), cand_BN.data_ptr())
-
-    native.parallel(run, ranges)
+    n_parts = native.parts(B)
+    # per part: the histogram, and the ranks of the kept and the selected features, scratch
+    hists = torch.zeros(n_parts, 1 << 11, dtype=torch.int64)
+    ranks = torch.empty(n_parts, 3 * F, dtype=torch.int64)
+    native.run(lib, "top_features", n_parts, B, F, n_top, n_top + n_random, pre_BF.data_ptr(),
+               hists.data_ptr(), ranks.data_ptr(), cand_BN.data_ptr())
     if n_random:
         cand_BN[:, n_top:] = random_others(cand_BN[:, :n_top], F, n_random, generator)
     return cand_BN
@@ -98,17 +94,13 @@ def _first_usable_c(lib: ctypes.CDLL, top_BM: Tensor, draws_BR: Tensor, n_featur
     draws_BR = draws_BR.contiguous()
     (B, M), R = top_BM.shape, draws_BR.shape[1]
     out_Bn = torch.empty(B, n, dtype=torch.int64)
-    ranges = native.ranges(B)
-    marks = torch.zeros(len(ranges), n_features, dtype=torch.uint8)
-    short = [0] * len(ranges)
-
-    def run(lo: int, hi: int, w: int) -> None:
-        short[w] = lib.random_others(lo, hi, M, top_BM.data_ptr(), top_BM.stride(0), R,
-                                     draws_BR.data_ptr(), n, marks[w].data_ptr(),
-                                     out_Bn.data_ptr())
-
-    native.parallel(run, ranges)
-    return None if sum(short) else out_Bn
+    n_parts = native.parts(B)
+    marks = torch.zeros(n_parts, n_features, dtype=torch.uint8)
+    short = torch.empty(n_parts, dtype=torch.int64)
+    native.run(lib, "random_others", n_parts, B, n_features, M, top_BM.data_ptr(),
+               top_BM.stride(0), R, draws_BR.data_ptr(), n, marks.data_ptr(), out_Bn.data_ptr(),
+               short.data_ptr())
+    return None if int(short.sum()) else out_Bn
 
 
 def _kernel(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -119,7 +111,7 @@ def _kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     lib = native.load("candidates")
     if lib is not None and lib.random_others.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.top_features.argtypes = [i64] * 5 + [p] * 4
-        lib.random_others.argtypes = [i64] * 3 + [p, i64, i64, p, i64, p, p]
-        lib.random_others.restype = i64
+        lib.top_features.argtypes = [i64] * 7 + [p] * 4
+        lib.random_others.argtypes = [i64] * 6 + [p, i64, i64, p, i64, p, p, p]
+        lib.top_features.restype = lib.random_others.restype = None
     return lib

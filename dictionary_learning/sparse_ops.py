@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -366,33 +365,25 @@ def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     if lib is not None and lib.rows_dot.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.rows_dot, lib.rows_axpy):
-            fn.argtypes = [i64] * 3 + [p] * 5 + [i64] * 2 + [p] * 2
+            fn.argtypes = [i64] * 5 + [p] * 5 + [i64] * 2 + [p] * 2
+            fn.restype = None
     return lib
 
 
 def _rows_call(fn: str, X: Tensor, row_ptr: Tensor, cols: Tensor, pos: Tensor | None,
                T_UD: Tensor, out: Tensor, blocked: bool) -> None:
-    """csrc/sparse_rows.c's `fn` over all rows, one range of rows of about equal entries per
-    thread. X: A [R, D] (rows_dot) or g (rows_axpy); T_UD read in TABLE_BLOCK_BYTES blocks if
-    `blocked` (columns ascend within rows), else in one."""
+    """csrc/sparse_rows.c's `fn` over all rows, in parts of about equal entries (`native.run`).
+    X: A [R, D] (rows_dot) or g (rows_axpy); T_UD read in TABLE_BLOCK_BYTES blocks if `blocked`
+    (columns ascend within rows), else in one."""
     lib = _blocked_kernel(X, out, T_UD)
     row_ptr, cols = row_ptr.contiguous(), cols.contiguous()
     pos = pos.contiguous() if pos is not None else None
     (U, D), R = T_UD.shape, row_ptr.shape[0] - 1
     block = max(1, TABLE_BLOCK_BYTES // max(1, D * T_UD.element_size())) if blocked else U
     cursor = torch.empty(R, dtype=torch.int64)
-    n = max(1, min(R, native.workers()))
-    cuts = torch.searchsorted(row_ptr, torch.linspace(0, int(row_ptr[-1]), n + 1)[1:-1]
-                              .round().to(torch.int64)).tolist()
-    kernel = getattr(lib, fn)
-
-    def run(lo: int, hi: int) -> None:
-        kernel(lo, hi, D, row_ptr.data_ptr(), cols.data_ptr(),
+    native.run(lib, fn, native.parts(R), R, D, row_ptr.data_ptr(), cols.data_ptr(),
                pos.data_ptr() if pos is not None else None, X.data_ptr(), T_UD.data_ptr(), U,
                max(1, block), cursor.data_ptr(), out.data_ptr())
-
-    native.parallel(run, [(a, b) for a, b in itertools.pairwise([0, *cuts, R]) if a < b]
-                    or [(0, R)])
 
 
 def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:
@@ -493,9 +484,12 @@ def _connection_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     lib = native.load("connection_term")
     if lib is not None and lib.connection_all.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.connection_all.argtypes = [i64] * 5 + [p] * 6
-        lib.connection_candidates.argtypes = [i64] * 6 + [p] * 8
-        lib.connection_candidates_backward.argtypes = [i64] * 5 + [p] * 10
+        lib.connection_all.argtypes = [i64] * 7 + [p] * 6
+        lib.connection_candidates.argtypes = [i64] * 8 + [p] * 8
+        lib.connection_candidates_backward.argtypes = [i64] * 9 + [p] * 10
+        for fn in (lib.connection_all, lib.connection_candidates,
+                   lib.connection_candidates_backward):
+            fn.restype = None
     return lib
 
 
@@ -504,38 +498,30 @@ def _candidates_c(lib, vals_BA, idx_BA, V_FC, cand_BN, n_up: int,
     (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
     out_BN = V_FC.new_empty(B, N)
     Vt_P = V_FC.flatten()[tc.tpos]
-    ranges = native.ranges(B)
-    rows = V_FC.new_zeros(len(ranges), F)  # a scratch row per thread, zeros between tokens
-
-    def run(lo: int, hi: int, w: int) -> None:
-        lib.connection_candidates(lo, hi, A, N, F, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(),
-                                  tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
-                                  cand_BN.data_ptr(), rows[w].data_ptr(), out_BN.data_ptr())
-
-    native.parallel(run, ranges)
+    n_parts = native.parts(B)
+    rows = V_FC.new_zeros(n_parts, F)  # a scratch row per part, zeros between tokens
+    native.run(lib, "connection_candidates", n_parts, B, A, N, F, n_up, vals_BA.data_ptr(),
+               idx_BA.data_ptr(), tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
+               cand_BN.data_ptr(), rows.data_ptr(), out_BN.data_ptr())
     return out_BN
 
 
 def _candidates_backward_c(lib, vals_BA, idx_BA, V_FC, cand_BN, g_BN, n_up: int,
                            tc: TransposedConnections, need_vals: bool,
                            need_V: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of vals and V: each thread sums g_V over its tokens in its own copy, added up
+    """Gradients of vals and V: each part sums g_V over its tokens in its own copy, added up
     after (so the result depends on the thread count in the last bits, not on timing)."""
     (B, N), A, F = cand_BN.shape, vals_BA.shape[1], V_FC.shape[0]
     Vt_P = V_FC.flatten()[tc.tpos]
-    ranges = native.ranges(B)
+    n_parts = native.parts(B)
     g_vals_BA = torch.empty_like(vals_BA) if need_vals else None
-    g_Vt_parts = V_FC.new_zeros(len(ranges), Vt_P.shape[0]) if need_V else None
-    rows = V_FC.new_zeros(len(ranges), F)
-
-    def run(lo: int, hi: int, w: int) -> None:
-        lib.connection_candidates_backward(
-            lo, hi, A, N, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(), tc.tcrow.data_ptr(),
-            tc.trow.data_ptr(), Vt_P.data_ptr(), cand_BN.data_ptr(), g_BN.data_ptr(),
-            rows[w].data_ptr(), g_Vt_parts[w].data_ptr() if need_V else None,
-            g_vals_BA.data_ptr() if need_vals else None)
-
-    native.parallel(run, ranges)
+    g_Vt_parts = V_FC.new_zeros(n_parts, Vt_P.shape[0]) if need_V else None
+    rows = V_FC.new_zeros(n_parts, F)
+    native.run(lib, "connection_candidates_backward", n_parts, B, A, N, F, n_up, Vt_P.shape[0],
+               vals_BA.data_ptr(), idx_BA.data_ptr(), tc.tcrow.data_ptr(), tc.trow.data_ptr(),
+               Vt_P.data_ptr(), cand_BN.data_ptr(), g_BN.data_ptr(), rows.data_ptr(),
+               g_Vt_parts.data_ptr() if need_V else None,
+               g_vals_BA.data_ptr() if need_vals else None)
     g_V_FC = None
     if need_V:
         g_V_FC = V_FC.new_zeros(V_FC.numel()).index_put_((tc.tpos,), g_Vt_parts.sum(0))
@@ -547,13 +533,9 @@ def _all_c(lib, vals_BA, idx_BA, V_FC, n_up: int, tc: TransposedConnections) -> 
     B, A, F = vals_BA.shape[0], vals_BA.shape[1], V_FC.shape[0]
     out_BF = V_FC.new_empty(B, F)
     Vt_P = V_FC.flatten()[tc.tpos]
-
-    def run(lo: int, hi: int, w: int) -> None:
-        lib.connection_all(lo, hi, A, F, n_up, vals_BA.data_ptr(), idx_BA.data_ptr(),
-                           tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
-                           out_BF.data_ptr())
-
-    native.parallel(run, native.ranges(B))
+    native.run(lib, "connection_all", native.parts(B), B, A, F, n_up, vals_BA.data_ptr(),
+               idx_BA.data_ptr(), tc.tcrow.data_ptr(), tc.trow.data_ptr(), Vt_P.data_ptr(),
+               out_BF.data_ptr())
     return out_BF
 
 

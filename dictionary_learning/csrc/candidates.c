@@ -1,6 +1,5 @@
 /* The training step's candidate features (dictionary_learning/candidates.py; docs/method.md §3)
- * for a range of tokens b_lo..b_hi. Plain C called through ctypes, one call per thread on its own
- * tokens.
+ * for the tokens of parts part_lo .. part_hi (csrc/parts.h). Plain C called through ctypes.
  *
  * top_features: each token's M highest pre-activations (fp32) in rank order: the larger value
  * first, NaN above every number, -0 as +0, the lower feature first on ties. A radix select: the
@@ -13,6 +12,8 @@
  * draws) takes the same features from the same draws. */
 #include <stdint.h>
 #include <string.h>
+
+#include "parts.h"
 
 #define BIN_SHIFT 21 /* 2^11 bins */
 
@@ -60,28 +61,38 @@ static void sort_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
     if (src != a) memcpy(a, src, n * sizeof *a);
 }
 
-/* out[b, :M] (row stride N); scratch: hist [2048] int64 (zeros on entry and on return), ranks
- * [3 F] uint64. Requires 1 <= M <= F < 2^32. */
-void top_features(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N, const float *pre,
-                  int64_t *hist, uint64_t *ranks, int64_t *out) {
-    const int64_t n_bins = (int64_t)1 << (32 - BIN_SHIFT);
+/* out[b, :M] (row stride N) for tokens b_lo .. b_hi; scratch: hist [2048] int64 (zeros on entry
+ * and on return), ranks [3 F] uint64. Requires 1 <= M <= F < 2^32. */
+static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N,
+                     const float *pre, int64_t *hist, uint64_t *ranks, int64_t *out) {
     uint64_t *kept = ranks, *sel = ranks + F, *tmp = ranks + 2 * F;
+    uint32_t *at = (uint32_t *)tmp;
     /* A floor below the M-th highest, from the token before (tokens' rows are alike): only the
-     * features at or above it are kept, one comparison each, and the work below is on those. A
-     * floor too high keeps fewer than M: the row is read again without it. NaN: no floor. */
+     * features at or above it are kept, and the work below is on those. A floor too high keeps
+     * fewer than M: the row is read again without it. NaN: no floor. */
     float floor = 0.0f / 0.0f;
     for (int64_t b = b_lo; b < b_hi; b++) {
         const float *p = pre + b * F;
         int64_t n_kept = 0;
         for (int pass = 0; pass < 2 && n_kept < M; pass++) {
+            /* without a branch (one the CPU would mispredict for every kept feature): every
+             * feature written, the count advanced past the kept ones */
             n_kept = 0;
-            for (int64_t f = 0; f < F; f++)
-                if (!(p[f] < floor)) kept[n_kept++] = rank_key(p[f], f);
+            for (int64_t f = 0; f < F; f++) {
+                at[n_kept] = (uint32_t)f;
+                n_kept += !(p[f] < floor);
+            }
             floor = 0.0f / 0.0f;
         }
-        for (int64_t q = 0; q < n_kept; q++) hist[kept[q] >> (32 + BIN_SHIFT)]++;
+        int64_t top_bin = 0;
+        for (int64_t q = 0; q < n_kept; q++) {
+            kept[q] = rank_key(p[at[q]], at[q]);
+            int64_t bin = (int64_t)(kept[q] >> (32 + BIN_SHIFT));
+            hist[bin]++;
+            top_bin = bin > top_bin ? bin : top_bin;
+        }
         /* cut: the bin of the M-th highest; the features in it and above, sorted, hold the M */
-        int64_t cut = n_bins - 1, above = 0;
+        int64_t cut = top_bin, above = 0;
         while (above + hist[cut] < M) above += hist[cut--];
         int64_t n_sel = 0;
         for (int64_t q = 0; q < n_kept; q++)
@@ -94,23 +105,41 @@ void top_features(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N, c
     }
 }
 
-/* out[b, :n] from the top features top[b * top_stride + m], m < M; returns the number of tokens
- * whose R draws held fewer than n usable ones (the rest of their row is unset). */
-int64_t random_others(int64_t b_lo, int64_t b_hi, int64_t M, const int64_t *top, int64_t top_stride,
-                      int64_t R, const int64_t *draws, int64_t n, uint8_t *mark, int64_t *out) {
-    int64_t short_rows = 0;
-    for (int64_t b = b_lo; b < b_hi; b++) {
-        const int64_t *t = top + b * top_stride, *d = draws + b * R;
-        int64_t *o = out + b * n, got = 0;
-        for (int64_t m = 0; m < M; m++) mark[t[m]] = 1;
-        for (int64_t r = 0; r < R && got < n; r++) {
-            if (mark[d[r]]) continue;
-            mark[d[r]] = 1;
-            o[got++] = d[r];
+/* The top M of B tokens' rows; scratch per part p: hist + 2048 p, ranks + 3 F p. */
+void top_features(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t B, int64_t F,
+                  int64_t M, int64_t N, const float *pre, int64_t *hist, uint64_t *ranks,
+                  int64_t *out) {
+#pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
+    if (part_hi - part_lo > 1)
+    for (int64_t p = part_lo; p < part_hi; p++)
+        top_rows(part_start(B, p, n_parts), part_start(B, p + 1, n_parts), F, M, N, pre,
+                 hist + ((int64_t)1 << (32 - BIN_SHIFT)) * p, ranks + 3 * F * p, out);
+}
+
+/* out[b, :n] from the top features top[b * top_stride + m], m < M, for B tokens; scratch per part
+ * p: mark + F p (zeros on entry and on return). short_rows[p]: the number of part p's tokens whose R
+ * draws held fewer than n usable ones (the rest of their row is unset). */
+void random_others(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t B, int64_t F,
+                   int64_t M, const int64_t *top, int64_t top_stride, int64_t R,
+                   const int64_t *draws, int64_t n, uint8_t *mark, int64_t *out,
+                   int64_t *short_rows) {
+#pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
+    if (part_hi - part_lo > 1)
+    for (int64_t p = part_lo; p < part_hi; p++) {
+        uint8_t *mk = mark + F * p;
+        short_rows[p] = 0;
+        for (int64_t b = part_start(B, p, n_parts); b < part_start(B, p + 1, n_parts); b++) {
+            const int64_t *t = top + b * top_stride, *d = draws + b * R;
+            int64_t *o = out + b * n, got = 0;
+            for (int64_t m = 0; m < M; m++) mk[t[m]] = 1;
+            for (int64_t r = 0; r < R && got < n; r++) {
+                if (mk[d[r]]) continue;
+                mk[d[r]] = 1;
+                o[got++] = d[r];
+            }
+            for (int64_t m = 0; m < M; m++) mk[t[m]] = 0;
+            for (int64_t g = 0; g < got; g++) mk[o[g]] = 0;
+            short_rows[p] += got < n;
         }
-        for (int64_t m = 0; m < M; m++) mark[t[m]] = 0;
-        for (int64_t g = 0; g < got; g++) mark[o[g]] = 0;
-        short_rows += got < n;
     }
-    return short_rows;
 }

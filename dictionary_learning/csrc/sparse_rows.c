@@ -1,8 +1,8 @@
 /* Sampled products over a CSR pattern with the table read in cache-sized blocks, fp32
  * (dictionary_learning/sparse_ops.py: _BlockedDot, for the virtual weights and the candidates'
- * x0 term of the pruned pass; docs/method.md §3). Plain C called through ctypes, one call per
- * thread on its own rows; each output entry or row is written by one thread in a fixed order, so
- * the results do not depend on the thread count.
+ * x0 term of the pruned pass; docs/method.md §3). Plain C called through ctypes, for the rows of
+ * parts part_lo .. part_hi (csrc/parts.h: ranges of about equal entries); each output entry or
+ * row is written by one part in a fixed order, so the results do not depend on the thread count.
  *
  *   rows_dot:   out[q] = A[r] . T[cols[q]]             for the entries q of row r
  *   rows_axpy:  out[r] = sum over q of g[q] T[cols[q]]  (entries with g[q] = 0 skipped)
@@ -14,6 +14,8 @@
  * memory once per call and A (or out) once per block. One block of all rows: columns in any
  * order. */
 #include <stdint.h>
+
+#include "parts.h"
 
 #define LANES 16
 
@@ -38,9 +40,9 @@ static inline float dot(const float *a, const float *b, int64_t D) {
 #endif
 
 CLONES
-void rows_dot(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr, const int64_t *cols,
-              const int64_t *out_pos, const float *A, const float *T, int64_t n_T,
-              int64_t block_rows, int64_t *cursor, float *out) {
+static void dot_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr,
+                     const int64_t *cols, const int64_t *out_pos, const float *A, const float *T,
+                     int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
     for (int64_t r = r_lo; r < r_hi; r++) cursor[r] = row_ptr[r];
     for (int64_t lo = 0; lo < n_T; lo += block_rows) {
         int64_t hi = lo + block_rows;
@@ -57,9 +59,9 @@ void rows_dot(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr, con
 /* out[r] (D floats, written here: rows without entries become 0) = the sum over the row's
  * entries q, in order, of g[g_pos ? g_pos[q] : q] * T[cols[q]]. */
 CLONES
-void rows_axpy(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr, const int64_t *cols,
-               const int64_t *g_pos, const float *g, const float *T, int64_t n_T,
-               int64_t block_rows, int64_t *cursor, float *out) {
+static void axpy_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr,
+                      const int64_t *cols, const int64_t *g_pos, const float *g, const float *T,
+                      int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
     for (int64_t r = r_lo; r < r_hi; r++) {
         cursor[r] = row_ptr[r];
         for (int64_t d = 0; d < D; d++) out[r * D + d] = 0;
@@ -80,4 +82,36 @@ void rows_axpy(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr, co
             cursor[r] = q;
         }
     }
+}
+
+typedef void rows_fn(int64_t, int64_t, int64_t, const int64_t *, const int64_t *,
+                     const int64_t *, const float *, const float *, int64_t, int64_t, int64_t *,
+                     float *);
+
+/* fn over the R rows of the pattern, by parts; cursor [R] scratch */
+static void by_parts(rows_fn *fn, int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R,
+                     int64_t D, const int64_t *row_ptr, const int64_t *cols, const int64_t *pos,
+                     const float *X, const float *T, int64_t n_T, int64_t block_rows,
+                     int64_t *cursor, float *out) {
+#pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
+    if (part_hi - part_lo > 1)
+    for (int64_t p = part_lo; p < part_hi; p++)
+        fn(part_start_by_entries(row_ptr, R, p, n_parts),
+           part_start_by_entries(row_ptr, R, p + 1, n_parts), D, row_ptr, cols, pos, X, T, n_T,
+           block_rows, cursor, out);
+}
+
+void rows_dot(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R, int64_t D,
+              const int64_t *row_ptr, const int64_t *cols, const int64_t *out_pos,
+              const float *A, const float *T, int64_t n_T, int64_t block_rows, int64_t *cursor,
+              float *out) {
+    by_parts(dot_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, out_pos, A, T, n_T,
+             block_rows, cursor, out);
+}
+
+void rows_axpy(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R, int64_t D,
+               const int64_t *row_ptr, const int64_t *cols, const int64_t *g_pos, const float *g,
+               const float *T, int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
+    by_parts(axpy_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, g_pos, g, T, n_T,
+             block_rows, cursor, out);
 }
