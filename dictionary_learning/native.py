@@ -51,9 +51,12 @@ def enabled() -> bool:
 
 def compiler() -> str | None:
     """The C compiler: $CC, else the first of cc, gcc, clang on the PATH."""
-    cc = os.environ.get("CC")
-    if cc:
-        return cc
+    return os.environ.get("CC") or _on_path(os.environ.get("PATH", ""))
+
+
+@functools.cache
+def _on_path(_path_env: str) -> str | None:
+    # (cached per PATH: the kernels' callers ask on every call, and a PATH search takes ~50 us)
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
