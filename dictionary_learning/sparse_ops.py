@@ -235,18 +235,22 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     Where the candidates are a small part of the features (F > SAMPLED_MIN_RATIO N), without the
     dense [B, F] product: a sampled product over the candidates' pattern, by the blocked C kernel
     feature by feature where it applies (each row of W read once, x's rows from the cache), else
-    by `csr_virtual_weights` token by token. Otherwise the dense product is the cheaper.
+    by `csr_virtual_weights` token by token. Otherwise the dense product is the cheaper forward;
+    the C kernel's backward is still sampled, over the entries with a non-zero gradient (most of
+    the candidates get none: TopK chose K of them).
     """
     B, N = cand_BN.shape
     F = W_FD.shape[0]
-    if F <= SAMPLED_MIN_RATIO * N:
-        # index_select on the flat product: its backward keeps the index, where gather's keeps
-        # the whole [B, F] product until the backward (most of the default suite's step memory)
-        at_P = (cand_BN + F * torch.arange(B, device=cand_BN.device)[:, None]).flatten()
-        return (x_BD @ W_FD.T).flatten().index_select(0, at_P).view(B, N)
+    dense = F <= SAMPLED_MIN_RATIO * N
+    # (index_select on the flat product: its backward keeps the index, where gather's keeps the
+    # whole [B, F] product until the backward)
+    at_P = (cand_BN + F * torch.arange(B, device=cand_BN.device)[:, None]).flatten() if dense \
+        else None
     if _blocked_kernel(x_BD, W_FD) is not None:
         return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, F), W_FD,
-                                 x_BD).view(B, N)
+                                 x_BD, at_P).view(B, N)
+    if dense:
+        return (x_BD @ W_FD.T).flatten().index_select(0, at_P).view(B, N)
     # token by token: the pattern's rows are x's side, its transpose the features'
     p = _candidate_pattern(cand_BN, F)
     t = p.transposed
@@ -254,15 +258,36 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
                                p.out_pos).view(B, N)
 
 
-def _candidate_pattern(cand_BN: Tensor, F: int) -> BlockedPattern:
+def _candidate_pattern(cand_BN: Tensor, F: int, g_BN: Tensor | None = None) -> BlockedPattern:
     """The candidates' pattern by feature ([F, B]: tokens ascend within a feature, a stable sort),
-    for `_BlockedDot`; x's side (tokens by candidate, in no order) read in one block."""
+    for `_BlockedDot`; x's side (tokens by candidate, in no order) read in one block. With the
+    output's gradient g_BN (in the backward), the pattern of its non-zero entries only: those
+    the kernels would skip (on the CPU, most: the candidates that TopK did not choose) are not
+    sorted."""
     B, N = cand_BN.shape
     col = cand_BN.flatten()
-    tperm = torch.argsort(col, stable=True)
     crow = torch.arange(0, B * N + 1, N, device=col.device)
-    return BlockedPattern(csr_pointers(col, F), tperm // N, tperm, B * N,
-                          TransposedPattern(crow, col, None, False))
+    transposed = TransposedPattern(crow, col, None, False)
+    lib = _blocked_kernel(g_BN) if g_BN is not None else _sparse_rows()
+    if lib is not None and col.device.type == "cpu" and col.dtype == torch.int64:
+        # a counting sort in C (torch's argsort is a comparison sort: ~0.9 ms for 16k entries)
+        row_ptr, cursor = torch.empty(F + 1, dtype=torch.int64), torch.empty(F, dtype=torch.int64)
+        tok, pos = torch.empty(2, B * N, dtype=torch.int64)
+        col, g_BN = col.contiguous(), g_BN.contiguous() if g_BN is not None else None
+        n = lib.by_feature(B, N, F, col.data_ptr(), g_BN.data_ptr() if g_BN is not None else None,
+                           row_ptr.data_ptr(), cursor.data_ptr(), tok.data_ptr(), pos.data_ptr())
+        if n < 0:
+            raise IndexError(f"candidate features must be in [0, {F}) (the dictionary's "
+                             f"features); got {int(col.min())} .. {int(col.max())}")
+        return BlockedPattern(row_ptr, tok[:n], pos[:n], B * N, transposed)
+    if g_BN is not None:
+        keep = g_BN.flatten() != 0
+        pos = keep.nonzero().flatten()
+        order = torch.argsort(col[pos], stable=True)
+        return BlockedPattern(csr_pointers(col[pos], F), pos[order] // N, pos[order], B * N,
+                              transposed)
+    tperm = torch.argsort(col, stable=True)
+    return BlockedPattern(csr_pointers(col, F), tperm // N, tperm, B * N, transposed)
 
 
 def virtual_weights(
@@ -318,20 +343,25 @@ class BlockedPattern(NamedTuple):
 
 
 class _BlockedDot(torch.autograd.Function):
-    """out[p] = A[r] . T[cols[p]] over a `BlockedPattern`, or a function making it (made again
-    in the backward instead of kept between the passes). A_FD: encoder rows; T_UD: the table (an
-    upstream decoder's rows, or the tokens' x0). Forward and both gradients are
-    csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one thread in a
-    fixed order."""
+    """out[p] = A[r] . T[cols[p]] over a `BlockedPattern`, or a function making it from the
+    output's gradient (None in the forward; made again in the backward instead of kept between
+    the passes, and there over the entries with a non-zero gradient only). A_FD: encoder rows;
+    T_UD: the table (an upstream decoder's rows, or the tokens' x0). Forward and both gradients
+    are csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one thread in a
+    fixed order; with `dense_at`, the forward is the dense product's entries there instead."""
 
     @staticmethod
-    def forward(ctx, pattern: BlockedPattern | Callable[[], BlockedPattern], A_FD: Tensor,
-                T_UD: Tensor) -> Tensor:
+    def forward(ctx, pattern: BlockedPattern | Callable[..., BlockedPattern], A_FD: Tensor,
+                T_UD: Tensor, dense_at: Tensor | None = None) -> Tensor:
         # each input only for the other's gradient (A_FD may be made again to be read)
         ctx.save_for_backward(A_FD if ctx.needs_input_grad[2] else None,
                               T_UD if ctx.needs_input_grad[1] else None)
         ctx.shapes = A_FD.shape, T_UD.shape
         ctx.pattern = pattern
+        if dense_at is not None:
+            # the entries of the dense product T A^T at these flat places: a GEMM's many more
+            # multiply-adds a second win where the entries are a large share of it
+            return (T_UD @ A_FD.T).flatten().index_select(0, dense_at)
         pattern = pattern() if callable(pattern) else pattern
         out = A_FD.new_zeros(pattern.n_out)
         _rows_call("rows_dot", A_FD, pattern.row_ptr, pattern.cols, pattern.out_pos, T_UD, out,
@@ -341,8 +371,8 @@ class _BlockedDot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_P: Tensor):
         A_FD, T_UD = ctx.saved_tensors
-        p: BlockedPattern = ctx.pattern() if callable(ctx.pattern) else ctx.pattern
         g_P = g_P.contiguous()
+        p: BlockedPattern = ctx.pattern(g_P) if callable(ctx.pattern) else ctx.pattern
         g_A = g_T = None
         if ctx.needs_input_grad[2]:
             t = p.transposed
@@ -353,7 +383,7 @@ class _BlockedDot(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_A = g_P.new_empty(ctx.shapes[0])
             _rows_call("rows_axpy", g_P, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
-        return None, g_A, g_T
+        return None, g_A, g_T, None
 
 
 def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -361,12 +391,19 @@ def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
                and t.layout == torch.strided for t in tensors):
         return None
+    return _sparse_rows()
+
+
+def _sparse_rows() -> ctypes.CDLL | None:
+    """csrc/sparse_rows.c, loaded (None without a C compiler)."""
     lib = native.load("sparse_rows")
     if lib is not None and lib.rows_dot.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.rows_dot, lib.rows_axpy):
             fn.argtypes = [i64] * 5 + [p] * 5 + [i64] * 2 + [p] * 2
             fn.restype = None
+        lib.by_feature.argtypes = [i64] * 3 + [p] * 6
+        lib.by_feature.restype = i64
     return lib
 
 

@@ -6,6 +6,7 @@
  *
  *   rows_dot:   out[q] = A[r] . T[cols[q]]             for the entries q of row r
  *   rows_axpy:  out[r] = sum over q of g[q] T[cols[q]]  (entries with g[q] = 0 skipped)
+ *   by_feature: the pattern of a [B, N] table of feature indices, by feature (a counting sort)
  *
  * Why blocks: the table T (an upstream decoder, 37-75 MB at gpt2-small widths) does not fit the
  * cache, and a random row of it costs a trip to memory (~23 GB/s here, against ~40 from L3). T is
@@ -14,6 +15,7 @@
  * memory once per call and A (or out) once per block. One block of all rows: columns in any
  * order. */
 #include <stdint.h>
+#include <string.h>
 
 #include "parts.h"
 
@@ -114,4 +116,26 @@ void rows_axpy(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R, int
                const float *T, int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
     by_parts(axpy_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, g_pos, g, T, n_T,
              block_rows, cursor, out);
+}
+
+/* The entries e = b N + n of cand [B, N] (features in [0, F)) by feature, tokens ascending within
+ * a feature (a stable counting sort): row_ptr [F + 1], tok[q] = b and pos[q] = e of entry q. With
+ * g (NULL: all entries), only those whose g[e] is not 0. cursor: [F] scratch. Returns the number
+ * of entries, or -1 if a feature is outside [0, F) (nothing else is then valid). */
+int64_t by_feature(int64_t B, int64_t N, int64_t F, const int64_t *cand, const float *g,
+                   int64_t *row_ptr, int64_t *cursor, int64_t *tok, int64_t *pos) {
+    memset(row_ptr, 0, (F + 1) * sizeof *row_ptr);
+    for (int64_t e = 0; e < B * N; e++) {
+        if (cand[e] < 0 || cand[e] >= F) return -1;
+        row_ptr[cand[e] + 1] += !g || g[e] != 0;
+    }
+    for (int64_t f = 0; f < F; f++) row_ptr[f + 1] += row_ptr[f];
+    memcpy(cursor, row_ptr, F * sizeof *cursor);
+    for (int64_t e = 0; e < B * N; e++) {
+        if (g && g[e] == 0) continue;
+        int64_t q = cursor[cand[e]]++;
+        tok[q] = e / N;
+        pos[q] = e;
+    }
+    return row_ptr[F];
 }
