@@ -13,6 +13,7 @@ puts the lower feature first, torch's `topk` promises no order).
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 from torch import Tensor
@@ -51,14 +52,17 @@ def random_others(
     """n distinct features per row drawn uniformly from those not in the row of top_BM, [B, n].
 
     The first n distinct draws outside the row's top set, from iid uniform draws: a uniform
-    random n-subset, from 2 (n + M) + 32 draws per row instead of a random score per feature and
-    a top-n over them ([B, F]: 4x slower at F 12288; at F 1024, 11 ms against 2 ms for 1024
-    tokens with the C kernel). Where F is under 2 (n + M) (the draws would often fall short),
-    and in the rare batch where a row falls short of n usable draws, the random scores are used.
+    random n-subset, instead of a random score per feature and a top-n over them ([B, F]: 4x
+    slower at F 12288; at F 1024, 11 ms against 2 ms for 1024 tokens with the C kernel). A draw is
+    usable with chance at least p = (F - M - n) / F, so a row needs n / p draws on average (a
+    negative binomial count): it gets that and 8 standard deviations more, and 32. Where F is
+    under 2 (n + M) (p < 1/2), and in the rare batch where a row falls short of n usable draws,
+    the random scores are used.
     """
     B, M = top_BM.shape
-    n_draws = 2 * (n + M) + 32
     if n_features >= 2 * (n + M):
+        p = (n_features - M - n) / n_features
+        n_draws = math.ceil((n + 8 * math.sqrt(n * (1 - p))) / p) + 32
         draws_BR = torch.randint(n_features, (B, n_draws), generator=generator,
                                  device=top_BM.device)
         lib = _kernel(top_BM, draws_BR) if top_BM.dtype == torch.int64 else None

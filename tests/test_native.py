@@ -1,6 +1,8 @@
 """Building and loading the C kernels (dictionary_learning/native.py), and the fallback."""
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +83,46 @@ def test_failed_build_leaves_no_file_and_the_search_takes_the_torch_route(
     with caplog.at_level(logging.WARNING, logger="dictionary_learning.native"):
         assert native.load("coactive_top") is None
     assert "does not run" in caplog.text and "set CC" in caplog.text
+
+
+def test_kernels_share_torchs_openmp_threads_or_run_from_the_pool_with_the_same_results(
+        monkeypatch, tmp_path):
+    """Where torch runs on its own libgomp, the kernels are built against it (one OpenMP runtime
+    in the process) and run their parts on its threads; the Python pool, one call per part,
+    gives the same results (the top features, the random others, a sampled product)."""
+    from dictionary_learning import candidates, sparse_ops
+
+    if native.compiler() is None:
+        pytest.skip("no C compiler here")
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three parts on any machine
+    libs = [native.load("candidates"), native.load("sparse_rows")]
+    if native.torch_openmp() is not None:
+        assert all(lib.openmp for lib in libs)
+        runtimes = {os.path.realpath(line.split()[-1])
+                    for line in Path("/proc/self/maps").read_text().splitlines()
+                    if "libgomp" in line.split()[-1]}
+        assert runtimes == {os.path.realpath(native.torch_openmp())}
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 300, generator=g)
+    x, W = torch.randn(64, 24, generator=g), torch.randn(300, 24, generator=g)
+
+    def results():
+        cand = candidates.select_candidates(pre, 8, 4, torch.Generator().manual_seed(1))
+        return cand, sparse_ops.dot_at_candidates(x, W, cand)
+
+    with_threads = results()
+    calls = []
+    real_run = native.run
+    monkeypatch.setattr(native, "run", lambda lib, k, *a: calls.append(k) or real_run(lib, k, *a))
+    for lib in libs:
+        monkeypatch.setattr(lib, "openmp", False)
+    parts = []
+    real = native.parallel
+    monkeypatch.setattr(native, "parallel", lambda fn, args: parts.append(len(args)) or
+                        real(fn, args))
+    pooled = results()
+    assert calls == ["top_features", "random_others", "rows_dot"]
+    assert set(parts) == {3}
+    assert all(torch.equal(a, b) for a, b in zip(with_threads, pooled, strict=True))

@@ -73,13 +73,43 @@ def test_blocked_c_kernel_matches_plain_reference(threads, block_rows, monkeypat
     g_BN = torch.randn(B, N, generator=g) * (torch.rand(B, N, generator=g) < 0.3)
     x32, W32 = x.clone().requires_grad_(True), Wf.clone().requires_grad_(True)
     x64, W64 = x.double().requires_grad_(True), Wf.double().requires_grad_(True)
-    got = sparse_ops.dot_at_candidates(x32, W32, cand)
     want = (x64 @ W64.T).gather(1, cand)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(torch.autograd.grad(got, (x32, W32), g_BN),
-                    torch.autograd.grad(want, (x64, W64), g_BN.double()), strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
-    assert calls.count("rows_dot") == 2 and calls.count("rows_axpy") == 4
+    want_grads = torch.autograd.grad(want, (x64, W64), g_BN.double())
+    # sampled forward (F > 16 N), then the dense product's forward: both with the sampled backward
+    for ratio in (16, F):
+        monkeypatch.setattr(sparse_ops, "SAMPLED_MIN_RATIO", ratio)
+        got = sparse_ops.dot_at_candidates(x32, W32, cand)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, (x32, W32), g_BN), want_grads, strict=True):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert calls.count("rows_dot") == 2 and calls.count("rows_axpy") == 6
+
+
+def test_candidate_pattern_by_counting_sort_matches_the_stable_argsort(monkeypatch):
+    """csrc/sparse_rows.c's `by_feature` gives the torch route's pattern exactly: features'
+    entries by ascending token (repeats kept), all of them or those with a non-zero gradient;
+    a feature outside [0, F) is an IndexError that names the range."""
+    if sparse_ops.native.load("sparse_rows") is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/sparse_rows.c here")
+    g = torch.Generator().manual_seed(0)
+    B, N, F = 50, 7, 30
+    cand = torch.randint(0, F, (B, N), generator=g)
+    cand[:, 3] = cand[:, 1]
+    g_BN = torch.randn(B, N, generator=g) * (torch.rand(B, N, generator=g) < 0.2)
+    got = [sparse_ops._candidate_pattern(cand, F), sparse_ops._candidate_pattern(cand, F, g_BN)]
+    with monkeypatch.context() as mp:
+        mp.setattr(sparse_ops, "_sparse_rows", lambda: None)
+        want = [sparse_ops._candidate_pattern(cand, F),
+                sparse_ops._candidate_pattern(cand, F, g_BN)]
+    for a, b in zip(got, want, strict=True):
+        for field in ("row_ptr", "cols", "out_pos"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert a.n_out == b.n_out == B * N
+    assert got[1].cols.shape[0] == int((g_BN != 0).sum()) < B * N
+    bad = cand.clone()
+    bad[4, 2] = F
+    with pytest.raises(IndexError, match=r"in \[0, 30\)"):
+        sparse_ops._candidate_pattern(bad, F)
 
 
 def test_compiled_csr_layout_matches_the_slots():
