@@ -94,7 +94,7 @@ def _first_usable(top_BM: Tensor, draws_BR: Tensor, n: int) -> Tensor | None:
 
 def _first_usable_c(lib: ctypes.CDLL, top_BM: Tensor, draws_BR: Tensor, n_features: int,
                     n: int) -> Tensor | None:
-    """`_first_usable` by csrc/candidates.c, one range of rows per thread."""
+    """`_first_usable` by csrc/candidates.c, the rows in parts (`native.run`)."""
     draws_BR = draws_BR.contiguous()
     (B, M), R = top_BM.shape, draws_BR.shape[1]
     out_Bn = torch.empty(B, n, dtype=torch.int64)

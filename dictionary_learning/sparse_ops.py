@@ -280,14 +280,10 @@ def _candidate_pattern(cand_BN: Tensor, F: int, g_BN: Tensor | None = None) -> B
             raise IndexError(f"candidate features must be in [0, {F}) (the dictionary's "
                              f"features); got {int(col.min())} .. {int(col.max())}")
         return BlockedPattern(row_ptr, tok[:n], pos[:n], B * N, transposed)
-    if g_BN is not None:
-        keep = g_BN.flatten() != 0
-        pos = keep.nonzero().flatten()
-        order = torch.argsort(col[pos], stable=True)
-        return BlockedPattern(csr_pointers(col[pos], F), pos[order] // N, pos[order], B * N,
-                              transposed)
-    tperm = torch.argsort(col, stable=True)
-    return BlockedPattern(csr_pointers(col, F), tperm // N, tperm, B * N, transposed)
+    pos = (g_BN.flatten() != 0).nonzero().flatten() if g_BN is not None else \
+        torch.arange(B * N, device=col.device)
+    pos = pos[torch.argsort(col[pos], stable=True)]
+    return BlockedPattern(csr_pointers(col[pos], F), pos // N, pos, B * N, transposed)
 
 
 def virtual_weights(
@@ -347,7 +343,7 @@ class _BlockedDot(torch.autograd.Function):
     output's gradient (None in the forward; made again in the backward instead of kept between
     the passes, and there over the entries with a non-zero gradient only). A_FD: encoder rows;
     T_UD: the table (an upstream decoder's rows, or the tokens' x0). Forward and both gradients
-    are csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one thread in a
+    are csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one part in a
     fixed order; with `dense_at`, the forward is the dense product's entries there instead."""
 
     @staticmethod
