@@ -142,27 +142,29 @@ class TopKDictionary(nn.Module):
             self.encoder.bias, cand_BN
         )
 
-    def encode_with_pre_acts(self, x_BI: Tensor) -> tuple[Features, Tensor]:
-        """TopK features of x, and every feature's pre-activation [B, F] without gradient (to
-        choose other features from: AuxK's dead ones, the pruned pass's candidates).
-
-        Under autograd, the features' values are recomputed at the K chosen features
+    def features_at(self, x_BI: Tensor, idx_BK: Tensor, pre_BF: Tensor) -> Features:
+        """The features idx_BK of x as `Features`, chosen from pre_BF = pre_acts(x) (computed
+        without gradient). Under autograd, the values are recomputed at those features only
         (`pre_acts_at`): the encoder's gradient is non-zero there only, so the backward pass
         needs no [B, F] gradient and no dense [F, B] x [B, D] product, the largest item of a wide
         dictionary's training step on CPU (benchmarks/RESULTS.md, issue 17). Without autograd
-        the values are those of the dense product, unchanged.
-        """
+        they are pre_BF's."""
         needs_grad = torch.is_grad_enabled() and (
             x_BI.requires_grad or self.encoder.weight.requires_grad
             or self.encoder.bias.requires_grad
         )
-        if not needs_grad:
-            pre_BF = self.pre_acts(x_BI)
-            return topk_relu(pre_BF, self.k), pre_BF
+        if needs_grad:
+            return Features(self.pre_acts_at(x_BI, idx_BK).relu(), idx_BK)
+        return Features(pre_BF.gather(1, idx_BK).relu(), idx_BK)
+
+    def encode_with_pre_acts(self, x_BI: Tensor) -> tuple[Features, Tensor]:
+        """TopK features of x, and every feature's pre-activation [B, F] without gradient (to
+        choose other features from: AuxK's dead ones, the pruned pass's candidates); the
+        features' values carry the gradient (`features_at`)."""
         with torch.no_grad():
             pre_BF = self.pre_acts(x_BI)
         idx_BK = pre_BF.topk(self.k, dim=-1, sorted=False).indices
-        return Features(self.pre_acts_at(x_BI, idx_BK).relu(), idx_BK), pre_BF
+        return self.features_at(x_BI, idx_BK, pre_BF), pre_BF
 
     def encode(self, x_BI: Tensor) -> Features:
         return self.encode_with_pre_acts(x_BI)[0]

@@ -61,7 +61,8 @@ class DictOutput(NamedTuple):
     pre_BN: Tensor | None = None
     """Pre-activations of the candidates cand_BN before ReLU/TopK (candidates mode), else None."""
     cand_BN: Tensor | None = None
-    """Candidate feature indices (candidates mode of the pruned pass), else None."""
+    """Candidate feature indices (candidates mode), else None. A transcoder's vanilla pass with
+    candidates (`SCAESuite.vanilla_one`) has its features at cand_BN[:, :K]."""
     penalty: Tensor | None = None
     """Random-candidate penalty (candidates mode with n_random > 0), a scalar."""
 
@@ -229,11 +230,25 @@ class SCAESuite(nn.Module):
                     f"{self.dicts[name].d_in}; the suite does not fit this model (d_model mismatch)"
                 )
 
-    def vanilla_one(self, name: str, batch) -> DictOutput:
-        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded norm)."""
+    def vanilla_one(
+        self, name: str, batch, n_threshold: int | None = None, n_random: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> DictOutput:
+        """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded norm).
+
+        With n_threshold (a transcoder in the candidates mode), its candidates are chosen too
+        (`candidates`, cand_BN in the output): their first K are the top K, highest first, so
+        one selection serves both, and the features are cand_BN[:, :K] in that order."""
         ae = self.dicts[name]
-        feats, pre_BF = ae.encode_with_pre_acts(batch.src[name])
-        return DictOutput(feats, ae.decode(feats), pre_BF)
+        x_BI = batch.src[name]
+        if n_threshold is None or not ae.is_transcoder:
+            feats, pre_BF = ae.encode_with_pre_acts(x_BI)
+            return DictOutput(feats, ae.decode(feats), pre_BF)
+        with torch.no_grad():
+            pre_BF = ae.pre_acts(x_BI)
+        cand_BN = self.candidates(name, pre_BF, n_threshold, n_random, generator)
+        feats = ae.features_at(x_BI, cand_BN[:, : ae.k], pre_BF)
+        return DictOutput(feats, ae.decode(feats), pre_BF, cand_BN=cand_BN)
 
     def vanilla_forward(self, batch) -> dict[str, DictOutput]:
         """The vanilla pass of every dictionary."""
@@ -264,8 +279,8 @@ class SCAESuite(nn.Module):
         """
         if vanilla is None:
             self._check_batch(batch)
-            vanilla = {n: self.vanilla_one(n, batch) for n in self.names
-                       if mode == "candidates" or not is_transcoder(n)}
+            vanilla = {n: self.vanilla_one(n, batch, n_threshold, n_random, generator)
+                       for n in self.names if mode == "candidates" or not is_transcoder(n)}
         up_feats: dict[str, Features] = {}
         out = {}
         with self._rows_recomputed_in_backward():

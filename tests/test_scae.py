@@ -141,7 +141,7 @@ def test_pruned_pass_runs_only_the_vanilla_passes_it_needs(monkeypatch):
     encoded = []
     real = SCAESuite.vanilla_one
     monkeypatch.setattr(SCAESuite, "vanilla_one",
-                        lambda self, n, b: encoded.append(n) or real(self, n, b))
+                        lambda self, n, b, *a: encoded.append(n) or real(self, n, b, *a))
     got = suite.pruned_forward(batch, mode="all")
     assert encoded == ["attn_0", "attn_1", "attn_2"]
     for m in suite.transcoder_names:

@@ -125,19 +125,13 @@ class TrainerSCAESuite(TopKSuiteTrainer):
             # Vanilla pass one dictionary at a time: its [B, F] pre-activations (without gradient)
             # choose the candidates, then only the candidates' [B, N] are kept (memory of the
             # training step).
-            d, van = self.dicts[n], self.suite.vanilla_one(n, batch)
+            d = self.dicts[n]
+            van = self.suite.vanilla_one(n, batch, cfg.n_threshold, cfg.n_random, self.generator)
             x, y = self.io(n, batch)
             aux = auxk_loss(d, x, y.float() - van.recon_BD.float(), self.dead_mask(n),
                             self.k_aux[n], relu=cfg.auxk_relu)
-            if d.is_transcoder:
-                cand_BN = self.suite.candidates(
-                    n, van.pre_BF, cfg.n_threshold, cfg.n_random, self.generator
-                )
-                van = van._replace(
-                    pre_BF=None, pre_BN=van.pre_BF.gather(1, cand_BN), cand_BN=cand_BN
-                )
-            else:
-                van = van._replace(pre_BF=None)
+            pre_BN = van.pre_BF.gather(1, van.cand_BN) if d.is_transcoder else None
+            van = van._replace(pre_BF=None, pre_BN=pre_BN)
             vanilla[n] = van
             fvu_v = fvu(y, van.recon_BD, across_ranks=True)
             losses[n] = cfg.auxk_alpha * aux
@@ -197,9 +191,9 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         denominator is a normaliser: no gradient flows through it)."""
         k = d.k
         n_top = k + self.cfg.n_threshold
-        # The vanilla activations at the candidates: the top k (the first k candidates, recomputed
-        # with gradient; van.pre_BN has none), zero at the threshold candidates.
-        f_van_BK = d.pre_acts_at(x_BI, van.cand_BN[:, :k]).relu()
+        # The vanilla activations at the candidates: the top k (the vanilla features, which are
+        # the first k candidates), zero at the threshold candidates.
+        f_van_BK = van.feats.vals_BK
         f_van_BM = torch.cat([f_van_BK, f_van_BK.new_zeros(f_van_BK.shape[0], n_top - k)], dim=1)
         top_BM = pr.pre_BN[:, :n_top]
         vals_BK, sel_BK = top_BM.topk(k, dim=1)
