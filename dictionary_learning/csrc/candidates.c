@@ -39,11 +39,13 @@ static inline float key_value(uint32_t k) {
     return v;
 }
 
-/* a[0..n) in descending order: an LSD radix sort by bytes (no comparisons to mispredict) */
+/* a[0..n) in descending order of their high 32 bits (the value's key), stable: an LSD radix sort
+ * by bytes (no comparisons to mispredict). Keys in ascending feature order (as the rows are read)
+ * come out in rank order: equal values keep the lower feature first. */
 static void sort_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
     uint64_t *src = a, *dst = tmp;
     int64_t count[256];
-    for (int shift = 0; shift < 64; shift += 8) {
+    for (int shift = 32; shift < 64; shift += 8) {
         memset(count, 0, sizeof count);
         for (int64_t i = 0; i < n; i++) count[(~src[i] >> shift) & 255]++;
         int64_t sum = 0, one_digit = 0;
