@@ -230,10 +230,13 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
     torch.testing.assert_close(pen, expected)
 
 
-@pytest.mark.parametrize("F", [400, 25])  # the draws sampler, and the random scores (F < 2 (n + M))
-def test_random_candidates_are_a_uniform_subset_outside_the_top(F):
+# the draws sampler (9-bit fields, 112 of 512 values no feature), the random scores (F < 2 (n + M))
+@pytest.mark.parametrize("F", [400, 25])
+@pytest.mark.parametrize("native", ["1", "0"])  # the C kernel, the torch route
+def test_random_candidates_are_a_uniform_subset_outside_the_top(F, native, monkeypatch):
     from dictionary_learning.candidates import random_others
 
+    monkeypatch.setenv("SCAE_NATIVE", native)
     B, M, n = 10000, 10, 5
     g = torch.Generator().manual_seed(0)
     top = torch.stack([torch.randperm(F, generator=g)[:M] for _ in range(B)])
@@ -269,13 +272,16 @@ def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random
     assert torch.equal(got, want)
 
     top = got
-    draws = torch.randint(500, (64, 2 * (40 + 30) + 32), generator=g)
-    lib = candidates._kernel(top, draws)
-    assert torch.equal(candidates._first_usable_c(lib, top, draws, 500, 30),
-                       candidates._first_usable(top, draws, 30))
-    few = draws[:, :25]  # 25 draws cannot hold 30 usable ones (a strided view, too)
+    words = torch.empty(64, 30, dtype=torch.int64).random_(generator=g)
+    draws = candidates.draw_fields(words, 500)  # 9-bit fields: 7 a word, 500 .. 511 unusable
+    assert draws.shape == (64, 30 * 7) and int(draws.max()) >= 500
+    assert torch.equal(draws[:, 8], (words[:, 1] >> 9) & 511)
+    lib = candidates._kernel(top, words)
+    assert torch.equal(candidates._first_usable_c(lib, top, words, 500, 30),
+                       candidates._first_usable(top, draws, 500, 30))
+    few = words[:, :4]  # 28 draws cannot hold 30 usable ones (a strided view, too)
     assert candidates._first_usable_c(lib, top, few, 500, 30) is None
-    assert candidates._first_usable(top, few, 30) is None
+    assert candidates._first_usable(top, candidates.draw_fields(few, 500), 500, 30) is None
     # the whole selection: the same candidates with and without the kernel
     cand = candidates.select_candidates(pre[10:], 40, 30, torch.Generator().manual_seed(1))
     with pytest.MonkeyPatch.context() as mp:

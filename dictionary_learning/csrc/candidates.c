@@ -7,9 +7,9 @@
  * then the features of the bin that holds the M-th and above, sorted (a radix sort); one read of
  * the row, where torch's topk keeps a heap per row (~3x slower at F 12288, M 132).
  *
- * random_others: the first n distinct draws outside the token's top M, in draw order, found with
- * a mark row of F bytes (zeros on entry and on return); the torch code beside it (which sorts the
- * draws) takes the same features from the same draws. */
+ * random_others: the first n distinct draws outside the token's top M, in draw order (the b-bit
+ * fields of random words), found with a mark row of F bytes (zeros on entry and on return); the
+ * torch code beside it (which sorts the draws) takes the same features from the same draws. */
 #include <stdint.h>
 #include <string.h>
 
@@ -118,27 +118,31 @@ void top_features(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t B, 
                  hist + ((int64_t)1 << (32 - BIN_SHIFT)) * p, ranks + 3 * F * p, out);
 }
 
-/* out[b, :n] from the top features top[b * top_stride + m], m < M, for B tokens; scratch per part
- * p: mark + F p (zeros on entry and on return). short_rows[p]: the number of part p's tokens whose R
- * draws held fewer than n usable ones (the rest of their row is unset). */
+/* out[b, :n] from the top features top[b * top_stride + m], m < M, for B tokens, and their W random
+ * 63-bit words: the draws are each word's `bits`-bit fields, lowest first (those >= F skipped).
+ * Scratch per part p: mark + F p (zeros on entry and on return). short_rows[p]: the number of part
+ * p's tokens whose draws held fewer than n usable ones (the rest of their row is unset). */
 void random_others(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t B, int64_t F,
-                   int64_t M, const int64_t *top, int64_t top_stride, int64_t R,
-                   const int64_t *draws, int64_t n, uint8_t *mark, int64_t *out,
+                   int64_t M, const int64_t *top, int64_t top_stride, int64_t W,
+                   const int64_t *words, int64_t bits, int64_t n, uint8_t *mark, int64_t *out,
                    int64_t *short_rows) {
+    const int64_t per_word = 63 / bits, field = ((int64_t)1 << bits) - 1;
 #pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
     if (part_hi - part_lo > 1)
     for (int64_t p = part_lo; p < part_hi; p++) {
         uint8_t *mk = mark + F * p;
         short_rows[p] = 0;
         for (int64_t b = part_start(B, p, n_parts); b < part_start(B, p + 1, n_parts); b++) {
-            const int64_t *t = top + b * top_stride, *d = draws + b * R;
+            const int64_t *t = top + b * top_stride, *w = words + b * W;
             int64_t *o = out + b * n, got = 0;
             for (int64_t m = 0; m < M; m++) mk[t[m]] = 1;
-            for (int64_t r = 0; r < R && got < n; r++) {
-                if (mk[d[r]]) continue;
-                mk[d[r]] = 1;
-                o[got++] = d[r];
-            }
+            for (int64_t r = 0; r < W && got < n; r++)
+                for (int64_t c = 0; c < per_word && got < n; c++) {
+                    int64_t d = (w[r] >> (c * bits)) & field;
+                    if (d >= F || mk[d]) continue;
+                    mk[d] = 1;
+                    o[got++] = d;
+                }
             for (int64_t m = 0; m < M; m++) mk[t[m]] = 0;
             for (int64_t g = 0; g < got; g++) mk[o[g]] = 0;
             short_rows[p] += got < n;
