@@ -27,23 +27,44 @@ def select_candidates(
     """cand_BN, N = n_top + n_random: the n_top highest of each row of pre_BF, highest first, then
     n_random distinct features outside them, uniformly at random (`random_others`)."""
     B, F = pre_BF.shape
-    lib = (_kernel(pre_BF) if pre_BF.dtype == torch.float32 and pre_BF.is_contiguous()
-           and F < 2**31 else None)
+    lib = _top_kernel(pre_BF)
     if lib is None:
         top_BM = pre_BF.topk(n_top, dim=1, sorted=True).indices
         if n_random == 0:
             return top_BM
         return torch.cat([top_BM, random_others(top_BM, F, n_random, generator)], 1)
     cand_BN = torch.empty(B, n_top + n_random, dtype=torch.int64)
+    _top_c(lib, pre_BF, n_top, cand_BN, True)
+    if n_random:
+        cand_BN[:, n_top:] = random_others(cand_BN[:, :n_top], F, n_random, generator)
+    return cand_BN
+
+
+def top_indices(pre_BF: Tensor, k: int) -> Tensor:
+    """The k highest of each row of pre_BF, [B, k], in no set order (a TopK's choice)."""
+    lib = _top_kernel(pre_BF)
+    if lib is None:
+        return pre_BF.topk(k, dim=1, sorted=False).indices
+    return _top_c(lib, pre_BF, k, torch.empty(pre_BF.shape[0], k, dtype=torch.int64), False)
+
+
+def _top_kernel(pre_BF: Tensor) -> ctypes.CDLL | None:
+    """csrc/candidates.c's top_features where it applies to pre_BF."""
+    ok = pre_BF.dtype == torch.float32 and pre_BF.shape[1] < 2**31 and pre_BF.stride(0) > 0
+    return _kernel(pre_BF) if ok else None
+
+
+def _top_c(lib: ctypes.CDLL, pre_BF: Tensor, M: int, out_BN: Tensor, ranked: bool) -> Tensor:
+    """out_BN[:, :M]: the top M of pre_BF's rows by csrc/candidates.c, in rank order if `ranked`
+    (else those above the M-th's histogram bin, then the best of its bin)."""
+    (B, F), N = pre_BF.shape, out_BN.shape[1]
     n_parts = native.parts(B)
     # per part: the histogram, and the ranks of the kept and the selected features, scratch
     hists = torch.zeros(n_parts, 1 << 11, dtype=torch.int64)
     ranks = torch.empty(n_parts, 3 * F, dtype=torch.int64)
-    native.run(lib, "top_features", n_parts, B, F, n_top, n_top + n_random, pre_BF.data_ptr(),
-               hists.data_ptr(), ranks.data_ptr(), cand_BN.data_ptr())
-    if n_random:
-        cand_BN[:, n_top:] = random_others(cand_BN[:, :n_top], F, n_random, generator)
-    return cand_BN
+    native.run(lib, "top_features", n_parts, B, F, pre_BF.stride(0), M, N, int(ranked),
+               pre_BF.data_ptr(), hists.data_ptr(), ranks.data_ptr(), out_BN.data_ptr())
+    return out_BN
 
 
 def random_others(
@@ -129,7 +150,7 @@ def _kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     lib = native.load("candidates")
     if lib is not None and lib.random_others.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.top_features.argtypes = [i64] * 7 + [p] * 4
+        lib.top_features.argtypes = [i64] * 9 + [p] * 4
         lib.random_others.argtypes = [i64] * 6 + [p, i64, i64, p, i64, i64, p, p, p]
         lib.top_features.restype = lib.random_others.restype = None
     return lib

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dictionary_learning.arch import SuiteArch, architecture, centre, centre_rows, check_same
-from dictionary_learning.candidates import select_candidates
+from dictionary_learning.candidates import select_candidates, top_indices
 from dictionary_learning.connections import (
     CompiledConnections,
     Connections,
@@ -452,7 +452,8 @@ class SCAESuite(nn.Module):
             pool_BN = torch.cat([top, pre_BN[:, -ae.k:].masked_fill(dup_BK, float("-inf"))], 1)
             n_cand = cand_BN.shape[1]
             pos_N = torch.cat([pos_N, torch.arange(n_cand - ae.k, n_cand, device=pos_N.device)])
-        sel_vals_BK, sel_BK = pool_BN.topk(ae.k, dim=1, sorted=False)
+        sel_BK = top_indices(pool_BN, ae.k)
+        sel_vals_BK = pool_BN.gather(1, sel_BK)
         feats = Features(sel_vals_BK.relu(), cand_BN.gather(1, pos_N[sel_BK]))
         penalty = None
         if n_random > 0:

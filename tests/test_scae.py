@@ -254,8 +254,9 @@ def test_random_candidates_are_a_uniform_subset_outside_the_top(F, native, monke
 def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random_others():
     """csrc/candidates.c: the top M of each row equal a stable descending sort's first M (ties:
     the lower feature first; NaN above every number; -0 as +0; rows of other scales than the row
-    before, which the kernel's floor must survive), and the random others the torch route's, from
-    the same draws (a row short of usable draws: None from both)."""
+    before, which the kernel's floor must survive), in that order for the candidates, as a set for
+    a TopK; and the random others the torch route's, from the same draws (a row short of usable
+    draws: None from both)."""
     from dictionary_learning import candidates
 
     if candidates.native.load("candidates") is None:
@@ -270,6 +271,12 @@ def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random
     want = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :40]
     got = candidates.select_candidates(pre, 40, 0)
     assert torch.equal(got, want)
+    # a TopK's choice (no set order): the same features; rows in a wider tensor (a strided view);
+    # the cut bin ranked by insertion (a few) or by the radix sort (row 5: all 500 equal)
+    wide = torch.cat([pre, torch.full((64, 7), float("inf"))], 1)
+    for k in (40, 3):
+        top = candidates.top_indices(wide[:, :500], k)
+        assert torch.equal(top.sort(1).values, want[:, :k].sort(1).values)
 
     top = got
     words = torch.empty(64, 30, dtype=torch.int64).random_(generator=g)

@@ -63,10 +63,27 @@ static void sort_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
     if (src != a) memcpy(a, src, n * sizeof *a);
 }
 
-/* out[b, :M] (row stride N) for tokens b_lo .. b_hi; scratch: hist [2048] int64 (zeros on entry
- * and on return), ranks [3 F] uint64. Requires 1 <= M <= F < 2^32. */
-static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N,
-                     const float *pre, int64_t *hist, uint64_t *ranks, int64_t *out) {
+/* keys a[0..n) in descending order of their high 32 bits, stable: insertion for a few (the cut bin
+ * of an unsorted selection, ~10 keys), else `sort_desc` */
+static void sort_few_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
+    if (n > 32) {
+        sort_desc(a, n, tmp);
+        return;
+    }
+    for (int64_t i = 1; i < n; i++) {
+        uint64_t k = a[i];
+        int64_t j = i;
+        for (; j > 0 && (a[j - 1] >> 32) < (k >> 32); j--) a[j] = a[j - 1];
+        a[j] = k;
+    }
+}
+
+/* out[b, :M] (row stride N) for tokens b_lo .. b_hi of pre (row stride S): in rank order if
+ * `sorted`, else those above the M-th's bin (in feature order) and then the best of its bin.
+ * Scratch: hist [2048] int64 (zeros on entry and on return), ranks [3 F] uint64. Requires
+ * 1 <= M <= F < 2^32. */
+static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t S, int64_t M, int64_t N,
+                     int sorted, const float *pre, int64_t *hist, uint64_t *ranks, int64_t *out) {
     uint64_t *kept = ranks, *sel = ranks + F, *tmp = ranks + 2 * F;
     uint32_t *at = (uint32_t *)tmp;
     /* A floor below the M-th highest, from the token before (tokens' rows are alike): only the
@@ -74,7 +91,7 @@ static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N
      * fewer than M: the row is read again without it. NaN: no floor. */
     float floor = 0.0f / 0.0f;
     for (int64_t b = b_lo; b < b_hi; b++) {
-        const float *p = pre + b * F;
+        const float *p = pre + b * S;
         int64_t n_kept = 0;
         for (int pass = 0; pass < 2 && n_kept < M; pass++) {
             /* without a branch (one the CPU would mispredict for every kept feature): every
@@ -96,26 +113,39 @@ static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t M, int64_t N
         /* cut: the bin of the M-th highest; the features in it and above, sorted, hold the M */
         int64_t cut = top_bin, above = 0;
         while (above + hist[cut] < M) above += hist[cut--];
-        int64_t n_sel = 0;
-        for (int64_t q = 0; q < n_kept; q++)
-            if ((int64_t)(kept[q] >> (32 + BIN_SHIFT)) >= cut) sel[n_sel++] = kept[q];
         for (int64_t q = 0; q < n_kept; q++) hist[kept[q] >> (32 + BIN_SHIFT)] = 0;
-        sort_desc(sel, n_sel, tmp);
+        int64_t n_sel = 0;
+        if (sorted) {
+            for (int64_t q = 0; q < n_kept; q++)
+                if ((int64_t)(kept[q] >> (32 + BIN_SHIFT)) >= cut) sel[n_sel++] = kept[q];
+            sort_desc(sel, n_sel, tmp);
+        } else {
+            /* those above the cut bin are all in: only the cut bin's are ranked */
+            uint64_t *in_cut = sel + above;
+            int64_t n_cut = 0;
+            for (int64_t q = 0; q < n_kept; q++) {
+                int64_t bin = (int64_t)(kept[q] >> (32 + BIN_SHIFT));
+                if (bin > cut) sel[n_sel++] = kept[q];
+                else if (bin == cut) in_cut[n_cut++] = kept[q];
+            }
+            sort_few_desc(in_cut, n_cut, tmp);
+        }
         for (int64_t m = 0; m < M; m++) out[b * N + m] = (uint32_t)~(uint32_t)sel[m];
         /* the next token's floor: one bin below this one's cut bin */
         floor = cut > 0 ? key_value((uint32_t)(cut - 1) << BIN_SHIFT) : floor;
     }
 }
 
-/* The top M of B tokens' rows; scratch per part p: hist + 2048 p, ranks + 3 F p. */
+/* The top M of B tokens' rows (see top_rows); scratch per part p: hist + 2048 p, ranks + 3 F p. */
 void top_features(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t B, int64_t F,
-                  int64_t M, int64_t N, const float *pre, int64_t *hist, uint64_t *ranks,
-                  int64_t *out) {
+                  int64_t S, int64_t M, int64_t N, int64_t sorted, const float *pre,
+                  int64_t *hist, uint64_t *ranks, int64_t *out) {
 #pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
     if (part_hi - part_lo > 1)
     for (int64_t p = part_lo; p < part_hi; p++)
-        top_rows(part_start(B, p, n_parts), part_start(B, p + 1, n_parts), F, M, N, pre,
-                 hist + ((int64_t)1 << (32 - BIN_SHIFT)) * p, ranks + 3 * F * p, out);
+        top_rows(part_start(B, p, n_parts), part_start(B, p + 1, n_parts), F, S, M, N,
+                 (int)sorted, pre, hist + ((int64_t)1 << (32 - BIN_SHIFT)) * p,
+                 ranks + 3 * F * p, out);
 }
 
 /* out[b, :n] from the top features top[b * top_stride + m], m < M, for B tokens, and their W random
