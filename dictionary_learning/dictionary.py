@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor, nn
 
+from .candidates import top_indices
 from .sparse_ops import accumulation_dtype, dot_at_candidates, take_rows
 
 
@@ -35,10 +36,12 @@ class Features(NamedTuple):
         return out_BF.scatter(1, self.idx_BK, self.vals_BK)
 
 
-def topk_relu(pre_BF: Tensor, k: int) -> Features:
-    """TopK_K(ReLU(pre)) as sparse features. Taking top k before the ReLU gives the same set."""
-    vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
-    return Features(vals_BK.relu(), idx_BK)
+def topk_relu(pre_BF: Tensor, k: int, relu: bool = True) -> Features:
+    """TopK_K(ReLU(pre)) as sparse features (without the ReLU if not `relu`), the k chosen by
+    `top_indices`. Taking top k before the ReLU gives the same set."""
+    idx_BK = top_indices(pre_BF, k)
+    vals_BK = pre_BF.gather(1, idx_BK)
+    return Features(vals_BK.relu() if relu else vals_BK, idx_BK)
 
 
 def sparse_decode(feats: Features, W_dec_DF: Tensor, b_dec_D: Tensor) -> Tensor:
@@ -163,7 +166,7 @@ class TopKDictionary(nn.Module):
         features' values carry the gradient (`features_at`)."""
         with torch.no_grad():
             pre_BF = self.pre_acts(x_BI)
-        idx_BK = pre_BF.topk(self.k, dim=-1, sorted=False).indices
+        idx_BK = top_indices(pre_BF, self.k)
         return self.features_at(x_BI, idx_BK, pre_BF), pre_BF
 
     def encode(self, x_BI: Tensor) -> Features:

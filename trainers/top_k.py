@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
-from dictionary_learning.dictionary import Features, TopKDictionary, topk_relu
+from dictionary_learning.dictionary import TopKDictionary, topk_relu
 from dictionary_learning.distributed import (
     all_reduce_max_,
     average_gradients,
@@ -146,10 +146,7 @@ def auxk_loss(
     # the [B, F] pre-activations; see TopKDictionary.encode_with_pre_acts).
     W_enc_ZI, b_enc_Z = d.encoder.weight.index_select(0, dead_idx), d.encoder.bias[dead_idx]
     pre_dead_BZ = F_.linear(x_BI, W_enc_ZI, b_enc_Z)
-    if relu:
-        dead_feats = topk_relu(pre_dead_BZ, min(k_aux, n_dead))
-    else:
-        dead_feats = Features(*pre_dead_BZ.topk(min(k_aux, n_dead), dim=-1, sorted=False))
+    dead_feats = topk_relu(pre_dead_BZ, min(k_aux, n_dead), relu=relu)
     # Dense over the dead columns only: faster than embedding_bag for k_aux ~ D/2, and [B, n_dead].
     aux_BD = dead_feats.dense(n_dead).to(d.decoder.weight.dtype) @ d.decoder.weight[:, dead_idx].T
     return fvu(residual_BD.detach(), aux_BD, across_ranks=True)
