@@ -21,7 +21,7 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 
 from .candidates import top_indices
-from .sparse_ops import accumulation_dtype, dot_at_candidates, take_rows
+from .sparse_ops import accumulation_dtype, dot_at_candidates, rows_sum, take_rows
 
 
 class Features(NamedTuple):
@@ -45,21 +45,16 @@ def topk_relu(pre_BF: Tensor, k: int, relu: bool = True) -> Features:
 
 
 def sparse_decode(feats: Features, W_dec_DF: Tensor, b_dec_D: Tensor) -> Tensor:
-    """W_dec f + b_dec from sparse features, without a dense [B, F] or [B, K, D] tensor.
+    """W_dec f + b_dec from sparse features, without a dense [B, F] or [B, K, D] tensor: the
+    decoder rows' weighted sums (`rows_sum`: embedding_bag, with a C backward on the CPU).
 
-    embedding_bag needs weights and per-sample weights of one dtype; half-precision suites run it
-    in fp32 so the sum accumulates in fp32.
+    The weights and the values share one dtype; half-precision suites sum in fp32.
     """
     acc = accumulation_dtype(W_dec_DF.dtype)
     # The table must be contiguous [F, D] rows: embedding_bag reads a strided view (each row F
     # elements apart) 13x slower, forward and backward, on CPU (RESULTS.md, issue 17). A
     # dictionary's decoder is stored that way (TopKDictionary), so this makes no copy.
-    out_BD = F_.embedding_bag(
-        feats.idx_BK,
-        W_dec_DF.T.to(acc).contiguous(),
-        per_sample_weights=feats.vals_BK.to(acc),
-        mode="sum",
-    )
+    out_BD = rows_sum(feats.idx_BK, W_dec_DF.T.to(acc).contiguous(), feats.vals_BK.to(acc))
     return (out_BD + b_dec_D.to(acc)).to(W_dec_DF.dtype)
 
 

@@ -85,6 +85,38 @@ def test_blocked_c_kernel_matches_plain_reference(threads, block_rows, monkeypat
     assert calls.count("rows_dot") == 2 and calls.count("rows_axpy") == 6
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_sum_backward_by_c_kernel_matches_float64_embedding_bag(threads, monkeypatch):
+    """The sparse decode's weighted row sums (`rows_sum`): forward and both gradients against
+    embedding_bag in float64, with repeated features (in a token and across tokens), zero values
+    (their table rows skipped in the C backward), a feature no token uses (its gradient row 0)
+    and indices taken as a strided view; the C backward is checked to have run."""
+    if sparse_ops.native.load("sparse_rows") is None:
+        pytest.skip("no C compiler builds dictionary_learning/csrc/sparse_rows.c here")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    calls = []
+    real = sparse_ops._rows_call
+    monkeypatch.setattr(sparse_ops, "_rows_call", lambda *a: calls.append(a[0]) or real(*a))
+    g = torch.Generator().manual_seed(threads)
+    B, K, F, D = 23, 5, 40, 19
+    idx = torch.randint(0, F - 1, (B, 2 * K), generator=g)[:, ::2]  # feature F - 1 unused
+    idx[:, 3] = idx[:, 0]
+    vals = torch.randn(B, K, generator=g).relu()
+    table = torch.randn(F, D, generator=g)
+    g_out = torch.randn(B, D, generator=g)
+    t32, v32 = table.clone().requires_grad_(True), vals.clone().requires_grad_(True)
+    t64, v64 = table.double().requires_grad_(True), vals.double().requires_grad_(True)
+    got = sparse_ops.rows_sum(idx, t32, v32)
+    want = torch.nn.functional.embedding_bag(idx, t64, per_sample_weights=v64, mode="sum")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got_g = torch.autograd.grad(got, (t32, v32), g_out)
+    want_g = torch.autograd.grad(want, (t64, v64), g_out.double())
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_g[0][F - 1], torch.zeros(D))
+    assert calls == ["rows_axpy", "rows_dot"]
+
+
 def test_candidate_pattern_by_counting_sort_matches_the_stable_argsort(monkeypatch):
     """csrc/sparse_rows.c's `by_feature` gives the torch route's pattern exactly: features'
     entries by ascending token (repeats kept), all of them or those with a non-zero gradient;
