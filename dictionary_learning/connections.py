@@ -144,6 +144,14 @@ def _check_index_dtype(idx, where: str) -> None:
         raise TypeError(f"{where} must be an integer tensor (int64), got {idx.dtype}.{hint}")
 
 
+# Upstream modules whose virtual weights are one kernel call: consecutive modules while their
+# features total at most this many (a larger module alone). The backward holds a group's decoder
+# gradients together (25 MB at d_model 768 in fp32); at gpt2-small widths every module is its own
+# group, at the default suite's one group holds all (7 calls fewer, and 6 [F, D] gradients fewer
+# to add, for its last transcoder).
+VW_GROUP_FEATURES = 1 << 13
+
+
 class CompiledConnections(NamedTuple):
     """One transcoder's connections in the kernels' layout."""
 
@@ -155,19 +163,23 @@ class CompiledConnections(NamedTuple):
     """Size of the global upstream index space; also the padding index of J."""
     J_FC: Tensor
     """Global upstream index of each connection, sorted per row, padded with n_up."""
+    groups: tuple[tuple[int, int], ...]
+    """Groups of consecutive upstream modules (ups[first:stop]) whose virtual weights are
+    computed together (`VW_GROUP_FEATURES`); their features are numbered one module after the
+    other (group-local columns)."""
     pos: tuple[Tensor, ...]
-    """Per upstream module: flat positions in J_FC of the slots that point into it."""
+    """Per group: flat positions in J_FC of the slots that point into it."""
     cols: tuple[Tensor, ...]
-    """Per upstream module: the local upstream feature index of those slots."""
+    """Per group: the group-local upstream feature index of those slots."""
     crow: tuple[Tensor, ...] = ()
-    """Per upstream module: CSR row pointers [F + 1] of the [F, F_u] pattern whose column indices
-    are `cols` (rows ascend with `pos`, columns ascend within a row since J_FC is sorted)."""
+    """Per group: CSR row pointers [F + 1] of the [F, F_group] pattern whose column indices are
+    `cols` (rows ascend with `pos`, columns ascend within a row since J_FC is sorted)."""
     tcrow: tuple[Tensor, ...] = ()
-    """Per upstream module: CSR row pointers [F_u + 1] of the transposed pattern [F_u, F]."""
+    """Per group: CSR row pointers [F_group + 1] of the transposed pattern [F_group, F]."""
     tcol: tuple[Tensor, ...] = ()
-    """Per upstream module: column (downstream feature) indices of the transposed pattern."""
+    """Per group: column (downstream feature) indices of the transposed pattern."""
     tperm: tuple[Tensor, ...] = ()
-    """Per upstream module: order of the module's slots in the transposed pattern
+    """Per group: order of the group's slots in the transposed pattern
     (tvalues = values[tperm])."""
     transposed: TransposedConnections | None = None
     """All of J's connections by global upstream feature, for the connection term's C kernels:
@@ -179,6 +191,20 @@ class CompiledConnections(NamedTuple):
             J_FC=self.J_FC.to(device), pos=mv(self.pos), cols=mv(self.cols), crow=mv(self.crow),
             tcrow=mv(self.tcrow), tcol=mv(self.tcol), tperm=mv(self.tperm),
         )
+
+
+def virtual_weight_groups(sizes: list[int]) -> tuple[tuple[int, int], ...]:
+    """(first, stop) of each group of consecutive modules of these sizes: modules join a group
+    while its features total at most VW_GROUP_FEATURES."""
+    groups, first, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > first and total + n > VW_GROUP_FEATURES:
+            groups.append((first, i))
+            first, total = i, 0
+        total += n
+    if sizes:
+        groups.append((first, len(sizes)))
+    return tuple(groups)
 
 
 def compile_connections(
@@ -201,11 +227,13 @@ def compile_connections(
     C = int((J_FC < n_up).sum(1).max()) if J_FC.numel() else 0
     J_FC = J_FC[:, :C].contiguous()
     flat = J_FC.flatten()
+    groups = virtual_weight_groups([dict_sizes[u] for u in ups])
     pos, cols, crow, tcrow, tcol, tperm = [], [], [], [], [], []
-    for u, off in zip(ups, offsets, strict=True):
-        F_u = dict_sizes[u]
-        p = ((flat >= off) & (flat < off + F_u)).nonzero().squeeze(1)
-        c = flat[p] - off
+    for first, stop in groups:
+        lo = offsets[first]
+        F_g = sum(dict_sizes[u] for u in ups[first:stop])
+        p = ((flat >= lo) & (flat < lo + F_g)).nonzero().squeeze(1)
+        c = flat[p] - lo
         rows = p // max(C, 1)
         pos.append(p)
         cols.append(c)
@@ -213,9 +241,9 @@ def compile_connections(
         order = torch.argsort(c, stable=True)  # transposed pattern: by column, then by row
         tperm.append(order)
         tcol.append(rows[order])
-        tcrow.append(csr_pointers(c, F_u))
+        tcrow.append(csr_pointers(c, F_g))
     return CompiledConnections(
-        ups, tuple(offsets), n_up, J_FC, tuple(pos), tuple(cols),
+        ups, tuple(offsets), n_up, J_FC, groups, tuple(pos), tuple(cols),
         tuple(crow), tuple(tcrow), tuple(tcol), tuple(tperm), transpose_connections(J_FC, n_up),
     )
 
@@ -223,8 +251,11 @@ def compile_connections(
 def to_exchange(comp: CompiledConnections, dict_sizes: dict[str, int]) -> dict[str, Tensor]:
     """Back to {up: LongTensor[F_down, C_up]} (-1 padded), the inverse of compile_connections."""
     F, C = comp.J_FC.shape
+    flat = comp.J_FC.flatten()
     out = {}
-    for u, p, c in zip(comp.ups, comp.pos, comp.cols, strict=True):
+    for u, off in zip(comp.ups, comp.offsets, strict=True):
+        p = ((flat >= off) & (flat < off + dict_sizes[u])).nonzero().squeeze(1)
+        c = flat[p] - off
         rows = p // max(C, 1)
         counts = torch.bincount(rows, minlength=F)
         width = int(counts.max()) if counts.numel() and p.numel() else 0

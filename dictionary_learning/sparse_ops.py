@@ -243,25 +243,29 @@ class _CSRVirtualWeights(torch.autograd.Function):
 
 
 def csr_virtual_weights(
-    W_FD: Tensor, dec_DU: Tensor, crow: Tensor, col: Tensor, tcrow: Tensor, tcol: Tensor,
-    tperm: Tensor,
+    W_FD: Tensor, dec_DU: Tensor | Sequence[Tensor], crow: Tensor, col: Tensor, tcrow: Tensor,
+    tcol: Tensor, tperm: Tensor,
 ) -> Tensor:
     """Virtual weights W[i] . dec[:, j] for the pairs of a CSR pattern [F, U] (values in CSR order).
 
-    tcrow/tcol/tperm describe the transposed pattern (see CompiledConnections); columns ascend
-    within the rows of both (as `compile_connections` makes them). On the CPU in fp32 by the
-    blocked C kernel (`_BlockedDot`: the decoder, and for its gradient W, read in cache-sized
-    blocks); else torch's sparse kernels, which take no half precision: bf16/fp16 inputs are
-    computed in fp32 and cast back. Falls back to the gather kernel `sampled_dot` where the
-    sparse kernels are unavailable (see `kernel_available`).
+    dec_DU: one table, or several whose columns follow one another (a group of upstream
+    decoders). tcrow/tcol/tperm describe the transposed pattern (see CompiledConnections);
+    columns ascend within the rows of both (as `compile_connections` makes them). On the CPU in
+    fp32 by the blocked C kernel (`_BlockedDot`: the decoders, and for their gradient W, read in
+    cache-sized blocks, each decoder where it is); else torch's sparse kernels on the decoders
+    side by side, which take no half precision: bf16/fp16 inputs are computed in fp32 and cast
+    back. Falls back to the gather kernel `sampled_dot` where the sparse kernels are unavailable
+    (see `kernel_available`).
     """
+    decs = [dec_DU] if isinstance(dec_DU, Tensor) else list(dec_DU)
     out_dtype, acc = W_FD.dtype, accumulation_dtype(W_FD.dtype)
-    W_FD, dec_DU = W_FD.to(acc), dec_DU.to(acc)
-    if _blocked_kernel(W_FD, dec_DU.T) is not None:
+    W_FD, decs = W_FD.to(acc), [d.to(acc) for d in decs]
+    if _blocked_kernel(W_FD, *(d.T for d in decs)) is not None:
         pattern = BlockedPattern(crow, col, None, col.shape[0],
                                  TransposedPattern(tcrow, tcol, tperm, True))
-        V = _BlockedDot.apply(pattern, W_FD, dec_DU.T)
-    elif W_FD.layout != torch.strided or not kernel_available("csr", W_FD.device.type, acc):
+        return _BlockedDot.apply(pattern, None, W_FD, *(d.T for d in decs)).to(out_dtype)
+    dec_DU = decs[0] if len(decs) == 1 else torch.cat(decs, 1)
+    if W_FD.layout != torch.strided or not kernel_available("csr", W_FD.device.type, acc):
         rows = torch.repeat_interleave(torch.arange(W_FD.shape[0], device=W_FD.device), crow.diff())
         V = sampled_dot(W_FD, dec_DU.T, rows, col)
     else:
@@ -284,8 +288,8 @@ def dot_at_candidates(x_BD: Tensor, W_FD: Tensor, cand_BN: Tensor) -> Tensor:
     F = W_FD.shape[0]
     dense = F <= SAMPLED_MIN_RATIO * N
     if _blocked_kernel(x_BD, W_FD) is not None:
-        return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, F), W_FD,
-                                 x_BD, cand_BN if dense else None).view(B, N)
+        return _BlockedDot.apply(functools.partial(_candidate_pattern, cand_BN, F),
+                                 cand_BN if dense else None, W_FD, x_BD).view(B, N)
     if dense:
         # (index_select on the flat product: its backward keeps the index, where gather's keeps
         # the whole [B, F] product until the backward)
@@ -327,26 +331,27 @@ def _candidate_pattern(cand_BN: Tensor, F: int, g_BN: Tensor | None = None) -> B
 
 
 def virtual_weights(
-    W_FD: Tensor, dec_UDs: Sequence[Tensor], J_FC: Tensor, pos: Sequence[Tensor],
-    cols: Sequence[Tensor], crow: Sequence[Tensor], tcrow: Sequence[Tensor],
-    tcol: Sequence[Tensor], tperm: Sequence[Tensor],
+    W_FD: Tensor, dec_UDs: Sequence[Tensor], J_FC: Tensor, groups: Sequence[tuple[int, int]],
+    pos: Sequence[Tensor], cols: Sequence[Tensor], crow: Sequence[Tensor],
+    tcrow: Sequence[Tensor], tcol: Sequence[Tensor], tperm: Sequence[Tensor],
 ) -> Tensor:
     """V [F, C]: V[i, c] = W[i] . d_{J[i, c]}, zero at padding: the virtual weights of a
     transcoder's connections (docs/method.md (3.3)), from the encoder rows W and each upstream
-    dictionary's decoder rows dec_u [F_u, D]; the per-module arguments are those of
+    dictionary's decoder rows dec_u [F_u, D]; the per-group arguments are those of
     `CompiledConnections`.
 
-    One `csr_virtual_weights` per upstream module, scattered into [F, C]: one autograd node per
-    module, so the backward holds one decoder's gradient at a time (23 of them, 75 MB each, for
-    gpt2-small's last transcoder at F 24576).
+    One `csr_virtual_weights` per group of upstream modules, scattered into [F, C]: one autograd
+    node per group, so the backward holds one group's decoder gradients at a time (at gpt2-small
+    widths a group is one module: 23 of them, 75 MB each, for the last transcoder at F 24576).
     """
     F, C = J_FC.shape
     V_flat = W_FD.new_zeros(F * C)
-    for dec, p, c, cr, tr, tc, tp in zip(dec_UDs, pos, cols, crow, tcrow, tcol, tperm,
-                                         strict=True):
+    for (first, stop), p, c, cr, tr, tc, tp in zip(groups, pos, cols, crow, tcrow, tcol, tperm,
+                                                   strict=True):
         if p.numel():
             # in place at the compiled positions: the backward keeps them, no new index
-            V_flat.index_put_((p,), csr_virtual_weights(W_FD, dec.T, cr, c, tr, tc, tp))
+            decs = [dec.T for dec in dec_UDs[first:stop]]
+            V_flat.index_put_((p,), csr_virtual_weights(W_FD, decs, cr, c, tr, tc, tp))
     return V_flat.view(F, C)
 
 
@@ -382,45 +387,51 @@ class _BlockedDot(torch.autograd.Function):
     """out[p] = A[r] . T[cols[p]] over a `BlockedPattern`, or a function making it from the
     output's gradient (None in the forward; made again in the backward instead of kept between
     the passes, and there over the entries with a non-zero gradient only). A_FD: encoder rows;
-    T_UD: the table (an upstream decoder's rows, or the tokens' x0). Forward and both gradients
-    are csrc/sparse_rows.c (`rows_dot`, `rows_axpy`), each output row written by one part in a
-    fixed order; with `dense_cols` (a [R_T, N] index: the output is T's rows' N entries each), the
-    forward is the dense product's entries there instead."""
+    the table T: one tensor (the tokens' x0) or several whose rows follow one another (a group's
+    upstream decoders). Forward and both gradients are csrc/sparse_rows.c (`rows_dot`,
+    `rows_axpy`), each output row written by one part in a fixed order; with `dense_cols` (a
+    [R_T, N] index: the output is T's rows' N entries each), the forward is the dense product's
+    entries there instead."""
 
     @staticmethod
-    def forward(ctx, pattern: BlockedPattern | Callable[..., BlockedPattern], A_FD: Tensor,
-                T_UD: Tensor, dense_cols: Tensor | None = None) -> Tensor:
+    def forward(ctx, pattern: BlockedPattern | Callable[..., BlockedPattern],
+                dense_cols: Tensor | None, A_FD: Tensor, *tables: Tensor) -> Tensor:
         # each input only for the other's gradient (A_FD may be made again to be read)
-        ctx.save_for_backward(A_FD if ctx.needs_input_grad[2] else None,
-                              T_UD if ctx.needs_input_grad[1] else None)
-        ctx.shapes = A_FD.shape, T_UD.shape
+        tables_grad = any(ctx.needs_input_grad[3:])
+        ctx.save_for_backward(A_FD if tables_grad else None,
+                              *(tables if ctx.needs_input_grad[2] else ()))
+        ctx.shapes = A_FD.shape, [t.shape for t in tables]
         ctx.pattern = pattern
         if dense_cols is not None:
             # the entries of the dense product T A^T there: a GEMM's many more multiply-adds a
             # second win where the entries are a large share of it
+            (T_UD,) = tables
             return (T_UD @ A_FD.T).gather(1, dense_cols).flatten()
         pattern = pattern() if callable(pattern) else pattern
         out = A_FD.new_zeros(pattern.n_out)
-        _rows_call("rows_dot", A_FD, pattern.row_ptr, pattern.cols, pattern.out_pos, T_UD, out,
+        _rows_call("rows_dot", A_FD, pattern.row_ptr, pattern.cols, pattern.out_pos, tables, out,
                    True)
         return out
 
     @staticmethod
     def backward(ctx, g_P: Tensor):
-        A_FD, T_UD = ctx.saved_tensors
+        A_FD, *tables = ctx.saved_tensors
         g_P = g_P.contiguous()
         p: BlockedPattern = ctx.pattern(g_P) if callable(ctx.pattern) else ctx.pattern
-        g_A = g_T = None
-        if ctx.needs_input_grad[2]:
+        A_shape, table_shapes = ctx.shapes
+        g_A, g_tables = None, [None] * len(table_shapes)
+        if any(ctx.needs_input_grad[3:]):
+            # the tables' gradients side by side, as they are numbered; each its own view
             t = p.transposed
-            g_T = g_P.new_empty(ctx.shapes[1])
+            g_T = g_P.new_empty(sum(s[0] for s in table_shapes), A_shape[1])
             _rows_call("rows_axpy", g_P, t.row_ptr, t.cols, t.g_pos, A_FD, g_T, t.ascending)
+            g_tables = g_T.split([s[0] for s in table_shapes])
         # A_FD (the encoder rows, made again for this backward) gone before g_A is made
         del A_FD
-        if ctx.needs_input_grad[1]:
-            g_A = g_P.new_empty(ctx.shapes[0])
-            _rows_call("rows_axpy", g_P, p.row_ptr, p.cols, p.out_pos, T_UD, g_A, True)
-        return None, g_A, g_T, None
+        if ctx.needs_input_grad[2]:
+            g_A = g_P.new_empty(A_shape)
+            _rows_call("rows_axpy", g_P, p.row_ptr, p.cols, p.out_pos, tables, g_A, True)
+        return None, None, g_A, *g_tables
 
 
 def _blocked_kernel(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -437,7 +448,7 @@ def _sparse_rows() -> ctypes.CDLL | None:
     if lib is not None and lib.rows_dot.argtypes is None:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.rows_dot, lib.rows_axpy):
-            fn.argtypes = [i64] * 5 + [p] * 5 + [i64] * 2 + [p] * 2
+            fn.argtypes = [i64] * 5 + [p] * 6 + [i64] * 2 + [p] * 2
             fn.restype = None
         lib.by_feature.argtypes = [i64] * 3 + [p] * 6
         lib.by_feature.restype = i64
@@ -445,19 +456,24 @@ def _sparse_rows() -> ctypes.CDLL | None:
 
 
 def _rows_call(fn: str, X: Tensor, row_ptr: Tensor, cols: Tensor, pos: Tensor | None,
-               T_UD: Tensor, out: Tensor, blocked: bool) -> None:
+               T_UD: Tensor | Sequence[Tensor], out: Tensor, blocked: bool) -> None:
     """csrc/sparse_rows.c's `fn` over all rows, in parts of about equal entries (`native.run`).
-    X: A [R, D] (rows_dot) or g (rows_axpy); T_UD read in TABLE_BLOCK_BYTES blocks if `blocked`
-    (columns ascend within rows), else in one."""
-    lib = _blocked_kernel(X, out, T_UD)
+    X: A [R, D] (rows_dot) or g (rows_axpy); T_UD: the table, or tables whose rows follow one
+    another, read in TABLE_BLOCK_BYTES blocks if `blocked` (columns ascend within rows), else in
+    one."""
+    tables = [T_UD] if isinstance(T_UD, Tensor) else list(T_UD)
+    lib = _blocked_kernel(X, out, *tables)
     row_ptr, cols = row_ptr.contiguous(), cols.contiguous()
     pos = pos.contiguous() if pos is not None else None
-    (U, D), R = T_UD.shape, row_ptr.shape[0] - 1
-    block = max(1, TABLE_BLOCK_BYTES // max(1, D * T_UD.element_size())) if blocked else U
+    D, R = tables[0].shape[1], row_ptr.shape[0] - 1
+    T_lo = torch.tensor([0] + [t.shape[0] for t in tables]).cumsum(0)
+    block = TABLE_BLOCK_BYTES // max(1, D * tables[0].element_size()) if blocked else T_lo[-1]
+    pointers = (ctypes.c_void_p * len(tables))(*[t.data_ptr() for t in tables])
     cursor = torch.empty(R, dtype=torch.int64)
     native.run(lib, fn, native.parts(R), R, D, row_ptr.data_ptr(), cols.data_ptr(),
-               pos.data_ptr() if pos is not None else None, X.data_ptr(), T_UD.data_ptr(), U,
-               max(1, block), cursor.data_ptr(), out.data_ptr())
+               pos.data_ptr() if pos is not None else None, X.data_ptr(), pointers,
+               T_lo.data_ptr(), len(tables), max(1, int(block)), cursor.data_ptr(),
+               out.data_ptr())
 
 
 def upstream_table(vals_BA: Tensor, idx_BA: Tensor, n_up: int) -> Tensor:

@@ -355,8 +355,8 @@ class SCAESuite(nn.Module):
         Wc_FD = self.encoder_rows(name) if Wc_FD is None else Wc_FD
         # decoder rows d_j: the transpose of a feature-major decoder is contiguous (no copy)
         dec_UDs = [self.dicts[u].decoder.weight.T for u in comp.ups]
-        return virtual_weights(Wc_FD, dec_UDs, comp.J_FC, comp.pos, comp.cols, comp.crow,
-                               comp.tcrow, comp.tcol, comp.tperm)
+        return virtual_weights(Wc_FD, dec_UDs, comp.J_FC, comp.groups, comp.pos, comp.cols,
+                               comp.crow, comp.tcrow, comp.tcol, comp.tperm)
 
     def _pruned_terms(self, name: str, batch, up_feats: dict[str, Features]) -> PrunedTerms:
         """The parts of transcoder `name`'s pruned pre-activation (docs/method.md (3.2)) that do

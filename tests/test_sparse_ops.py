@@ -144,18 +144,70 @@ def test_candidate_pattern_by_counting_sort_matches_the_stable_argsort(monkeypat
         sparse_ops._candidate_pattern(bad, F)
 
 
-def test_compiled_csr_layout_matches_the_slots():
+def test_virtual_weight_groups_are_consecutive_modules_within_the_budget(monkeypatch):
+    from dictionary_learning import connections
+
+    monkeypatch.setattr(connections, "VW_GROUP_FEATURES", 10)
+    assert connections.virtual_weight_groups([5, 5, 20, 3, 3, 4, 1]) == ((0, 2), (2, 3), (3, 6),
+                                                                         (6, 7))
+    assert connections.virtual_weight_groups([]) == ()
+
+
+@pytest.mark.parametrize("budget", [11, 25, 1 << 13])  # one module a group, two, all
+def test_compiled_csr_layout_matches_the_slots(budget, monkeypatch):
+    """Each group's CSR pattern and its transpose hold exactly the slots of J_FC that point into
+    its modules, numbered one module after the other."""
+    from dictionary_learning import connections
+
+    monkeypatch.setattr(connections, "VW_GROUP_FEATURES", budget)
     suite = random_suite(n_layers=3, F=11)
     conns = random_connections(suite, C=6)
     for m, ups in conns.items():
         comp = compile_connections(m, ups, suite.dict_sizes)
         C = comp.J_FC.shape[1]
-        for j, u in enumerate(comp.ups):
+        flat = comp.J_FC.flatten()
+        assert [a for g in comp.groups for a in range(*g)] == list(range(len(comp.ups)))
+        assert len(comp.groups) == (len(comp.ups) if budget == 11 else
+                                    -(-len(comp.ups) // 2) if budget == 25 else 1)
+        for j, (first, stop) in enumerate(comp.groups):
+            assert torch.equal(flat[comp.pos[j]], comp.cols[j] + comp.offsets[first])
             rows = torch.repeat_interleave(torch.arange(comp.J_FC.shape[0]), comp.crow[j].diff())
             assert torch.equal(rows, comp.pos[j] // C)
-            trows = torch.repeat_interleave(torch.arange(suite.dict_sizes[u]), comp.tcrow[j].diff())
+            F_g = sum(suite.dict_sizes[u] for u in comp.ups[first:stop])
+            trows = torch.repeat_interleave(torch.arange(F_g), comp.tcrow[j].diff())
             assert torch.equal(trows, comp.cols[j][comp.tperm[j]])
             assert torch.equal(comp.tcol[j], rows[comp.tperm[j]])
+        assert torch.equal(torch.cat(comp.pos).sort().values,
+                           (flat < comp.n_up).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("budget", [11, 1 << 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C kernel, torch's
+def test_virtual_weights_by_groups_match_the_dense_reference(budget, dtype, monkeypatch):
+    """V[i, c] = P w_i . d_{J[i, c]} (0 at padding) and its gradients for the encoder and every
+    upstream decoder, with modules one a group or all in one (their decoders side by side: one
+    kernel call with several tables, or torch's sparse product on the concatenation)."""
+    from dictionary_learning import connections
+
+    monkeypatch.setattr(connections, "VW_GROUP_FEATURES", budget)
+    suite = random_suite(n_layers=3, F=11, dtype=dtype)
+    suite.set_connections(random_connections(suite, C=6))
+    m = "mlp_2"
+    comp = suite.compiled(m)
+    assert len(comp.groups) == (5 if budget == 11 else 1)
+    params = [suite.dicts[m].encoder.weight] + [suite.dicts[u].decoder.weight for u in comp.ups]
+    g_V = torch.randn(comp.J_FC.shape, dtype=dtype)
+    got = suite.virtual_weights(m)
+    got_grads = torch.autograd.grad(got, params, g_V)
+    Wc = suite.encoder_rows(m).double()
+    table = torch.cat([suite.dicts[u].decoder.weight.T.double() for u in comp.ups]
+                      + [torch.zeros(1, Wc.shape[1], dtype=torch.float64)])
+    want = (Wc[:, None, :] * table[comp.J_FC]).sum(-1)
+    want_grads = torch.autograd.grad(want, params, g_V.double(), allow_unused=True)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, **tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
 def test_bf16_pruned_pass_forward_and_backward():

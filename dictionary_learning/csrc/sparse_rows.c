@@ -8,6 +8,10 @@
  *   rows_axpy:  out[r] = sum over q of g[q] T[cols[q]]  (entries with g[q] = 0 skipped)
  *   by_feature: the pattern of a [B, N] table of feature indices, by feature (a counting sort)
  *
+ * The table T may be several tensors' rows one after the other (the decoders of a transcoder's
+ * upstream modules, for its virtual weights in one call): tables[u] holds rows T_lo[u] ..
+ * T_lo[u + 1] - 1.
+ *
  * Why blocks: the table T (an upstream decoder, 37-75 MB at gpt2-small widths) does not fit the
  * cache, and a random row of it costs a trip to memory (~23 GB/s here, against ~40 from L3). T is
  * taken in blocks of block_rows rows; every row's entries in a block are done before the next
@@ -41,18 +45,28 @@ static inline float dot(const float *a, const float *b, int64_t D) {
 #define CLONES
 #endif
 
+/* Row t of the tables (T_lo ascending, t < T_lo[n_tables]). */
+static inline const float *table_row(const float *const *T, const int64_t *T_lo,
+                                     int64_t n_tables, int64_t t, int64_t D) {
+    int64_t u = 0;
+    while (u + 1 < n_tables && t >= T_lo[u + 1]) u++;
+    return T[u] + (t - T_lo[u]) * D;
+}
+
 CLONES
 static void dot_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr,
-                     const int64_t *cols, const int64_t *out_pos, const float *A, const float *T,
-                     int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
+                     const int64_t *cols, const int64_t *out_pos, const float *A,
+                     const float *const *T, const int64_t *T_lo, int64_t n_tables,
+                     int64_t block_rows, int64_t *cursor, float *out) {
     for (int64_t r = r_lo; r < r_hi; r++) cursor[r] = row_ptr[r];
-    for (int64_t lo = 0; lo < n_T; lo += block_rows) {
+    for (int64_t lo = 0; lo < T_lo[n_tables]; lo += block_rows) {
         int64_t hi = lo + block_rows;
         for (int64_t r = r_lo; r < r_hi; r++) {
             const float *a = A + r * D;
             int64_t q = cursor[r], end = row_ptr[r + 1];
             for (; q < end && cols[q] < hi; q++)
-                out[out_pos ? out_pos[q] : q] = dot(a, T + cols[q] * D, D);
+                out[out_pos ? out_pos[q] : q] = dot(a, table_row(T, T_lo, n_tables, cols[q], D),
+                                                    D);
             cursor[r] = q;
         }
     }
@@ -62,13 +76,14 @@ static void dot_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_p
  * entries q, in order, of g[g_pos ? g_pos[q] : q] * T[cols[q]]. */
 CLONES
 static void axpy_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_ptr,
-                      const int64_t *cols, const int64_t *g_pos, const float *g, const float *T,
-                      int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
+                      const int64_t *cols, const int64_t *g_pos, const float *g,
+                      const float *const *T, const int64_t *T_lo, int64_t n_tables,
+                      int64_t block_rows, int64_t *cursor, float *out) {
     for (int64_t r = r_lo; r < r_hi; r++) {
         cursor[r] = row_ptr[r];
         for (int64_t d = 0; d < D; d++) out[r * D + d] = 0;
     }
-    for (int64_t lo = 0; lo < n_T; lo += block_rows) {
+    for (int64_t lo = 0; lo < T_lo[n_tables]; lo += block_rows) {
         int64_t hi = lo + block_rows;
         for (int64_t r = r_lo; r < r_hi; r++) {
             float *restrict o = out + r * D;
@@ -78,7 +93,7 @@ static void axpy_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_
                 /* most gradients are 0 (candidates not chosen, connections to upstream features
                  * that never fired with the feature): they add nothing, skip their rows */
                 if (gq == 0) continue;
-                const float *restrict t = T + cols[q] * D;
+                const float *restrict t = table_row(T, T_lo, n_tables, cols[q], D);
                 for (int64_t d = 0; d < D; d++) o[d] += gq * t[d];
             }
             cursor[r] = q;
@@ -87,35 +102,36 @@ static void axpy_rows(int64_t r_lo, int64_t r_hi, int64_t D, const int64_t *row_
 }
 
 typedef void rows_fn(int64_t, int64_t, int64_t, const int64_t *, const int64_t *,
-                     const int64_t *, const float *, const float *, int64_t, int64_t, int64_t *,
-                     float *);
+                     const int64_t *, const float *, const float *const *, const int64_t *,
+                     int64_t, int64_t, int64_t *, float *);
 
 /* fn over the R rows of the pattern, by parts; cursor [R] scratch */
 static void by_parts(rows_fn *fn, int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R,
                      int64_t D, const int64_t *row_ptr, const int64_t *cols, const int64_t *pos,
-                     const float *X, const float *T, int64_t n_T, int64_t block_rows,
-                     int64_t *cursor, float *out) {
+                     const float *X, const float *const *T, const int64_t *T_lo,
+                     int64_t n_tables, int64_t block_rows, int64_t *cursor, float *out) {
 #pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
     if (part_hi - part_lo > 1)
     for (int64_t p = part_lo; p < part_hi; p++)
         fn(part_start_by_entries(row_ptr, R, p, n_parts),
-           part_start_by_entries(row_ptr, R, p + 1, n_parts), D, row_ptr, cols, pos, X, T, n_T,
-           block_rows, cursor, out);
+           part_start_by_entries(row_ptr, R, p + 1, n_parts), D, row_ptr, cols, pos, X, T, T_lo,
+           n_tables, block_rows, cursor, out);
 }
 
 void rows_dot(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R, int64_t D,
               const int64_t *row_ptr, const int64_t *cols, const int64_t *out_pos,
-              const float *A, const float *T, int64_t n_T, int64_t block_rows, int64_t *cursor,
-              float *out) {
-    by_parts(dot_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, out_pos, A, T, n_T,
-             block_rows, cursor, out);
+              const float *A, const float *const *T, const int64_t *T_lo, int64_t n_tables,
+              int64_t block_rows, int64_t *cursor, float *out) {
+    by_parts(dot_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, out_pos, A, T, T_lo,
+             n_tables, block_rows, cursor, out);
 }
 
 void rows_axpy(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t R, int64_t D,
                const int64_t *row_ptr, const int64_t *cols, const int64_t *g_pos, const float *g,
-               const float *T, int64_t n_T, int64_t block_rows, int64_t *cursor, float *out) {
-    by_parts(axpy_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, g_pos, g, T, n_T,
-             block_rows, cursor, out);
+               const float *const *T, const int64_t *T_lo, int64_t n_tables, int64_t block_rows,
+               int64_t *cursor, float *out) {
+    by_parts(axpy_rows, part_lo, part_hi, n_parts, R, D, row_ptr, cols, g_pos, g, T, T_lo,
+             n_tables, block_rows, cursor, out);
 }
 
 /* The entries e = b N + n of cand [B, N] (features in [0, F)) by feature, tokens ascending within
