@@ -22,11 +22,14 @@ from . import native
 
 
 def select_candidates(
-    pre_BF: Tensor, n_top: int, n_random: int, generator: torch.Generator | None = None
+    pre_BF: Tensor, k: int, n_threshold: int, n_random: int,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """cand_BN, N = n_top + n_random: the n_top highest of each row of pre_BF, highest first, then
-    n_random distinct features outside them, uniformly at random (`random_others`)."""
+    """cand_BN, N = k + n_threshold + n_random: the k highest of each row of pre_BF, the next
+    n_threshold (each part in no set order), then n_random distinct features outside them,
+    uniformly at random (`random_others`)."""
     B, F = pre_BF.shape
+    n_top = k + n_threshold
     lib = _top_kernel(pre_BF)
     if lib is None:
         top_BM = pre_BF.topk(n_top, dim=1, sorted=True).indices
@@ -34,7 +37,7 @@ def select_candidates(
             return top_BM
         return torch.cat([top_BM, random_others(top_BM, F, n_random, generator)], 1)
     cand_BN = torch.empty(B, n_top + n_random, dtype=torch.int64)
-    _top_c(lib, pre_BF, n_top, cand_BN, True)
+    _top_c(lib, pre_BF, k, n_top, cand_BN)
     if n_random:
         cand_BN[:, n_top:] = random_others(cand_BN[:, :n_top], F, n_random, generator)
     return cand_BN
@@ -45,7 +48,7 @@ def top_indices(pre_BF: Tensor, k: int) -> Tensor:
     lib = _top_kernel(pre_BF)
     if lib is None:
         return pre_BF.topk(k, dim=1, sorted=False).indices
-    return _top_c(lib, pre_BF, k, torch.empty(pre_BF.shape[0], k, dtype=torch.int64), False)
+    return _top_c(lib, pre_BF, k, k, torch.empty(pre_BF.shape[0], k, dtype=torch.int64))
 
 
 def _top_kernel(pre_BF: Tensor) -> ctypes.CDLL | None:
@@ -54,16 +57,16 @@ def _top_kernel(pre_BF: Tensor) -> ctypes.CDLL | None:
     return _kernel(pre_BF) if ok else None
 
 
-def _top_c(lib: ctypes.CDLL, pre_BF: Tensor, M: int, out_BN: Tensor, ranked: bool) -> Tensor:
-    """out_BN[:, :M]: the top M of pre_BF's rows by csrc/candidates.c, in rank order if `ranked`
-    (else those above the M-th's histogram bin, then the best of its bin)."""
+def _top_c(lib: ctypes.CDLL, pre_BF: Tensor, k: int, M: int, out_BN: Tensor) -> Tensor:
+    """out_BN[:, :k]: the top k of pre_BF's rows, out_BN[:, k:M] the next M - k, each in no set
+    order, by csrc/candidates.c."""
     (B, F), N = pre_BF.shape, out_BN.shape[1]
     n_parts = native.parts(B)
-    # per part: the histogram, and the ranks of the kept and the selected features, scratch
+    # per part: the histogram; the ranks of the kept features, of two bins' and between, scratch
     hists = torch.zeros(n_parts, 1 << 11, dtype=torch.int64)
-    ranks = torch.empty(n_parts, 3 * F, dtype=torch.int64)
-    native.run(lib, "top_features", n_parts, B, F, pre_BF.stride(0), M, N, int(ranked),
-               pre_BF.data_ptr(), hists.data_ptr(), ranks.data_ptr(), out_BN.data_ptr())
+    ranks = torch.empty(n_parts, 5 * F, dtype=torch.int64)
+    native.run(lib, "top_features", n_parts, B, F, pre_BF.stride(0), k, M, N, pre_BF.data_ptr(),
+               hists.data_ptr(), ranks.data_ptr(), out_BN.data_ptr())
     return out_BN
 
 

@@ -109,7 +109,7 @@ def test_kernels_share_torchs_openmp_threads_or_run_from_the_pool_with_the_same_
     x, W = torch.randn(64, 24, generator=g), torch.randn(300, 24, generator=g)
 
     def results():
-        cand = candidates.select_candidates(pre, 8, 4, torch.Generator().manual_seed(1))
+        cand = candidates.select_candidates(pre, 3, 5, 4, torch.Generator().manual_seed(1))
         return cand, sparse_ops.dot_at_candidates(x, W, cand)
 
     with_threads = results()

@@ -221,7 +221,8 @@ def test_candidates_are_vanilla_top_then_threshold_then_random():
     cand = out["mlp_0"].cand_BN
     assert cand.shape == (8, 3 + 5 + 6)
     order = vanilla["mlp_0"].pre_BF.topk(8, dim=1).indices
-    assert torch.equal(cand[:, :8], order)
+    for part in (slice(0, 3), slice(3, 8)):  # the top K, the next n_threshold: in no set order
+        assert torch.equal(cand[:, part].sort(1).values, order[:, part].sort(1).values)
     for row in cand:
         assert len(set(row.tolist())) == row.numel(), "random candidates must be new features"
     pen = out["mlp_0"].penalty
@@ -252,11 +253,11 @@ def test_random_candidates_are_a_uniform_subset_outside_the_top(F, native, monke
 
 
 def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random_others():
-    """csrc/candidates.c: the top M of each row equal a stable descending sort's first M (ties:
-    the lower feature first; NaN above every number; -0 as +0; rows of other scales than the row
-    before, which the kernel's floor must survive), in that order for the candidates, as a set for
-    a TopK; and the random others the torch route's, from the same draws (a row short of usable
-    draws: None from both)."""
+    """csrc/candidates.c: the top k of each row and the next M - k are, as sets, a stable
+    descending sort's (ties: the lower feature first; NaN above every number; -0 as +0; rows of
+    other scales than the row before, which the kernel's floor must survive), for the candidates
+    and for a TopK; and the random others the torch route's, from the same draws (a row short of
+    usable draws: None from both)."""
     from dictionary_learning import candidates
 
     if candidates.native.load("candidates") is None:
@@ -269,16 +270,19 @@ def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random
     pre[8, ::2] = -0.0
     pre[9] = torch.randint(0, 3, (500,), generator=g).float()  # ties at the cut
     want = torch.sort(pre, dim=1, descending=True, stable=True).indices[:, :40]
-    got = candidates.select_candidates(pre, 40, 0)
-    assert torch.equal(got, want)
-    # a TopK's choice (no set order): the same features; rows in a wider tensor (a strided view);
-    # the cut bin ranked by insertion (a few) or by the radix sort (row 5: all 500 equal)
+    # the top k, then the next 40 - k, each part in no set order: the stable sort's; the cut bins
+    # ranked by insertion (a few) or by the radix sort (row 5: all 500 equal)
+    for k in (1, 7, 40):
+        got = candidates.select_candidates(pre, k, 40 - k, 0)
+        for part in (slice(0, k), slice(k, 40)):
+            assert torch.equal(got[:, part].sort(1).values, want[:, part].sort(1).values), k
+    # a TopK's choice, of rows in a wider tensor (a strided view)
     wide = torch.cat([pre, torch.full((64, 7), float("inf"))], 1)
     for k in (40, 3):
         top = candidates.top_indices(wide[:, :500], k)
         assert torch.equal(top.sort(1).values, want[:, :k].sort(1).values)
 
-    top = got
+    top = got = candidates.select_candidates(pre, 10, 30, 0)
     words = torch.empty(64, 30, dtype=torch.int64).random_(generator=g)
     draws = candidates.draw_fields(words, 500)  # 9-bit fields: 7 a word, 500 .. 511 unusable
     assert draws.shape == (64, 30 * 7) and int(draws.max()) >= 500
@@ -290,11 +294,14 @@ def test_candidate_kernel_takes_the_stable_sorts_top_and_the_torch_routes_random
     assert candidates._first_usable_c(lib, top, few, 500, 30) is None
     assert candidates._first_usable(top, candidates.draw_fields(few, 500), 500, 30) is None
     # the whole selection: the same candidates with and without the kernel
-    cand = candidates.select_candidates(pre[10:], 40, 30, torch.Generator().manual_seed(1))
+    cand = candidates.select_candidates(pre[10:], 10, 30, 30, torch.Generator().manual_seed(1))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SCAE_NATIVE", "0")
-        plain = candidates.select_candidates(pre[10:], 40, 30, torch.Generator().manual_seed(1))
-    assert torch.equal(cand, plain)
+        plain = candidates.select_candidates(pre[10:], 10, 30, 30,
+                                             torch.Generator().manual_seed(1))
+    for part in (slice(0, 10), slice(10, 40), slice(40, 70)):
+        assert torch.equal(cand[:, part].sort(1).values, plain[:, part].sort(1).values)
+    assert torch.equal(cand[:, 40:], plain[:, 40:])  # the random others in draw order
 
 
 def test_gradients_reach_every_dictionary_upstream_of_the_pruned_loss():

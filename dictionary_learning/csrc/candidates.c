@@ -1,10 +1,12 @@
 /* The training step's candidate features (dictionary_learning/candidates.py; docs/method.md §3)
- * for the tokens of parts part_lo .. part_hi (csrc/parts.h). Plain C called through ctypes.
+ * and the TopK's choice, for the tokens of parts part_lo .. part_hi (csrc/parts.h). Plain C
+ * called through ctypes.
  *
- * top_features: each token's M highest pre-activations (fp32) in rank order: the larger value
- * first, NaN above every number, -0 as +0, the lower feature first on ties. A radix select: the
- * features above a floor (from the token before) kept, a histogram of their values' top 11 bits,
- * then the features of the bin that holds the M-th and above, sorted (a radix sort); one read of
+ * top_features: each token's K highest pre-activations (fp32), then the next M - K, each part in
+ * no set order. Ranks: the larger value first, NaN above every number, -0 as +0, the lower
+ * feature first on ties. A radix select: the features above a floor (from the token before) kept,
+ * a histogram of their values' top 11 bits; the bins above the K-th's (and then the M-th's) are
+ * in whole, and only the features of those two bins are ranked (a sort of a few). One read of
  * the row, where torch's topk keeps a heap per row (~3x slower at F 12288, M 132).
  *
  * random_others: the first n distinct draws outside the token's top M, in draw order (the b-bit
@@ -78,13 +80,25 @@ static void sort_few_desc(uint64_t *a, int64_t n, uint64_t *tmp) {
     }
 }
 
-/* out[b, :M] (row stride N) for tokens b_lo .. b_hi of pre (row stride S): in rank order if
- * `sorted`, else those above the M-th's bin (in feature order) and then the best of its bin.
- * Scratch: hist [2048] int64 (zeros on entry and on return), ranks [3 F] uint64. Requires
- * 1 <= M <= F < 2^32. */
-static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t S, int64_t M, int64_t N,
-                     int sorted, const float *pre, int64_t *hist, uint64_t *ranks, int64_t *out) {
-    uint64_t *kept = ranks, *sel = ranks + F, *tmp = ranks + 2 * F;
+/* The bin of a rank key, and the bin holding the m-th highest of the keys counted in hist (with
+ * the number above it). */
+static inline int64_t bin_of(uint64_t key) { return (int64_t)(key >> (32 + BIN_SHIFT)); }
+
+static inline int64_t cut_bin(const int64_t *hist, int64_t top_bin, int64_t m, int64_t *above) {
+    int64_t cut = top_bin;
+    *above = 0;
+    while (*above + hist[cut] < m) *above += hist[cut--];
+    return cut;
+}
+
+/* out[b, :K] the top K, out[b, K:M] the next M - K (row stride N), each part in no set order (those
+ * of higher bins first, then the ranked ones of the cut bin), for tokens b_lo .. b_hi of pre (row
+ * stride S). Scratch: hist [2048] int64 (zeros on entry and on return), ranks [5 F] uint64.
+ * Requires 1 <= K <= M <= F < 2^32. */
+static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t S, int64_t K, int64_t M,
+                     int64_t N, const float *pre, int64_t *hist, uint64_t *ranks, int64_t *out) {
+    uint64_t *kept = ranks, *in_K = ranks + F, *mid = ranks + 2 * F, *in_M = ranks + 3 * F;
+    uint64_t *tmp = ranks + 4 * F;
     uint32_t *at = (uint32_t *)tmp;
     /* A floor below the M-th highest, from the token before (tokens' rows are alike): only the
      * features at or above it are kept, and the work below is on those. A floor too high keeps
@@ -92,6 +106,7 @@ static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t S, int64_t M
     float floor = 0.0f / 0.0f;
     for (int64_t b = b_lo; b < b_hi; b++) {
         const float *p = pre + b * S;
+        int64_t *o = out + b * N;
         int64_t n_kept = 0;
         for (int pass = 0; pass < 2 && n_kept < M; pass++) {
             /* without a branch (one the CPU would mispredict for every kept feature): every
@@ -106,46 +121,54 @@ static void top_rows(int64_t b_lo, int64_t b_hi, int64_t F, int64_t S, int64_t M
         int64_t top_bin = 0;
         for (int64_t q = 0; q < n_kept; q++) {
             kept[q] = rank_key(p[at[q]], at[q]);
-            int64_t bin = (int64_t)(kept[q] >> (32 + BIN_SHIFT));
+            int64_t bin = bin_of(kept[q]);
             hist[bin]++;
             top_bin = bin > top_bin ? bin : top_bin;
         }
-        /* cut: the bin of the M-th highest; the features in it and above, sorted, hold the M */
-        int64_t cut = top_bin, above = 0;
-        while (above + hist[cut] < M) above += hist[cut--];
-        for (int64_t q = 0; q < n_kept; q++) hist[kept[q] >> (32 + BIN_SHIFT)] = 0;
-        int64_t n_sel = 0;
-        if (sorted) {
-            for (int64_t q = 0; q < n_kept; q++)
-                if ((int64_t)(kept[q] >> (32 + BIN_SHIFT)) >= cut) sel[n_sel++] = kept[q];
-            sort_desc(sel, n_sel, tmp);
-        } else {
-            /* those above the cut bin are all in: only the cut bin's are ranked */
-            uint64_t *in_cut = sel + above;
-            int64_t n_cut = 0;
-            for (int64_t q = 0; q < n_kept; q++) {
-                int64_t bin = (int64_t)(kept[q] >> (32 + BIN_SHIFT));
-                if (bin > cut) sel[n_sel++] = kept[q];
-                else if (bin == cut) in_cut[n_cut++] = kept[q];
-            }
-            sort_few_desc(in_cut, n_cut, tmp);
+        /* the bins of the K-th and the M-th highest (cut_K >= cut_M) */
+        int64_t above_K, above_M;
+        int64_t cut_K = cut_bin(hist, top_bin, K, &above_K);
+        int64_t cut_M = cut_bin(hist, top_bin, M, &above_M);
+        for (int64_t q = 0; q < n_kept; q++) hist[bin_of(kept[q])] = 0;
+        /* above cut_K: in the top K; cut_K's bin: ranked; between: in the next M - K; cut_M's bin
+         * (if below cut_K): ranked */
+        int64_t n_top = 0, n_in_K = 0, n_mid = 0, n_in_M = 0;
+        const int64_t split = cut_M < cut_K;
+        for (int64_t q = 0; q < n_kept; q++) {
+            /* each key written to all four, each count advanced where it belongs (no branch) */
+            int64_t bin = bin_of(kept[q]);
+            o[n_top] = (uint32_t)~(uint32_t)kept[q];
+            in_K[n_in_K] = mid[n_mid] = in_M[n_in_M] = kept[q];
+            n_top += bin > cut_K;
+            n_in_K += bin == cut_K;
+            n_mid += (bin > cut_M) & (bin < cut_K);
+            n_in_M += (bin == cut_M) & split;
         }
-        for (int64_t m = 0; m < M; m++) out[b * N + m] = (uint32_t)~(uint32_t)sel[m];
+        sort_few_desc(in_K, n_in_K, tmp);
+        /* cut_K's bin: its best complete the top K, the rest follow (all of them if cut_M is
+         * below, else only as many as the M take) */
+        int64_t m = n_top;
+        for (int64_t q = 0; q < n_in_K && m < M; q++) o[m++] = (uint32_t)~(uint32_t)in_K[q];
+        for (int64_t q = 0; q < n_mid; q++) o[m++] = (uint32_t)~(uint32_t)mid[q];
+        if (m < M) {
+            sort_few_desc(in_M, n_in_M, tmp);
+            for (int64_t q = 0; m < M; q++) o[m++] = (uint32_t)~(uint32_t)in_M[q];
+        }
         /* the next token's floor: one bin below this one's cut bin */
-        floor = cut > 0 ? key_value((uint32_t)(cut - 1) << BIN_SHIFT) : floor;
+        floor = cut_M > 0 ? key_value((uint32_t)(cut_M - 1) << BIN_SHIFT) : floor;
     }
 }
 
-/* The top M of B tokens' rows (see top_rows); scratch per part p: hist + 2048 p, ranks + 3 F p. */
+/* The top K and the next M - K of B tokens' rows (see top_rows); scratch per part p: hist +
+ * 2048 p, ranks + 5 F p. */
 void top_features(int64_t part_lo, int64_t part_hi, int64_t n_parts, int64_t B, int64_t F,
-                  int64_t S, int64_t M, int64_t N, int64_t sorted, const float *pre,
-                  int64_t *hist, uint64_t *ranks, int64_t *out) {
+                  int64_t S, int64_t K, int64_t M, int64_t N, const float *pre, int64_t *hist,
+                  uint64_t *ranks, int64_t *out) {
 #pragma omp parallel for schedule(static, 1) num_threads(part_hi - part_lo) \
     if (part_hi - part_lo > 1)
     for (int64_t p = part_lo; p < part_hi; p++)
-        top_rows(part_start(B, p, n_parts), part_start(B, p + 1, n_parts), F, S, M, N,
-                 (int)sorted, pre, hist + ((int64_t)1 << (32 - BIN_SHIFT)) * p,
-                 ranks + 3 * F * p, out);
+        top_rows(part_start(B, p, n_parts), part_start(B, p + 1, n_parts), F, S, K, M, N, pre,
+                 hist + ((int64_t)1 << (32 - BIN_SHIFT)) * p, ranks + 5 * F * p, out);
 }
 
 /* out[b, :n] from the top features top[b * top_stride + m], m < M, for B tokens, and their W random
