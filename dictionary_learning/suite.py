@@ -298,8 +298,8 @@ class SCAESuite(nn.Module):
         self, name: str, vanilla_pre_BF: Tensor, n_threshold: int, n_random: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """cand_BN, N = K + n_threshold + n_random: vanilla top K, the next n_threshold (each part in
-        no set order), then random others (`select_candidates`)."""
+        """cand_BN, N = K + n_threshold + n_random: vanilla top K, the next n_threshold (each part
+        in no set order), then random others (`select_candidates`)."""
         ae = self.dicts[name]
         check_candidates(name, ae.k, n_threshold, n_random, ae.dict_size)
         return select_candidates(vanilla_pre_BF.detach(), ae.k, n_threshold, n_random, generator)
