@@ -209,6 +209,31 @@ def test_pruned_top_candidates_choose_the_features_of_the_all_features_pass():
     assert differs  # the case this option exists for occurs in this batch
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C kernel, torch's topk
+def test_vanilla_pass_with_candidates_takes_its_topk_from_them(dtype):
+    """One selection gives a transcoder's TopK and its candidates: its features are the first K
+    candidates, the plain vanilla pass's features (as a set, with their values), with the same
+    reconstruction and encoder gradient; an attention SAE's pass is the plain one."""
+    suite = random_suite(n_layers=2, F=40, k=3, dtype=dtype)
+    batch = random_batch(n_layers=2, B=16, dtype=dtype)
+    tol = dict(rtol=1e-6, atol=1e-6)
+    for m in ("mlp_0", "mlp_1"):
+        plain = suite.vanilla_one(m, batch)
+        van = suite.vanilla_one(m, batch, 5, 4, torch.Generator().manual_seed(0))
+        assert van.cand_BN.shape == (16, 3 + 5 + 4)
+        assert torch.equal(van.feats.idx_BK, van.cand_BN[:, :3])
+        order = plain.feats.idx_BK.sort(1)
+        assert torch.equal(van.feats.idx_BK.sort(1).values, order.values)
+        mine = van.feats.idx_BK.sort(1).indices
+        torch.testing.assert_close(van.feats.vals_BK.gather(1, mine),
+                                   plain.feats.vals_BK.gather(1, order.indices), **tol)
+        torch.testing.assert_close(van.recon_BD, plain.recon_BD, **tol)
+        w = suite.dicts[m].encoder.weight
+        torch.testing.assert_close(torch.autograd.grad(van.recon_BD.pow(2).sum(), w)[0],
+                                   torch.autograd.grad(plain.recon_BD.pow(2).sum(), w)[0], **tol)
+    assert suite.vanilla_one("attn_1", batch, 5, 4).cand_BN is None
+
+
 def test_candidates_are_vanilla_top_then_threshold_then_random():
     suite = random_suite(n_layers=1, F=40, k=3)
     suite.set_connections(random_connections(suite, C=4))
