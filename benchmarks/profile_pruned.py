@@ -39,9 +39,9 @@ PHASES = [
     (suite_mod, "connection_contrib_all", "  connection term, all features"),
     (scae, "auxk_loss", "AuxK loss"),
     (top_k, "auxk_loss", "AuxK loss"),
-    (suite_mod, "topk_relu", "TopK"),
-    (top_k, "topk_relu", "TopK"),
-    (dictionary, "sparse_decode", "sparse decode (embedding_bag)"),
+    (dictionary, "top_indices", "TopK's choice (top_indices)"),
+    (suite_mod, "top_indices", "TopK's choice (top_indices)"),
+    (dictionary, "sparse_decode", "sparse decode (rows_sum)"),
 ]
 
 
