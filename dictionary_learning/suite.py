@@ -403,7 +403,8 @@ class SCAESuite(nn.Module):
         if cand_BN is None:
             base_BF = torch.addmm(t.bias_F, t.x0_BD, t.Wc_FD.T)
             if connected:
-                base_BF = base_BF + connection_contrib_all(
+                # in place (addmm's backward keeps its inputs, not its output): one [B, F] less
+                base_BF += connection_contrib_all(
                     t.vals_BA, t.idx_BA, t.V_FC, comp.J_FC, comp.n_up, comp.transposed
                 )
             return torch.addcdiv(b_enc_F, base_BF, t.sigma_B1)
