@@ -60,6 +60,20 @@ def test_pruned_pass_equals_plain_loop_reference(chunk, monkeypatch):
     for m in suite.transcoder_names:
         torch.testing.assert_close(out[m].pre_BF, ref_pre[m], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(out[m].feats.dense(suite.dicts[m].dict_size), ref_feats[m])
+    # and every parameter's gradient of a loss of the pre-activations (the all-features pass
+    # adds its connection term in place)
+    g = torch.Generator().manual_seed(1)
+    weights = {m: torch.randn(ref_pre[m].shape, generator=g, dtype=torch.float64)
+               for m in suite.transcoder_names}
+    params = list(suite.parameters())
+    got = torch.autograd.grad(sum((out[m].pre_BF * w).sum() for m, w in weights.items()), params,
+                              allow_unused=True)
+    want = torch.autograd.grad(sum((ref_pre[m] * w).sum() for m, w in weights.items()), params,
+                               allow_unused=True)
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_full_connectivity_equals_encoding_of_rebuilt_residual():
