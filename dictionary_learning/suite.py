@@ -237,8 +237,8 @@ class SCAESuite(nn.Module):
         """Dictionary `name` encodes its true input (attn_out, or mlp_in after the folded norm).
 
         With n_threshold (a transcoder in the candidates mode), its candidates are chosen too
-        (`candidates`, cand_BN in the output): their first K are the top K, highest first, so
-        one selection serves both, and the features are cand_BN[:, :K] in that order."""
+        (`candidates`, cand_BN in the output): their first K are the top K, so one selection
+        serves both, and the features are cand_BN[:, :K] in that order."""
         ae = self.dicts[name]
         x_BI = batch.src[name]
         if n_threshold is None or not ae.is_transcoder:
@@ -442,7 +442,7 @@ class SCAESuite(nn.Module):
             # fires in the pruned pass only is then trained down instead of never seen.
             with torch.no_grad():
                 frozen = PrunedTerms(*(t.detach() if t is not None else None for t in terms))
-                own_BK = self._pruned_pre(name, batch, up_feats, None, frozen).topk(ae.k, 1).indices
+                own_BK = top_indices(self._pruned_pre(name, batch, up_feats, None, frozen), ae.k)
             cand_BN = torch.cat([cand_BN, own_BK], dim=1)
         pre_BN = self._pruned_pre(name, batch, up_feats, cand_BN, terms)
         top = pre_BN[:, :n_top]

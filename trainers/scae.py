@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dictionary_learning.candidates import top_indices
 from dictionary_learning.dictionary import TopKDictionary
 from dictionary_learning.distributed import rank
 from dictionary_learning.metrics import fvu, next_token_kl, ratio_across_ranks
@@ -196,8 +197,8 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         f_van_BK = van.feats.vals_BK
         f_van_BM = torch.cat([f_van_BK, f_van_BK.new_zeros(f_van_BK.shape[0], n_top - k)], dim=1)
         top_BM = pr.pre_BN[:, :n_top]
-        vals_BK, sel_BK = top_BM.topk(k, dim=1)
-        f_pr_BM = torch.zeros_like(top_BM).scatter(1, sel_BK, vals_BK.relu())
+        sel_BK = top_indices(top_BM, k)  # the pruned pass's choice
+        f_pr_BM = torch.zeros_like(top_BM).scatter(1, sel_BK, top_BM.gather(1, sel_BK).relu())
         return ratio_across_ranks(
             (f_van_BM - f_pr_BM).float().pow(2).sum(), f_van_BM.float().pow(2).sum()
         )
