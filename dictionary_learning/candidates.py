@@ -90,11 +90,11 @@ def random_others(
         bits = (n_features - 1).bit_length()
         p = (n_features - M - n) / 2**bits
         n_draws = math.ceil((n + 8 * math.sqrt(n * (1 - p))) / p) + 32
-        words_BW = torch.empty(B, -(-n_draws // (63 // bits)), dtype=torch.int64,
+        words = torch.empty(B, -(-n_draws // (63 // bits)), dtype=torch.int64,
                                device=top_BM.device).random_(generator=generator)
-        lib = _kernel(top_BM, words_BW) if top_BM.dtype == torch.int64 else None
-        found = (_first_usable_c(lib, top_BM, words_BW, n_features, n) if lib is not None
-                 else _first_usable(top_BM, draw_fields(words_BW, n_features), n_features, n))
+        lib = _kernel(top_BM, words) if top_BM.dtype == torch.int64 else None
+        found = (_first_usable_c(lib, top_BM, words, n_features, n) if lib is not None
+                 else _first_usable(top_BM, draw_fields(words, n_features), n_features, n))
         if found is not None:
             return found
     scores_BF = torch.rand(B, n_features, generator=generator, device=top_BM.device)
@@ -102,45 +102,45 @@ def random_others(
     return scores_BF.topk(n, dim=1, sorted=False).indices
 
 
-def draw_fields(words_BW: Tensor, n_features: int) -> Tensor:
-    """The draws held in random 63-bit words, [B, W * (63 // b)]: each word's b-bit fields
+def draw_fields(words: Tensor, n_features: int) -> Tensor:
+    """The draws [B, O] held in random 63-bit words ([B, O / (63 // b)]): each word's b-bit fields
     (2^b >= n_features), lowest first; uniform on [0, 2^b), so those >= n_features are to be
     skipped."""
     bits = (n_features - 1).bit_length()
-    shifts = torch.arange(0, 63 // bits * bits, bits, device=words_BW.device)
-    return ((words_BW[:, :, None] >> shifts) & (2**bits - 1)).flatten(1)
+    shifts = torch.arange(0, 63 // bits * bits, bits, device=words.device)
+    return ((words[:, :, None] >> shifts) & (2**bits - 1)).flatten(1)
 
 
-def _first_usable(top_BM: Tensor, draws_BR: Tensor, n_features: int, n: int) -> Tensor | None:
+def _first_usable(top_BM: Tensor, draws_BO: Tensor, n_features: int, n: int) -> Tensor | None:
     """Each row's first n draws that are features (< n_features), repeat no earlier draw and are
     not in its top set, [B, n]; None if a row has fewer."""
     M = top_BM.shape[1]
-    sorted_BR, order_BR = draws_BR.sort(dim=1, stable=True)
-    repeat_BR = torch.zeros_like(sorted_BR, dtype=torch.bool)
-    repeat_BR[:, 1:] = sorted_BR[:, 1:] == sorted_BR[:, :-1]
+    sorted_BO, order_BO = draws_BO.sort(dim=1, stable=True)
+    repeat_BO = torch.zeros_like(sorted_BO, dtype=torch.bool)
+    repeat_BO[:, 1:] = sorted_BO[:, 1:] == sorted_BO[:, :-1]
     top_sorted_BM = top_BM.sort(dim=1).values
-    at_BR = torch.searchsorted(top_sorted_BM, sorted_BR).clamp_max(M - 1)
-    in_top_BR = top_sorted_BM.gather(1, at_BR) == sorted_BR
-    unusable_BR = repeat_BR | in_top_BR | (sorted_BR >= n_features)
-    usable_BR = torch.empty_like(repeat_BR).scatter_(1, order_BR, ~unusable_BR)
-    take_BR = usable_BR & (usable_BR.cumsum(1) <= n)
-    if not bool((take_BR.sum(1) == n).all()):
+    at_BO = torch.searchsorted(top_sorted_BM, sorted_BO).clamp_max(M - 1)
+    in_top_BO = top_sorted_BM.gather(1, at_BO) == sorted_BO
+    unusable_BO = repeat_BO | in_top_BO | (sorted_BO >= n_features)
+    usable_BO = torch.empty_like(repeat_BO).scatter_(1, order_BO, ~unusable_BO)
+    take_BO = usable_BO & (usable_BO.cumsum(1) <= n)
+    if not bool((take_BO.sum(1) == n).all()):
         return None
-    return draws_BR[take_BR].view(-1, n)
+    return draws_BO[take_BO].view(-1, n)
 
 
-def _first_usable_c(lib: ctypes.CDLL, top_BM: Tensor, words_BW: Tensor, n_features: int,
+def _first_usable_c(lib: ctypes.CDLL, top_BM: Tensor, words: Tensor, n_features: int,
                     n: int) -> Tensor | None:
-    """`_first_usable` of `draw_fields(words_BW)` by csrc/candidates.c, the rows in parts
+    """`_first_usable` of `draw_fields(words)` by csrc/candidates.c, the rows in parts
     (`native.run`)."""
-    words_BW = words_BW.contiguous()
-    (B, M), W = top_BM.shape, words_BW.shape[1]
+    words = words.contiguous()
+    (B, M), n_words = top_BM.shape, words.shape[1]
     out_Bn = torch.empty(B, n, dtype=torch.int64)
     n_parts = native.parts(B)
     marks = torch.zeros(n_parts, n_features, dtype=torch.uint8)
     short = torch.empty(n_parts, dtype=torch.int64)
     native.run(lib, "random_others", n_parts, B, n_features, M, top_BM.data_ptr(),
-               top_BM.stride(0), W, words_BW.data_ptr(), (n_features - 1).bit_length(), n,
+               top_BM.stride(0), n_words, words.data_ptr(), (n_features - 1).bit_length(), n,
                marks.data_ptr(), out_Bn.data_ptr(), short.data_ptr())
     return None if int(short.sum()) else out_Bn
 
