@@ -124,15 +124,14 @@ class TrainerSCAESuite(TopKSuiteTrainer):
         losses, metrics, fired, vanilla = {}, {}, {}, {}
         for n in self.names:
             # Vanilla pass one dictionary at a time: its [B, F] pre-activations (without gradient)
-            # choose the candidates, then only the candidates' [B, N] are kept (memory of the
-            # training step).
+            # choose a transcoder's TopK and candidates, then are dropped (memory of the training
+            # step): the pruned pass needs the candidates' indices only.
             d = self.dicts[n]
             van = self.suite.vanilla_one(n, batch, cfg.n_threshold, cfg.n_random, self.generator)
             x, y = self.io(n, batch)
             aux = auxk_loss(d, x, y.float() - van.recon_BD.float(), self.dead_mask(n),
                             self.k_aux[n], relu=cfg.auxk_relu)
-            pre_BN = van.pre_BF.gather(1, van.cand_BN) if d.is_transcoder else None
-            van = van._replace(pre_BF=None, pre_BN=pre_BN)
+            van = van._replace(pre_BF=None)
             vanilla[n] = van
             fvu_v = fvu(y, van.recon_BD, across_ranks=True)
             losses[n] = cfg.auxk_alpha * aux
